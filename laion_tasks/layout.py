@@ -1,0 +1,90 @@
+"""Where each stage's outputs live under ``<root>/<snapshot>/``.
+
+Shard ids are stable: the same input gives the same ids on every run, so a re-run
+overwrites (atomically) rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from laion_tasks.storage import join
+
+STAGES = ("extract", "download", "clip", "tag", "dedup", "curate", "index", "train", "eval")
+
+
+def wat_id(wat_uri: str) -> str:
+    """A stable, readable id for a WAT file: its basename without extensions, plus a short hash of the full URI."""
+    base = wat_uri.rstrip("/").rsplit("/", 1)[-1]
+    base = re.sub(r"(\.warc)?\.wat(\.gz)?$", "", base)
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base)[:120]
+    return f"{base}-{hashlib.sha1(wat_uri.encode()).hexdigest()[:8]}"
+
+
+def snapshot_root(root: str, snapshot: str) -> str:
+    return join(root, snapshot)
+
+
+def candidates_uri(root: str, snapshot: str, wat: str) -> str:
+    return join(root, snapshot, "candidates", f"{wat}.parquet")
+
+
+def candidates_dir(root: str, snapshot: str) -> str:
+    return join(root, snapshot, "candidates")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def shard_input_uri(root: str, snapshot: str, shard: str) -> str:
+    return join(root, snapshot, "shards", f"{shard}.parquet")
+
+
+def shards_dir(root: str, snapshot: str) -> str:
+    return join(root, snapshot, "shards")
+
+
+def images_tar_uri(root: str, snapshot: str, shard: str) -> str:
+    return join(root, snapshot, "images", f"{shard}.tar")
+
+
+def images_parquet_uri(root: str, snapshot: str, shard: str) -> str:
+    return join(root, snapshot, "images", f"{shard}.parquet")
+
+
+def clip_parquet_uri(root: str, snapshot: str, shard: str) -> str:
+    return join(root, snapshot, "clip", f"{shard}.parquet")
+
+
+def clip_image_emb_uri(root: str, snapshot: str, shard: str) -> str:
+    return join(root, snapshot, "clip", f"{shard}.img.npy")
+
+
+def clip_text_emb_uri(root: str, snapshot: str, shard: str) -> str:
+    return join(root, snapshot, "clip", f"{shard}.txt.npy")
+
+
+def tags_parquet_uri(root: str, snapshot: str, shard: str) -> str:
+    return join(root, snapshot, "tags", f"{shard}.parquet")
+
+
+def dedup_dir(root: str, snapshot: str) -> str:
+    return join(root, snapshot, "dedup")
+
+
+def subset_dir(root: str, snapshot: str, subset: str) -> str:
+    return join(root, snapshot, "subsets", subset)
+
+
+def card_dir(root: str, snapshot: str) -> str:
+    return join(root, snapshot, "card")
+
+
+def index_dir(root: str, snapshot: str, subset: str) -> str:
+    return join(root, snapshot, "index", subset)
+
+
+def models_dir(root: str, snapshot: str) -> str:
+    return join(root, snapshot, "models")

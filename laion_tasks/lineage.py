@@ -1,0 +1,329 @@
+"""Shard-level lineage: what ran, on what, with which config, and what came out.
+
+SQLAlchemy Core over SQLite (embedded default) or PostgreSQL (deployment); the schema
+is created and upgraded by Alembic (``laion_tasks/migrations``). Re-runs consult it to
+skip finished work, and :func:`funnel` answers "where did my candidates go?".
+
+One row of ``shard_run`` is one attempt of one stage on one shard. At most one row per
+(snapshot, stage, shard, config digest) is ``done``; ``shard_outcome`` holds its counts.
+The done row and its counts are written in a single transaction, so a crash or a
+database restart never leaves a half-recorded shard.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import socket
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from laion_tasks.stage import ShardStats
+
+metadata_obj = sa.MetaData()
+
+snapshot_table = sa.Table(
+    "snapshot",
+    metadata_obj,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("root_uri", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("config_digest", sa.String(32), nullable=True),
+)
+
+shard_run_table = sa.Table(
+    "shard_run",
+    metadata_obj,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("snapshot_id", sa.String(64), sa.ForeignKey("snapshot.id"), nullable=False),
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("shard_id", sa.String(255), nullable=False),
+    sa.Column("input_uri", sa.Text, nullable=False),
+    sa.Column("output_uri", sa.Text, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),  # running | done | failed
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("bytes_written", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("checksum", sa.String(64), nullable=True),
+    sa.Column("config_digest", sa.String(32), nullable=False),
+    sa.Column("code_version", sa.String(64), nullable=False),
+    sa.Column("host", sa.String(255), nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("duration_s", sa.Float, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.UniqueConstraint("snapshot_id", "stage", "shard_id", "config_digest", "attempt", name="uq_shard_attempt"),
+)
+sa.Index("ix_shard_run_lookup", shard_run_table.c.snapshot_id, shard_run_table.c.stage, shard_run_table.c.shard_id)
+
+shard_outcome_table = sa.Table(
+    "shard_outcome",
+    metadata_obj,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("shard_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("outcome", sa.String(128), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def code_version() -> str:
+    try:
+        return metadata.version("laion-tasks")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@functools.lru_cache(maxsize=8)
+def engine_for(url: str) -> Engine:
+    """A pooled engine per URL; SQLite gets a busy timeout so parallel tasks wait, not fail."""
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def migrate(url: str) -> None:
+    """Bring the lineage schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    with engine_for(url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Lineage:
+    """Records stage runs for one database."""
+
+    def __init__(self, url: str, *, auto_migrate: bool = True) -> None:
+        self.url = url
+        if auto_migrate:
+            migrate(url)
+        self.engine = engine_for(url)
+
+    # -- snapshots -------------------------------------------------------
+    def ensure_snapshot(self, snapshot_id: str, root_uri: str, config_digest: str | None = None) -> None:
+        with self.engine.begin() as conn:
+            exists = conn.execute(
+                sa.select(snapshot_table.c.id).where(snapshot_table.c.id == snapshot_id)
+            ).first()
+            if exists is None:
+                conn.execute(
+                    snapshot_table.insert().values(
+                        id=snapshot_id, root_uri=root_uri, created_at=_utcnow(), config_digest=config_digest
+                    )
+                )
+
+    # -- shard runs ------------------------------------------------------
+    def done_record(self, snapshot_id: str, stage: str, shard_id: str, config_digest: str) -> dict[str, Any] | None:
+        t = shard_run_table
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(t)
+                .where(
+                    t.c.snapshot_id == snapshot_id,
+                    t.c.stage == stage,
+                    t.c.shard_id == shard_id,
+                    t.c.config_digest == config_digest,
+                    t.c.status == "done",
+                )
+                .order_by(t.c.id.desc())
+                .limit(1)
+            ).mappings().first()
+        return dict(row) if row else None
+
+    def start(self, snapshot_id: str, stage: str, shard_id: str, input_uri: str, config_digest: str) -> int:
+        t = shard_run_table
+        with self.engine.begin() as conn:
+            last = conn.execute(
+                sa.select(sa.func.max(t.c.attempt)).where(
+                    t.c.snapshot_id == snapshot_id,
+                    t.c.stage == stage,
+                    t.c.shard_id == shard_id,
+                    t.c.config_digest == config_digest,
+                )
+            ).scalar()
+            result = conn.execute(
+                t.insert().values(
+                    snapshot_id=snapshot_id,
+                    stage=stage,
+                    shard_id=shard_id,
+                    input_uri=input_uri,
+                    status="running",
+                    attempt=(last or 0) + 1,
+                    config_digest=config_digest,
+                    code_version=code_version(),
+                    host=socket.gethostname(),
+                    started_at=_utcnow(),
+                )
+            )
+            return int(result.inserted_primary_key[0])
+
+    def finish(self, run_id: int, stats: ShardStats) -> None:
+        """Mark a run done and store its counts, atomically.
+
+        Any older ``done`` row of the same shard and digest is demoted to ``superseded``
+        so that lineage shows exactly one done record per shard.
+        """
+        t = shard_run_table
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(t).where(t.c.id == run_id)).mappings().one()
+            conn.execute(
+                t.update()
+                .where(
+                    t.c.snapshot_id == row["snapshot_id"],
+                    t.c.stage == row["stage"],
+                    t.c.shard_id == row["shard_id"],
+                    t.c.config_digest == row["config_digest"],
+                    t.c.status == "done",
+                )
+                .values(status="superseded")
+            )
+            conn.execute(
+                t.update()
+                .where(t.c.id == run_id)
+                .values(
+                    status="done",
+                    output_uri=stats.output_uri,
+                    bytes_written=stats.bytes_written,
+                    checksum=stats.checksum,
+                    finished_at=_utcnow(),
+                    duration_s=stats.duration_s,
+                )
+            )
+            if stats.counts:
+                conn.execute(
+                    shard_outcome_table.insert(),
+                    [{"run_id": run_id, "outcome": k, "count": int(v)} for k, v in sorted(stats.counts.items())],
+                )
+
+    def fail(self, run_id: int, error: str) -> None:
+        t = shard_run_table
+        with self.engine.begin() as conn:
+            conn.execute(
+                t.update()
+                .where(t.c.id == run_id)
+                .values(status="failed", finished_at=_utcnow(), error=error[:20_000])
+            )
+
+    def runs(self, snapshot_id: str, stage: str | None = None) -> list[dict[str, Any]]:
+        t = shard_run_table
+        query = sa.select(t).where(t.c.snapshot_id == snapshot_id)
+        if stage:
+            query = query.where(t.c.stage == stage)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query.order_by(t.c.id)).mappings()]
+
+    def outcomes(self, run_id: int) -> dict[str, int]:
+        o = shard_outcome_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(o.c.outcome, o.c.count).where(o.c.run_id == run_id))
+            return {r.outcome: int(r.count) for r in rows}
+
+    def funnel(self, snapshot_id: str) -> list[FunnelRow]:
+        """Counts per (stage, outcome) over the done runs of a snapshot, in pipeline order."""
+        t, o = shard_run_table, shard_outcome_table
+        query = (
+            sa.select(t.c.stage, o.c.outcome, sa.func.sum(o.c.count).label("n"), sa.func.count().label("shards"))
+            .select_from(t.join(o, o.c.run_id == t.c.id))
+            .where(t.c.snapshot_id == snapshot_id, t.c.status == "done")
+            .group_by(t.c.stage, o.c.outcome)
+        )
+        with self.engine.connect() as conn:
+            rows = [FunnelRow(r.stage, r.outcome, int(r.n), int(r.shards)) for r in conn.execute(query)]
+        order = {name: i for i, name in enumerate(STAGE_ORDER)}
+        return sorted(rows, key=lambda r: (order.get(r.stage, 99), r.stage, -r.count, r.outcome))
+
+    def shard_summary(self, snapshot_id: str) -> dict[str, dict[str, int]]:
+        """Per stage: how many shards are done / failed / running (latest attempt per shard)."""
+        t = shard_run_table
+        query = (
+            sa.select(t.c.stage, t.c.status, sa.func.count(sa.distinct(t.c.shard_id)).label("n"))
+            .where(t.c.snapshot_id == snapshot_id)
+            .group_by(t.c.stage, t.c.status)
+        )
+        out: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for r in conn.execute(query):
+                out.setdefault(r.stage, {})[r.status] = int(r.n)
+        return out
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(sa.select(snapshot_table).order_by(snapshot_table.c.id)).mappings()]
+
+
+STAGE_ORDER = ("extract", "download", "clip", "tag", "dedup", "curate", "index", "train", "eval")
+
+
+@dataclass(frozen=True)
+class FunnelRow:
+    stage: str
+    outcome: str
+    count: int
+    shards: int
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Identity of one stage execution on one shard."""
+
+    snapshot: str
+    stage: str
+    shard_id: str
+    input_uri: str
+    config_digest: str
+
+
+def run_stage(
+    lineage: Lineage | None,
+    run: StageRun,
+    fn: Callable[[], ShardStats],
+    *,
+    force: bool = False,
+    output_exists: Callable[[str], bool] | None = None,
+) -> tuple[ShardStats | None, bool]:
+    """Run ``fn`` for one shard unless lineage says it is done with the same config.
+
+    Returns ``(stats, skipped)``. A done record whose output has vanished is not
+    trusted: the shard runs again. Failures are recorded with their error and re-raised.
+    """
+    if lineage is None:
+        return fn().done(), False
+    if not force:
+        record = lineage.done_record(run.snapshot, run.stage, run.shard_id, run.config_digest)
+        if record is not None:
+            out = record.get("output_uri")
+            if not out or output_exists is None or output_exists(out):
+                return None, True
+    run_id = lineage.start(run.snapshot, run.stage, run.shard_id, run.input_uri, run.config_digest)
+    try:
+        stats = fn().done()
+    except BaseException as exc:
+        lineage.fail(run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    lineage.finish(run_id, stats)
+    return stats, False
