@@ -179,7 +179,7 @@ def _default_subsets() -> dict[str, SubsetConfig]:
         ),
         "laion400m": SubsetConfig(
             where="language = 'en' AND similarity >= 0.3 AND coalesce(punsafe, 0) <= 0.5 "
-            "AND length(caption) >= 5 AND coalesce(bytes, 0) >= 5000",
+            "AND length(caption) >= 5 AND coalesce(original_bytes, 0) >= 5000",
             description="LAION-400M-style: English, CLIP ViT-B/32 >= 0.3, unsafe removed",
         ),
         "laion-high-resolution": SubsetConfig(
@@ -198,6 +198,16 @@ class CurateConfig(Section):
     subsets: dict[str, SubsetConfig] = Field(default_factory=_default_subsets)
     rows_per_file: int = 1_000_000
     duckdb_memory_limit: str = "2GB"
+    duckdb_temp_dir: str | None = None
+    """Where DuckDB spills (and s3 metadata is staged); None: a fresh system temp dir."""
+    duckdb_threads: int = 0
+    """0: DuckDB's default (one per core)."""
+    require_clip_kept: bool = True
+    """Only pairs that passed the CLIP stage's threshold enter subsets, as in LAION-5B; False admits every scored pair."""
+    samples_per_tar: int = 10_000
+    """Samples per WebDataset shard of a subset with write_images."""
+    card_sample_images: int = 16
+    """Thumbnails per grid (kept / dropped) in the dataset card."""
 
 
 class IndexConfig(Section):
@@ -219,6 +229,14 @@ class EvalConfig(Section):
     batch_size: int = 64
     templates: str | None = None
     classnames: str | None = None
+    device: str = "auto"
+    """Zero-shot eval device: auto picks CUDA when available."""
+    precision: Literal["fp32", "amp"] = "fp32"
+    """amp = torch.autocast as CLIP_benchmark's default --amp; fp32 gives bit-stable CPU results."""
+    decode_threads: int = 2
+    """Threads decoding + preprocessing images while the model runs."""
+    top_confusions: int = 20
+    """How many most-confused (true, predicted) class pairs the report lists."""
 
 
 class TrainConfig(Section):
@@ -229,6 +247,26 @@ class TrainConfig(Section):
     workers: int = 1
     gpus: int = 1
     k8s_image: str = "ghcr.io/laion-tasks/laion-tasks:latest"
+    warmup: int = 10
+    """LR warmup steps (open_clip's default 10000 would keep a small demo run at lr ~ 0)."""
+    precision: str = "auto"
+    """open_clip_train --precision; auto = amp on CUDA, fp32 on CPU."""
+    seed: int = 0
+    device: str = "auto"
+    """auto: cuda when available (open_clip_train falls back to cpu)."""
+    shard_access: Literal["stage", "pipe"] = "stage"
+    """s3:// shards: stage = copy to local disk first; pipe = stream via 'pipe:aws s3 cp URI -' (needs awscli)."""
+    extra_args: list[str] = []
+    """Passed verbatim to open_clip_train.main (e.g. ["--grad-checkpointing"])."""
+    k8s_namespace: str = "default"
+    k8s_cpu: str = "8"
+    k8s_memory: str = "64Gi"
+    k8s_shm_size: str = "16Gi"
+    """/dev/shm for DataLoader workers in the training pod."""
+    k8s_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    k8s_tolerations: list[dict[str, str]] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
 
 
 class OrchestrationConfig(Section):

@@ -94,6 +94,13 @@ def load_clip(
             f"unknown open_clip model {model!r}; known: tiny {list(TINY_MODELS)} and open_clip.list_models()"
         )
     weights = _resolve_checkpoint(checkpoint) if checkpoint else pretrained
+    # Refuse before building the model: a ViT-L takes seconds to initialise for nothing.
+    if weights is None and model not in TINY_MODELS and not os.environ.get("LAION_ALLOW_RANDOM_WEIGHTS"):
+        raise ModelUnavailableError(
+            f"open_clip {model!r} has no weights: set a pretrained tag or a checkpoint "
+            "(random initialisation is only allowed for the tiny test models, or with LAION_ALLOW_RANDOM_WEIGHTS=1 "
+            "for benchmarks)"
+        )
     torch.manual_seed(seed)
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights, device=dev)
@@ -103,16 +110,12 @@ def load_clip(
         if weights and not checkpoint:
             raise ModelUnavailableError(
                 f"could not load open_clip {model!r} with pretrained={weights!r}: {type(exc).__name__}: {exc}. "
-                "This machine may be offline. Set clip.english.checkpoint (LAION_CLIP__ENGLISH__CHECKPOINT) to a "
-                "local checkpoint file or directory, pre-fill the Hugging Face cache (HF_HOME), or use the "
-                "tiny test model (model=laion-tiny-clip, pretrained=null)."
+                "This machine may be offline. Set clip.english.checkpoint / clip.multilingual.checkpoint "
+                "(LAION_CLIP__ENGLISH__CHECKPOINT / LAION_CLIP__MULTILINGUAL__CHECKPOINT) to a local checkpoint "
+                "file or directory, pre-fill the Hugging Face cache (HF_HOME; HF_HUB_OFFLINE=1 skips the retries), "
+                "or use the tiny test model (model=laion-tiny-clip, pretrained=null)."
             ) from exc
         raise ModelUnavailableError(f"could not load open_clip {model!r} from {weights}: {exc}") from exc
-    if weights is None and model not in TINY_MODELS and not os.environ.get("LAION_ALLOW_RANDOM_WEIGHTS"):
-        raise ModelUnavailableError(
-            f"open_clip {model!r} has no weights: set a pretrained tag or a checkpoint "
-            "(random initialisation is only allowed for the tiny test models)"
-        )
     clip_model.eval()
     tokenizer = open_clip.get_tokenizer(model)
     return LoadedClip(clip_model, preprocess, tokenizer, model, weights, dev)

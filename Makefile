@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each does its own set-up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system-deps demo test test-fast bench compose-config clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[airflow,test]'
+	touch $(STAMP)
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup system-deps
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
+
+compose-config: system-deps
+	docker-compose -f docker-compose.yaml config -q && echo "docker-compose.yaml is valid"
+
+bench: setup
+	@echo "Each benchmark is one command; see bench/README.md"
+
+clean:
+	rm -rf demo-data .pytest_cache tests/artifacts

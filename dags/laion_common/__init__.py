@@ -1,0 +1,1 @@
+"""Shared DAG building blocks: thin wrappers that call laion_tasks."""

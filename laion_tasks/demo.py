@@ -1,0 +1,258 @@
+"""``make demo``: the whole snapshot DAG, offline, on a generated fixture crawl.
+
+1. Builds a small crawl in Common Crawl's layout (WAT files + wat.paths.gz + images)
+   and serves it from a loopback HTTP server: extract reads the WATs over HTTP and
+   download fetches the images, as in production.
+2. Writes a config (tiny seeded CLIP models, SQLite lineage, local storage) and runs
+   the snapshot DAG with ``airflow dags test`` on an embedded SQLite Airflow.
+3. Prints the funnel from lineage, the subsets and the dataset card, then builds the
+   search index and starts the search UI.
+
+This module never imports Airflow: it drives the ``airflow`` CLI in a subprocess.
+The end-to-end test calls :func:`run_snapshot_dag` with PostgreSQL and S3 instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CRAWL = "CC-MAIN-2000-01"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class DemoEnv:
+    work: Path
+    config_path: Path
+    env: dict[str, str]
+    base_url: str
+    server: subprocess.Popen[bytes]
+    settings: dict[str, Any]
+
+    def stop(self) -> None:
+        self.server.terminate()
+        try:
+            self.server.wait(10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+
+
+def demo_config(work: Path, base_url: str, storage_root: str, lineage_url: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    tiny = {"model": "laion-tiny-clip", "pretrained": None, "threshold": 0.0}
+    config: dict[str, Any] = {
+        "storage": {"root": storage_root},
+        "lineage": {"url": lineage_url},
+        "extract": {"cc_base_url": base_url},
+        "download": {
+            "shard_size": 40,
+            "allow_private_networks": True,  # the fixture images are served on loopback
+            "max_concurrency": 16,
+            "max_per_host": 16,
+            "request_deadline_s": 10,
+            "retries": 1,
+            "backoff_base_s": 0.05,
+            "min_image_size": 64,
+            "processes": 1,
+        },
+        "clip": {
+            # Random tiny models give near-zero similarities, so the demo threshold is 0.0;
+            # production keeps LAION's 0.28 / 0.26 with real weights.
+            "english": tiny,
+            "multilingual": {**tiny, "model": "laion-tiny-clip-multi"},
+            "batch_size": 32,
+            "num_workers": 0,
+            "device": "cpu",
+        },
+        "curate": {},
+        "orchestration": {
+            "snapshots": [DEMO_CRAWL],
+            "max_mapped_tasks": 4,
+            "task_retries": 0,
+            "collinfo_url": f"{base_url}collinfo.json",
+        },
+    }
+    if extra:
+        from laion_tasks.config import deep_merge
+
+        config = deep_merge(config, extra)
+    return config
+
+
+def prepare(
+    work: Path,
+    storage_root: str | None = None,
+    lineage_url: str | None = None,
+    airflow_db_url: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+    n_wat: int = 3,
+    pages_per_wat: int = 8,
+) -> DemoEnv:
+    """Fixture crawl + loopback server + config + Airflow home; nothing is run yet."""
+    from laion_tasks.fixtures.crawl import build_fixture_crawl
+
+    work = work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/"
+    crawl_dir = work / "crawl"
+    build_fixture_crawl(crawl_dir, base_url, DEMO_CRAWL, n_wat=n_wat, pages_per_wat=pages_per_wat)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "laion_tasks.fixtures.server", "--dir", str(crawl_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_http(base_url + "robots.txt")
+    storage_root = storage_root or str(work / "data")
+    lineage_url = lineage_url or f"sqlite:///{work / 'data' / 'lineage.db'}"
+    config = demo_config(work, base_url, storage_root, lineage_url, extra_config)
+    config_path = work / "laion.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    airflow_home = work / "airflow"
+    airflow_home.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        {
+            "LAION_CONFIG": str(config_path),
+            "AIRFLOW_HOME": str(airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_db_url or f"sqlite:///{airflow_home / 'airflow.db'}",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+            "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+            "NO_PROXY": "*",
+            "no_proxy": "*",
+        }
+    )
+    return DemoEnv(work, config_path, env, base_url, server, config)
+
+
+def airflow(env: DemoEnv, *args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    exe = str(Path(sys.executable).parent / "airflow")
+    proc = subprocess.run([exe, *args], env=env.env, text=True, capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_snapshot_dag(env: DemoEnv, run_conf: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+    """Migrate the Airflow DB, create pools, and run the snapshot DAG once with ``airflow dags test``."""
+    airflow(env, "db", "migrate")
+    airflow(env, "pools", "set", "download", "4", "download concurrency")
+    airflow(env, "pools", "set", "gpu", "1", "GPU pods")
+    conf = {"wat_paths_uri": f"{env.base_url}crawl-data/{DEMO_CRAWL}/wat.paths.gz", **(run_conf or {})}
+    dag_id = "laion_snapshot_" + DEMO_CRAWL.replace("-", "_")
+    proc = airflow(env, "dags", "test", dag_id, "--conf", json.dumps(conf), check=False)
+    if proc.returncode != 0 or "failed" in _final_state(proc.stdout + proc.stderr):
+        raise RuntimeError(f"airflow dags test {dag_id} failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def _final_state(output: str) -> str:
+    for line in reversed(output.splitlines()):
+        if "state=" in line.lower() or "dagrun" in line.lower():
+            return line.lower()
+    return ""
+
+
+def print_report(env: DemoEnv) -> None:
+    from laion_tasks import storage
+    from laion_tasks.config import load_settings
+    from laion_tasks.lineage import Lineage
+
+    settings = load_settings(env.config_path, environ={})
+    storage.configure(settings.storage)
+    lineage = Lineage(settings.lineage.url)
+    print(f"\nFunnel for {DEMO_CRAWL} (from lineage, {settings.lineage.url}):")
+    print(f"  {'stage':<10} {'outcome':<40} {'count':>7} {'shards':>6}")
+    for row in lineage.funnel(DEMO_CRAWL):
+        print(f"  {row.stage:<10} {row.outcome:<40} {row.count:>7} {row.shards:>6}")
+    root = settings.storage.root
+    print(f"\nOutputs under {root}/{DEMO_CRAWL}/:")
+    for sub in ("candidates", "shards", "images", "clip", "tags", "dedup", "subsets", "card"):
+        uris = storage.list_uris(storage.join(root, DEMO_CRAWL, sub))
+        print(f"  {sub + '/':<12} {len(uris):>4} files")
+    card = storage.join(root, DEMO_CRAWL, "card", "README.md")
+    if storage.exists(card):
+        print(f"\nDataset card: {card}")
+
+
+def start_search(env: DemoEnv) -> str | None:
+    """Build the kNN index over the demo data and start the search UI in the background."""
+    exe = str(Path(sys.executable).parent / "laion")
+    subprocess.run([exe, "index", "--snapshot", DEMO_CRAWL], env=env.env, check=True)
+    port = free_port()
+    log = open(env.work / "serve.log", "w")
+    proc = subprocess.Popen(
+        [exe, "serve", "--snapshot", DEMO_CRAWL, "--port", str(port)], env=env.env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    wait_for_http(url, timeout=120)
+    (env.work / "serve.pid").write_text(str(proc.pid))
+    return url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=REPO / "demo-data")
+    parser.add_argument("--keep", action="store_true", help="Reuse an existing work dir instead of starting fresh.")
+    parser.add_argument("--no-serve", action="store_true", help="Skip building the index and starting the search UI.")
+    args = parser.parse_args()
+    if args.work.exists() and not args.keep:
+        pid_file = args.work / "serve.pid"
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), 15)
+            except (ProcessLookupError, ValueError, PermissionError):
+                pass
+        shutil.rmtree(args.work)
+    env = prepare(args.work)
+    try:
+        print(f"Fixture crawl {DEMO_CRAWL} served at {env.base_url}; running the snapshot DAG with `airflow dags test`...")
+        started = time.time()
+        run_snapshot_dag(env)
+        print(f"DAG run finished in {time.time() - started:.0f}s")
+        print_report(env)
+        if not args.no_serve:
+            url = start_search(env)
+            print(f"\nSearch UI: {url}  (stop it with: kill -- -$(cat {env.work / 'serve.pid'}))")
+    finally:
+        env.stop()
+
+
+if __name__ == "__main__":
+    main()

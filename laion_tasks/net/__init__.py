@@ -1,0 +1,1 @@
+"""Network helpers for stages that fetch from the open web (SSRF guard)."""

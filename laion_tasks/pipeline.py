@@ -1,0 +1,215 @@
+"""Snapshot-level drivers: batches of shards in, lineage-recorded stage calls out.
+
+The DAG tasks and ``laion run`` call these. Each driver takes the effective settings,
+a snapshot id and a *batch descriptor* (a small dict of ids and URIs; never data), and
+loops over its shards, wrapping every stage call in :func:`lineage.run_stage` so that
+finished shards are skipped on re-runs and every outcome is counted.
+
+A batch keeps going past a shard that fails, then raises one error naming every
+failed shard, so a retry only redoes those (the rest are recorded done).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from laion_tasks import layout, storage
+from laion_tasks.config import Settings
+from laion_tasks.lineage import Lineage, StageRun, run_stage
+from laion_tasks.stage import ShardStats, StageError
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+class BatchError(StageError):
+    """Some shards of a batch failed; the others are recorded done."""
+
+
+def make_batches(items: Sequence[str], max_batches: int) -> list[list[str]]:
+    """Split items into at most ``max_batches`` contiguous, near-equal batches (stable order)."""
+    if not items:
+        return []
+    size = math.ceil(len(items) / max(1, max_batches))
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def open_lineage(settings: Settings, snapshot: str) -> Lineage:
+    storage.configure(settings.storage)
+    lineage = Lineage(settings.lineage.url)
+    lineage.ensure_snapshot(snapshot, layout.snapshot_root(settings.storage.root, snapshot), settings.digest())
+    return lineage
+
+
+@dataclass
+class BatchResult:
+    counts: Counter[str]
+    done: int = 0
+    skipped: int = 0
+    failed: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "done": self.done, "skipped": self.skipped, "failed": self.failed or []}
+
+
+def run_shards(
+    lineage: Lineage,
+    snapshot: str,
+    stage: str,
+    digest: str,
+    jobs: Iterable[tuple[str, str, Callable[[], ShardStats]]],
+    *,
+    force: bool = False,
+) -> BatchResult:
+    """Run ``(shard_id, input_uri, fn)`` jobs with lineage; raise BatchError listing failures at the end."""
+    result = BatchResult(Counter(), failed=[])
+    errors: list[str] = []
+    for shard_id, input_uri, fn in jobs:
+        try:
+            stats, skipped = run_stage(
+                lineage, StageRun(snapshot, stage, shard_id, input_uri, digest), fn, force=force, output_exists=storage.exists
+            )
+        except Exception as exc:  # noqa: BLE001 - recorded in lineage, reported below
+            log.error("%s failed on shard %s (%s): %s", stage, shard_id, input_uri, exc)
+            assert result.failed is not None
+            result.failed.append(shard_id)
+            errors.append(f"{shard_id} ({input_uri}): {type(exc).__name__}: {exc}")
+            continue
+        if skipped:
+            result.skipped += 1
+            log.info("%s: shard %s already done with config %s, skipped", stage, shard_id, digest)
+        else:
+            assert stats is not None
+            result.done += 1
+            result.counts.update(stats.counts)
+            log.info("%s: shard %s done: %s", stage, shard_id, dict(stats.counts))
+    if errors:
+        raise BatchError(f"{stage}: {len(errors)} shard(s) failed (others recorded done):\n" + "\n".join(errors))
+    return result
+
+
+# -- extract -------------------------------------------------------------------
+
+
+def wat_manifest_uri(settings: Settings, snapshot: str) -> str:
+    return storage.join(settings.storage.root, snapshot, "manifests", "wat_files.txt")
+
+
+def plan_extract(settings: Settings, snapshot: str, paths_uri: str | None = None) -> list[Batch]:
+    """List the crawl's WAT files into a manifest and return batch descriptors over it."""
+    from laion_tasks.stages.extract import list_wat_files
+
+    wats = list_wat_files(snapshot, settings.extract, paths_uri=paths_uri)
+    manifest = wat_manifest_uri(settings, snapshot)
+    storage.write_text(manifest, "".join(f"{w}\n" for w in wats))
+    batches = make_batches([str(i) for i in range(len(wats))], settings.orchestration.max_mapped_tasks)
+    return [{"manifest": manifest, "start": int(b[0]), "stop": int(b[-1]) + 1} for b in batches]
+
+
+def extract_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
+    from laion_tasks.stages.extract import extract_wat
+
+    lineage = open_lineage(settings, snapshot)
+    wats = storage.read_text(batch["manifest"]).splitlines()[batch["start"] : batch["stop"]]
+    root = settings.storage.root
+
+    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
+        for wat in wats:
+            out = layout.candidates_uri(root, snapshot, layout.wat_id(wat))
+            yield layout.wat_id(wat), wat, (lambda wat=wat, out=out: extract_wat(wat, out, settings.extract))
+
+    return run_shards(lineage, snapshot, "extract", settings.digest("extract"), jobs(), force=force).to_dict()
+
+
+# -- download ------------------------------------------------------------------
+
+
+def plan_download(settings: Settings, snapshot: str) -> list[Batch]:
+    """Regroup all candidate shards into fixed-size download shards; return batches of shard ids."""
+    from laion_tasks.stages.regroup import make_download_shards
+
+    root = settings.storage.root
+    candidates = storage.list_uris(layout.candidates_dir(root, snapshot), ".parquet")
+    shard_uris = make_download_shards(candidates, layout.shards_dir(root, snapshot), settings.download.shard_size)
+    shard_ids = [uri.rsplit("/", 1)[-1].removesuffix(".parquet") for uri in shard_uris]
+    return [{"shards": b} for b in make_batches(shard_ids, settings.orchestration.max_mapped_tasks)]
+
+
+def download_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False, retry_failed: bool = False) -> dict[str, Any]:
+    from laion_tasks.hashlists import HashLists
+    from laion_tasks.stages import download as dl
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+    blocklist = HashLists.from_config(settings.tag)
+    fn = dl.retry_failed if retry_failed else dl.download_shard
+
+    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
+        for shard in batch["shards"]:
+            src = layout.shard_input_uri(root, snapshot, shard)
+            tar = layout.images_tar_uri(root, snapshot, shard)
+            meta = layout.images_parquet_uri(root, snapshot, shard)
+            yield shard, src, (lambda src=src, tar=tar, meta=meta: fn(src, tar, meta, settings.download, blocklist))
+
+    digest = settings.digest("download", "tag") + ("-retry" if retry_failed else "")
+    return run_shards(lineage, snapshot, "download", digest, jobs(), force=force or retry_failed).to_dict()
+
+
+# -- clip ----------------------------------------------------------------------
+
+
+def clip_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
+    from laion_tasks.stages.clip_score import clip_score_shard
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+
+    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
+        for shard in batch["shards"]:
+            meta = layout.images_parquet_uri(root, snapshot, shard)
+            yield shard, meta, (
+                lambda shard=shard, meta=meta: clip_score_shard(
+                    meta,
+                    layout.images_tar_uri(root, snapshot, shard),
+                    layout.clip_parquet_uri(root, snapshot, shard),
+                    layout.clip_image_emb_uri(root, snapshot, shard),
+                    layout.clip_text_emb_uri(root, snapshot, shard),
+                    settings.clip,
+                    language_threshold=settings.tag.language_threshold,
+                    langid_model_path=settings.tag.langid_model_path,
+                )
+            )
+
+    return run_shards(lineage, snapshot, "clip", settings.digest("clip"), jobs(), force=force).to_dict()
+
+
+# -- tag -----------------------------------------------------------------------
+
+
+def tag_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
+    from laion_tasks.stages.tag import tag_shard
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+
+    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
+        for shard in batch["shards"]:
+            meta = layout.images_parquet_uri(root, snapshot, shard)
+            yield shard, meta, (
+                lambda shard=shard, meta=meta: tag_shard(
+                    meta,
+                    layout.images_tar_uri(root, snapshot, shard),
+                    layout.clip_parquet_uri(root, snapshot, shard),
+                    layout.clip_image_emb_uri(root, snapshot, shard),
+                    layout.tags_parquet_uri(root, snapshot, shard),
+                    settings.tag,
+                    settings.clip,
+                )
+            )
+
+    return run_shards(lineage, snapshot, "tag", settings.digest("tag", "clip"), jobs(), force=force).to_dict()

@@ -1,0 +1,297 @@
+"""One DuckDB view over a snapshot's per-shard metadata, out of core.
+
+Curation, the dataset card and the index/search stages all ask questions of the same
+joined table: a download row (every sample, with its status) plus its CLIP row, its
+tags row and its dedup verdict. :func:`open_snapshot` builds that view, named
+``samples``, over the Parquet files with ``read_parquet`` globs, so DuckDB streams
+them and spills to ``temp_directory`` past ``memory_limit``: nothing loads a whole
+snapshot into memory.
+
+Joins: ``images``, ``clip`` and ``tags`` are one file per shard with the same rows, so
+they join on (shard, key), where shard is the file's basename. ``dedup`` is snapshot
+wide and joins on uid; a uid missing from it is taken as its own representative.
+
+S3 roots: DuckDB's httpfs extension is not bundled with the Python wheel and cannot be
+fetched offline, so for an ``s3://`` root the metadata Parquet files (not the images)
+are first copied, streaming and in parallel, into the local temp directory and read
+from there. That needs local disk about the size of the snapshot's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterable
+
+import duckdb
+
+from laion_tasks import layout, storage
+from laion_tasks.config import CurateConfig
+from laion_tasks.stage import StageError
+
+log = logging.getLogger(__name__)
+
+SAMPLES_VIEW = "samples"
+
+# The columns each upstream stage writes, with the DuckDB type the view exposes.
+# A column absent from every file of a table shows up as a typed NULL, so a
+# predicate over it fails the "entirely null" check instead of a binder error.
+IMAGES_COLUMNS: dict[str, str] = {
+    "key": "VARCHAR",
+    "uid": "VARCHAR",
+    "url": "VARCHAR",
+    "caption": "VARCHAR",
+    "page_url": "VARCHAR",
+    "wat_file": "VARCHAR",
+    "status": "VARCHAR",
+    "error_message": "VARCHAR",
+    "width": "BIGINT",
+    "height": "BIGINT",
+    "original_width": "BIGINT",
+    "original_height": "BIGINT",
+    "original_bytes": "BIGINT",
+    "mime_type": "VARCHAR",
+    "sha256": "VARCHAR",
+    "final_url": "VARCHAR",
+}
+CLIP_COLUMNS: dict[str, str] = {
+    "key": "VARCHAR",
+    "uid": "VARCHAR",
+    "similarity": "DOUBLE",
+    "clip_status": "VARCHAR",
+    "clip_model": "VARCHAR",
+    "language": "VARCHAR",
+    "language_score": "DOUBLE",
+    "language_group": "VARCHAR",
+    "has_embedding": "BOOLEAN",
+}
+TAGS_COLUMNS: dict[str, str] = {
+    "key": "VARCHAR",
+    "uid": "VARCHAR",
+    "language": "VARCHAR",
+    "language_score": "DOUBLE",
+    "language_group": "VARCHAR",
+    "punsafe": "DOUBLE",
+    "pwatermark": "DOUBLE",
+    "aesthetic_score": "DOUBLE",
+    "nsfw_text": "BOOLEAN",
+    "hashlist_blocked": "BOOLEAN",
+    "tag_status": "VARCHAR",
+}
+DEDUP_COLUMNS: dict[str, str] = {"uid": "VARCHAR", "dup_of": "VARCHAR", "dup_reason": "VARCHAR"}
+
+TABLES: dict[str, dict[str, str]] = {
+    "images": IMAGES_COLUMNS,
+    "clip": CLIP_COLUMNS,
+    "tags": TAGS_COLUMNS,
+    "dedup": DEDUP_COLUMNS,
+}
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def table_dir(root: str, snapshot: str, table: str) -> str:
+    return storage.join(layout.snapshot_root(root, snapshot), table)
+
+
+def _glob_for(table: str, base: Path) -> str:
+    # dedup may be bucketed into sub-folders; the per-shard tables are flat by layout.
+    return str(base / ("**/*.parquet" if table == "dedup" else "*.parquet"))
+
+
+@dataclass
+class SnapshotDB:
+    """A DuckDB connection with the ``samples`` view of one snapshot (see module doc)."""
+
+    root: str
+    snapshot: str
+    con: duckdb.DuckDBPyConnection
+    files: dict[str, int]
+    """Number of Parquet files found per table (images, clip, tags, dedup)."""
+    view_sql: str
+    """The SQL of the ``samples`` view, for reuse and for the record."""
+    work_dir: Path
+    _owns_work_dir: bool = True
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def columns(self) -> list[str]:
+        return [row[0] for row in self.con.execute(f"DESCRIBE {SAMPLES_VIEW}").fetchall()]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.con.close()
+        if self._owns_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> "SnapshotDB":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def connect_duckdb(config: CurateConfig, work_dir: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that spills to ``work_dir/spill`` beyond ``config.duckdb_memory_limit``."""
+    spill = work_dir / "spill"
+    spill.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(":memory:")
+    con.execute(f"SET memory_limit = {_sql_str(config.duckdb_memory_limit)}")
+    con.execute(f"SET temp_directory = {_sql_str(str(spill))}")
+    if config.duckdb_threads:
+        con.execute(f"SET threads = {int(config.duckdb_threads)}")
+    return con
+
+
+def _stage_s3_table(prefix: str, dest: Path, parallel: int = 8) -> int:
+    """Copy every ``.parquet`` object under ``prefix`` into ``dest``, keeping relative paths."""
+    uris = storage.list_uris(prefix, ".parquet")
+    base = prefix.rstrip("/") + "/"
+
+    def fetch(uri: str) -> None:
+        rel = uri[len(base) :]
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with storage.open_read(uri) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        list(pool.map(fetch, uris))
+    return len(uris)
+
+
+def _local_table_files(directory: Path, table: str) -> int:
+    if not directory.is_dir():
+        return 0
+    pattern = "**/*.parquet" if table == "dedup" else "*.parquet"
+    return sum(1 for p in directory.glob(pattern) if p.is_file() and not p.name.startswith("."))
+
+
+def _table_select(con: duckdb.DuckDBPyConnection, table: str, glob: str | None) -> str:
+    """``SELECT`` of one table with exactly the expected columns, typed; empty when no files."""
+    wanted = TABLES[table]
+    if glob is None:
+        cols = ", ".join(f"NULL::{typ} AS {name}" for name, typ in wanted.items())
+        shard = "NULL::VARCHAR AS shard, " if table != "dedup" else ""
+        return f"SELECT {shard}{cols} WHERE false"
+    source = f"read_parquet({_sql_str(glob)}, filename = true, union_by_name = true)"
+    try:
+        present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    except duckdb.Error as exc:
+        raise StageError(f"reading {table} parquet {glob}: {exc}") from exc
+    if "key" not in present and table != "dedup":
+        raise StageError(f"{table} parquet {glob} has no 'key' column (columns: {sorted(present)})")
+    cols = ", ".join(
+        f"CAST({name} AS {typ}) AS {name}" if name in present else f"NULL::{typ} AS {name}"
+        for name, typ in wanted.items()
+    )
+    shard = "regexp_extract(filename, '([^/\\\\]+)\\.parquet$', 1) AS shard, " if table != "dedup" else ""
+    return f"SELECT {shard}{cols} FROM {source}"
+
+
+def build_view_sql() -> str:
+    """The ``samples`` view over the four table views (``images``, ``clip``, ``tags``, ``dedup_one``)."""
+    image_cols = ", ".join(f"i.{c}" for c in IMAGES_COLUMNS)
+    return f"""
+SELECT
+  i.shard, {image_cols},
+  c.similarity, c.clip_status, c.clip_model, c.has_embedding,
+  coalesce(t.language, c.language) AS language,
+  coalesce(t.language_score, c.language_score) AS language_score,
+  coalesce(t.language_group, c.language_group) AS language_group,
+  t.punsafe, t.pwatermark, t.aesthetic_score, t.nsfw_text, t.hashlist_blocked, t.tag_status,
+  d.dup_of, d.dup_reason,
+  c.key IS NOT NULL AS has_clip_row,
+  t.key IS NOT NULL AS has_tags_row
+FROM images AS i
+LEFT JOIN clip AS c ON c.shard = i.shard AND c.key = i.key
+LEFT JOIN tags AS t ON t.shard = i.shard AND t.key = i.key
+LEFT JOIN dedup_one AS d ON d.uid = i.uid
+"""
+
+
+def open_snapshot(root: str, snapshot: str, config: CurateConfig | None = None) -> SnapshotDB:
+    """Open the ``samples`` view of a snapshot (local or s3:// root). Close it when done."""
+    config = config or CurateConfig()
+    base_tmp = Path(config.duckdb_temp_dir) if config.duckdb_temp_dir else None
+    if base_tmp is not None:
+        base_tmp.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix="laion-snapshot-", dir=base_tmp))
+    try:
+        con = connect_duckdb(config, work_dir)
+        files: dict[str, int] = {}
+        for table in TABLES:
+            remote = table_dir(root, snapshot, table)
+            if storage.is_s3(remote):
+                local = work_dir / "staged" / table
+                files[table] = _stage_s3_table(remote, local)
+            else:
+                local = storage.local_path(remote)
+                files[table] = _local_table_files(local, table)
+            glob = _glob_for(table, local) if files[table] else None
+            view = "dedup" if table == "dedup" else table
+            con.execute(f"CREATE VIEW {view} AS {_table_select(con, table, glob)}")
+        if files["images"] == 0:
+            raise StageError(f"no download parquet under {table_dir(root, snapshot, 'images')}")
+        # One verdict per uid, so the join never multiplies rows.
+        con.execute(
+            "CREATE VIEW dedup_one AS SELECT uid, min(dup_of) AS dup_of, min(dup_reason) AS dup_reason "
+            "FROM dedup WHERE uid IS NOT NULL GROUP BY uid"
+        )
+        view_sql = build_view_sql()
+        con.execute(f"CREATE VIEW {SAMPLES_VIEW} AS {view_sql}")
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    log.info("snapshot %s/%s: parquet files %s", root, snapshot, files)
+    return SnapshotDB(root=root, snapshot=snapshot, con=con, files=files, view_sql=view_sql, work_dir=work_dir)
+
+
+# -- predicates ---------------------------------------------------------------
+
+
+def _walk(node: Any) -> Iterable[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def predicate_columns(con: duckdb.DuckDBPyConnection, where: str) -> set[str]:
+    """The column names a SQL predicate references, parsed by DuckDB itself.
+
+    Rejects anything but a single boolean expression: several statements, subqueries
+    and table references are errors, so a subset predicate cannot read other data.
+    """
+    (serialized,) = con.execute(
+        "SELECT json_serialize_sql(?)", [f"SELECT 1 FROM {SAMPLES_VIEW} WHERE ({where})"]
+    ).fetchone()
+    tree = json.loads(serialized)
+    if tree.get("error"):
+        raise ValueError(f"predicate {where!r} does not parse: {tree.get('error_message')}")
+    statements = tree.get("statements", [])
+    if len(statements) != 1:
+        raise ValueError(f"predicate {where!r} must be a single expression")
+    where_clause = statements[0]["node"].get("where_clause")
+    columns: set[str] = set()
+    for node in _walk(where_clause):
+        if node.get("class") == "SUBQUERY" or node.get("type") in ("BASE_TABLE", "SELECT_NODE"):
+            raise ValueError(f"predicate {where!r} may not contain subqueries")
+        if node.get("class") == "COLUMN_REF":
+            columns.add(str(node["column_names"][-1]).lower())
+    return columns

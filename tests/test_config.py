@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from laion_tasks.config import Settings, load_settings
+
+
+def test_defaults_reproduce_laion_thresholds() -> None:
+    settings = Settings()
+    assert settings.clip.english.threshold == 0.28
+    assert settings.clip.multilingual.threshold == 0.26
+    assert settings.clip.multilingual.model == "xlm-roberta-base-ViT-B-32"
+    assert settings.extract.min_alt_length == 5
+    assert settings.download.shard_size == 10_000
+
+
+def test_yaml_then_env_then_overrides(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("download:\n  shard_size: 50\n  image_size: 128\nstorage:\n  root: /tmp/x\n")
+    env = {"LAION_DOWNLOAD__SHARD_SIZE": "70", "LAION_CLIP__ENGLISH__THRESHOLD": "0.3", "OTHER": "1"}
+    settings = load_settings(cfg, environ=env, overrides={"download": {"image_size": 64}})
+    assert settings.download.shard_size == 70
+    assert settings.download.image_size == 64
+    assert settings.clip.english.threshold == 0.3
+    assert settings.storage.root == "/tmp/x"
+
+
+def test_unknown_key_is_rejected(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("download:\n  shard_sise: 50\n")
+    with pytest.raises(ValidationError, match="shard_sise"):
+        load_settings(cfg, environ={})
+
+
+def test_digest_is_stable_and_section_scoped() -> None:
+    a = Settings()
+    b = load_settings(environ={"LAION_DOWNLOAD__SHARD_SIZE": "5"})
+    assert a.digest("extract") == b.digest("extract")
+    assert a.digest("download") != b.digest("download")
+    assert a.digest() == Settings().digest()
+    moved = load_settings(environ={"LAION_STORAGE__ROOT": "s3://elsewhere"})
+    assert moved.digest() == a.digest(), "moving data must not invalidate finished work"

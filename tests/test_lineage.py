@@ -1,0 +1,134 @@
+"""The same lineage tests run on SQLite and PostgreSQL (``lineage_url`` is parametrised)."""
+
+import pytest
+import sqlalchemy as sa
+
+from laion_tasks.lineage import Lineage, StageRun, run_stage, shard_run_table
+from laion_tasks.stage import ShardStats
+
+
+def _stats(**counts: int) -> ShardStats:
+    stats = ShardStats(output_uri="out://x")
+    for key, value in counts.items():
+        stats.add(key.replace("__", ":"), value)
+    return stats
+
+
+def test_migrate_is_idempotent(lineage_url: str) -> None:
+    Lineage(lineage_url)
+    Lineage(lineage_url)  # second upgrade is a no-op
+    inspector = sa.inspect(sa.create_engine(lineage_url))
+    assert {"snapshot", "shard_run", "shard_outcome", "alembic_version"} <= set(inspector.get_table_names())
+
+
+def test_run_skip_and_funnel(lineage_url: str) -> None:
+    lineage = Lineage(lineage_url)
+    lineage.ensure_snapshot("CC-MAIN-2024-10", "/data")
+    calls = []
+
+    def work(n: int):
+        def fn() -> ShardStats:
+            calls.append(n)
+            return _stats(kept=n, drop__alt_too_short=1)
+
+        return fn
+
+    for shard in ("a", "b"):
+        stats, skipped = run_stage(lineage, StageRun("CC-MAIN-2024-10", "extract", shard, f"in/{shard}", "d1"), work(3))
+        assert not skipped and stats is not None
+    _, skipped = run_stage(lineage, StageRun("CC-MAIN-2024-10", "extract", "a", "in/a", "d1"), work(99))
+    assert skipped and calls == [3, 3]
+
+    funnel = {(r.stage, r.outcome): r.count for r in lineage.funnel("CC-MAIN-2024-10")}
+    assert funnel == {("extract", "kept"): 6, ("extract", "drop:alt_too_short"): 2}
+
+    # a changed config digest runs again; the old record stays for audit
+    run_stage(lineage, StageRun("CC-MAIN-2024-10", "extract", "a", "in/a", "d2"), work(5))
+    assert calls == [3, 3, 5]
+
+
+def test_failure_is_recorded_and_retry_gets_next_attempt(lineage_url: str) -> None:
+    lineage = Lineage(lineage_url)
+    lineage.ensure_snapshot("s", "/data")
+    run = StageRun("s", "download", "000001", "in", "d")
+
+    def boom() -> ShardStats:
+        raise OSError("disk full while writing 000001.tar")
+
+    with pytest.raises(OSError):
+        run_stage(lineage, run, boom)
+    stats, skipped = run_stage(lineage, run, lambda: _stats(success=7))
+    assert not skipped
+    rows = lineage.runs("s", "download")
+    assert [(r["attempt"], r["status"]) for r in rows] == [(1, "failed"), (2, "done")]
+    assert "disk full" in rows[0]["error"]
+    assert lineage.outcomes(rows[1]["id"]) == {"success": 7}
+    assert lineage.shard_summary("s") == {"download": {"failed": 1, "done": 1}}
+
+
+def test_forced_rerun_keeps_one_done_record(lineage_url: str) -> None:
+    lineage = Lineage(lineage_url)
+    lineage.ensure_snapshot("s", "/data")
+    run = StageRun("s", "clip", "000001", "in", "d")
+    run_stage(lineage, run, lambda: _stats(kept=1))
+    run_stage(lineage, run, lambda: _stats(kept=1), force=True)
+    statuses = sorted(r["status"] for r in lineage.runs("s", "clip"))
+    assert statuses == ["done", "superseded"]
+    assert [(r.outcome, r.count) for r in lineage.funnel("s")] == [("kept", 1)]
+
+
+def test_vanished_output_is_not_trusted(lineage_url: str, tmp_path) -> None:
+    lineage = Lineage(lineage_url)
+    lineage.ensure_snapshot("s", "/data")
+    out = tmp_path / "o.parquet"
+    out.write_bytes(b"x")
+    run = StageRun("s", "extract", "w1", "in", "d")
+
+    def fn() -> ShardStats:
+        stats = _stats(kept=1)
+        stats.output_uri = str(out)
+        return stats
+
+    run_stage(lineage, run, fn, output_exists=lambda uri: __import__("os").path.exists(uri))
+    out.unlink()
+    _, skipped = run_stage(lineage, run, fn, output_exists=lambda uri: __import__("os").path.exists(uri))
+    assert not skipped
+
+
+def test_postgres_restart_mid_run_is_recovered(postgres, postgres_url: str) -> None:
+    """A restart between start and finish: the pooled engine reconnects and records once."""
+    lineage = Lineage(postgres_url)
+    lineage.ensure_snapshot("s", "/data")
+
+    def fn() -> ShardStats:
+        postgres.restart()
+        return _stats(kept=4)
+
+    run_stage(lineage, StageRun("s", "extract", "w1", "in", "d"), fn)
+    assert [(r["status"], r["attempt"]) for r in lineage.runs("s")] == [("done", 1)]
+    assert [(r.outcome, r.count) for r in lineage.funnel("s")] == [("kept", 4)]
+
+
+def test_postgres_down_at_finish_fails_cleanly_then_retry_records_once(postgres, postgres_url: str) -> None:
+    lineage = Lineage(postgres_url)
+    lineage.ensure_snapshot("s", "/data")
+    run = StageRun("s", "extract", "w1", "in", "d")
+
+    def fn() -> ShardStats:
+        postgres.stop("immediate")
+        return _stats(kept=4)
+
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            run_stage(lineage, run, fn)
+    finally:
+        postgres.restart()
+    # the interrupted attempt stays 'running' (never 'done' without its counts)
+    assert [r["status"] for r in lineage.runs("s")] == ["running"]
+    assert lineage.funnel("s") == []
+    stats, skipped = run_stage(lineage, run, lambda: _stats(kept=4))
+    assert not skipped
+    with lineage.engine.connect() as conn:
+        rows = conn.execute(sa.select(shard_run_table.c.status)).scalars().all()
+    assert sorted(rows) == ["done", "running"]
+    assert [(r.outcome, r.count) for r in lineage.funnel("s")] == [("kept", 4)]
