@@ -215,6 +215,16 @@ class IndexConfig(Section):
     flat_max_vectors: int = 200_000
     nprobe: int = 32
     hnsw_m: int = 32
+    index_key: str | None = None
+    """FAISS index_factory string that overrides the automatic choice (e.g. ``HNSW32,SQfp16``)."""
+    k_factor: int = 10
+    """Refining indexes re-rank k * k_factor approximate candidates with their finer codes."""
+    max_train_vectors: int = 200_000
+    """Cap on the sample used to train IVF centroids and PQ codebooks."""
+    add_batch_size: int = 65_536
+    """Vectors converted to fp32 and added per batch (bounds build memory)."""
+    metadata_row_group_size: int = 2048
+    """Small Parquet row groups keep id -> metadata lookups to a few KB read per hit."""
 
 
 class ServeConfig(Section):
@@ -223,6 +233,16 @@ class ServeConfig(Section):
     max_k: int = 200
     max_upload_bytes: int = 10 * 1024 * 1024
     allow_url_queries: bool = False
+    default_k: int = 40
+    dedup_threshold: float = 0.97
+    """Results whose image embeddings have cosine >= this with a better hit are near-duplicates."""
+    max_candidates: int = 10_000
+    """Cap on ANN candidates fetched while filling k results after filters and dedup."""
+    url_fetch_timeout_s: float = 10.0
+    snapshot: str | None = None
+    """Snapshot whose index the Airflow plugin serves (None: the first of orchestration.snapshots)."""
+    subset: str = "laion2B-en"
+    """Subset whose index the Airflow plugin serves."""
 
 
 class EvalConfig(Section):

@@ -57,7 +57,7 @@ def test_snapshot_dag_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
 def test_monthly_is_scheduled(dagbag) -> None:  # type: ignore[no-untyped-def]
     dag = dagbag.dags["laion_monthly_ingest"]
     assert "resolve_crawl" in dag.task_ids
-    assert "CronTrigger" in type(dag.timetable).__name__ and "0 0 1 * *" in repr(vars(dag.timetable))
+    assert dag.timetable.expression == "0 0 1 * *"
 
 
 def test_fan_out_is_batched() -> None:
