@@ -22,7 +22,7 @@ CONFIG_ENV = "LAION_CONFIG"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class StorageConfig(Section):
@@ -129,6 +129,10 @@ class ClipConfig(Section):
     k8s_memory: str = "32Gi"
     k8s_gpus: int = 1
     k8s_deferrable: bool = True
+    k8s_env_secret: str | None = None
+    """Kubernetes Secret whose keys become the pod's env vars (AWS credentials, a lineage URL with a password)."""
+    k8s_shm_size: str = "8Gi"
+    """In-memory /dev/shm for DataLoader workers (the container default of 64 MiB stalls them)."""
     gpu_pool: str = "gpu"
 
 
@@ -150,11 +154,22 @@ class TagConfig(Section):
     image_hashlist: str | None = None
     pdq_hashlist: str | None = None
     pdq_max_distance: int = 31
+    image_batch_size: int = 64
+    """Images decoded and scored together (watermark detector, NudeNet)."""
 
 
 class DedupConfig(Section):
     buckets: int = 64
     near_dup_threshold: float = 0.95
+    near_dup: bool = True
+    """Near-duplicate images by embedding; needs k-means centroids (``dedup_centroids``)."""
+    near_dup_probes: int = 2
+    """Each embedding joins its N nearest k-means buckets, so near-dups near a cell border still meet."""
+    centroid_sample_per_shard: int = 2000
+    """Embeddings sampled per shard to train the near-dup bucket centroids."""
+    seed: int = 0
+    resolve_memory_limit: str = "4GB"
+    """DuckDB memory limit of the global resolve step (it spills to disk beyond)."""
 
 
 class SubsetConfig(Section):
@@ -225,6 +240,8 @@ class IndexConfig(Section):
     """Vectors converted to fp32 and added per batch (bounds build memory)."""
     metadata_row_group_size: int = 2048
     """Small Parquet row groups keep id -> metadata lookups to a few KB read per hit."""
+    duckdb_memory_limit: str = "2GB"
+    """DuckDB spills the subset join / id numbering to disk beyond this."""
 
 
 class ServeConfig(Section):
@@ -283,6 +300,8 @@ class TrainConfig(Section):
     k8s_memory: str = "64Gi"
     k8s_shm_size: str = "16Gi"
     """/dev/shm for DataLoader workers in the training pod."""
+    k8s_env_secret: str | None = None
+    """Kubernetes Secret whose keys become env vars in the training pod (S3 / lineage credentials)."""
     k8s_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
     k8s_tolerations: list[dict[str, str]] = [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}

@@ -213,3 +213,142 @@ def tag_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = 
             )
 
     return run_shards(lineage, snapshot, "tag", settings.digest("tag", "clip"), jobs(), force=force).to_dict()
+
+
+# -- curate and card -------------------------------------------------------------
+
+
+def curate_one(settings: Settings, snapshot: str, subset: str, *, force: bool = True) -> dict[str, Any]:
+    """Write one subset. Forced by default: upstream shards may have changed under the same config."""
+    from laion_tasks.stages.curate import CURATE_DIGEST_SECTIONS, curate_subset
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+    if subset not in settings.curate.subsets:
+        raise StageError(f"unknown subset {subset!r}; configured: {sorted(settings.curate.subsets)}")
+    extra: dict[str, Any] = {}
+
+    def fn() -> ShardStats:
+        stats = curate_subset(root, snapshot, subset, settings.curate.subsets[subset], settings.curate)
+        extra.update(stats.extra)
+        return stats
+
+    jobs = [(subset, layout.snapshot_root(root, snapshot), fn)]
+    result = run_shards(lineage, snapshot, "curate", settings.digest(*CURATE_DIGEST_SECTIONS), jobs, force=force)
+    return {**result.to_dict(), "subset": subset, **extra}
+
+
+def write_card(settings: Settings, snapshot: str) -> dict[str, Any]:
+    from laion_tasks.card import write_dataset_card
+
+    lineage = open_lineage(settings, snapshot)
+    uri = write_dataset_card(settings.storage.root, snapshot, lineage, config=settings.curate)
+    return {"card": uri}
+
+
+# -- dedup ---------------------------------------------------------------------
+# Four steps, so that no task holds the snapshot in memory: centroids (one task, a
+# sample per shard) -> partition (mapped over shard batches: rows routed to hash-prefix
+# and embedding buckets) -> buckets (mapped over bucket batches) -> resolve (pointers
+# to final representatives, written per shard under dedup/).
+
+
+def dedup_work_dir(settings: Settings, snapshot: str) -> str:
+    return storage.join(settings.storage.root, snapshot, "dedup_work")
+
+
+def _all_shards(settings: Settings, snapshot: str) -> list[str]:
+    uris = storage.list_uris(layout.shards_dir(settings.storage.root, snapshot), ".parquet")
+    return [uri.rsplit("/", 1)[-1].removesuffix(".parquet") for uri in uris]
+
+
+def _centroids_uri(settings: Settings, snapshot: str) -> str:
+    return storage.join(dedup_work_dir(settings, snapshot), "centroids.npy")
+
+
+DEDUP_DIGEST_SECTIONS = ("download", "clip", "tag", "dedup")
+
+
+def dedup_centroids_task(settings: Settings, snapshot: str, *, force: bool = False) -> dict[str, Any]:
+    from laion_tasks.stages.dedup import dedup_centroids
+
+    if not settings.dedup.near_dup:
+        return {"skipped": "dedup.near_dup is off"}
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+    shards = _all_shards(settings, snapshot)
+    clips = [layout.clip_parquet_uri(root, snapshot, s) for s in shards]
+    embs = [layout.clip_image_emb_uri(root, snapshot, s) for s in shards]
+    out = _centroids_uri(settings, snapshot)
+    jobs = [("centroids", layout.snapshot_root(root, snapshot), lambda: dedup_centroids(clips, embs, out, settings.dedup))]
+    return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=force).to_dict()
+
+
+def dedup_partition_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
+    from laion_tasks.stages.dedup import dedup_partition
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+    work = dedup_work_dir(settings, snapshot)
+    centroids = _centroids_uri(settings, snapshot) if settings.dedup.near_dup else None
+
+    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
+        for shard in batch["shards"]:
+            images = layout.images_parquet_uri(root, snapshot, shard)
+            yield f"partition/{shard}", images, (
+                lambda shard=shard, images=images: dedup_partition(
+                    images,
+                    layout.clip_parquet_uri(root, snapshot, shard),
+                    layout.clip_image_emb_uri(root, snapshot, shard),
+                    shard,
+                    work,
+                    settings.dedup,
+                    centroids,
+                )
+            )
+
+    return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs(), force=force).to_dict()
+
+
+def plan_dedup(settings: Settings, snapshot: str) -> list[Batch]:
+    buckets = [str(b) for b in range(settings.dedup.buckets)]
+    return [{"buckets": [int(b) for b in batch]} for batch in make_batches(buckets, settings.orchestration.max_mapped_tasks)]
+
+
+def _decision_uri(settings: Settings, snapshot: str, bucket: int) -> str:
+    from laion_tasks.stages.dedup import bucket_name
+
+    return storage.join(dedup_work_dir(settings, snapshot), "decisions", f"{bucket_name(bucket)}.parquet")
+
+
+def dedup_bucket_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
+    from laion_tasks.stages.dedup import bucket_dir, bucket_name, dedup_bucket
+
+    lineage = open_lineage(settings, snapshot)
+    work = dedup_work_dir(settings, snapshot)
+
+    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
+        for bucket in batch["buckets"]:
+            pieces = storage.list_uris(bucket_dir(work, bucket), ".parquet")
+            if not pieces:
+                continue
+            out = _decision_uri(settings, snapshot, bucket)
+            yield f"bucket/{bucket_name(bucket)}", bucket_dir(work, bucket), (
+                lambda pieces=pieces, out=out: dedup_bucket(pieces, out, settings.dedup)
+            )
+
+    # Buckets are rebuilt whenever partitions change, so they are always recomputed.
+    return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs(), force=True).to_dict()
+
+
+def dedup_resolve_task(settings: Settings, snapshot: str) -> dict[str, Any]:
+    from laion_tasks.stages.dedup import dedup_resolve
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+    work = dedup_work_dir(settings, snapshot)
+    decisions = storage.list_uris(storage.join(work, "decisions"), ".parquet")
+    shards = _all_shards(settings, snapshot)
+    out = layout.dedup_dir(root, snapshot)
+    jobs = [("resolve", work, lambda: dedup_resolve(decisions, work, shards, out, settings.dedup))]
+    return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=True).to_dict()

@@ -8,8 +8,11 @@ them and spills to ``temp_directory`` past ``memory_limit``: nothing loads a who
 snapshot into memory.
 
 Joins: ``images``, ``clip`` and ``tags`` are one file per shard with the same rows, so
-they join on (shard, key), where shard is the file's basename. ``dedup`` is snapshot
-wide and joins on uid; a uid missing from it is taken as its own representative.
+they join on (shard, key), where shard is the file's basename. ``dedup/<shard>.parquet``
+(one verdict per row) joins on (shard, key) too: exact (url, alt) duplicates share a uid,
+so uid cannot tell them apart. Verdict files without ``key`` (an older layout) join on
+uid, and a uid counts as a duplicate only if none of its rows is a representative. A
+row without a verdict is taken as its own representative.
 
 S3 roots: DuckDB's httpfs extension is not bundled with the Python wheel and cannot be
 fetched offline, so for an ``s3://`` root the metadata Parquet files (not the images)
@@ -78,13 +81,24 @@ TAGS_COLUMNS: dict[str, str] = {
     "language_score": "DOUBLE",
     "language_group": "VARCHAR",
     "punsafe": "DOUBLE",
+    "nsfw_method": "VARCHAR",
+    "nudenet_unsafe": "DOUBLE",
     "pwatermark": "DOUBLE",
+    "watermark_method": "VARCHAR",
     "aesthetic_score": "DOUBLE",
     "nsfw_text": "BOOLEAN",
+    "pdq": "VARCHAR",
     "hashlist_blocked": "BOOLEAN",
     "tag_status": "VARCHAR",
 }
-DEDUP_COLUMNS: dict[str, str] = {"uid": "VARCHAR", "dup_of": "VARCHAR", "dup_reason": "VARCHAR"}
+DEDUP_COLUMNS: dict[str, str] = {
+    "uid": "VARCHAR",
+    "key": "VARCHAR",
+    "dup_of": "VARCHAR",
+    "dup_of_key": "VARCHAR",
+    "dup_of_shard": "VARCHAR",
+    "dup_reason": "VARCHAR",
+}
 
 TABLES: dict[str, dict[str, str]] = {
     "images": IMAGES_COLUMNS,
@@ -102,9 +116,9 @@ def table_dir(root: str, snapshot: str, table: str) -> str:
     return storage.join(layout.snapshot_root(root, snapshot), table)
 
 
-def _glob_for(table: str, base: Path) -> str:
-    # dedup may be bucketed into sub-folders; the per-shard tables are flat by layout.
-    return str(base / ("**/*.parquet" if table == "dedup" else "*.parquet"))
+def _glob_for(base: Path) -> str:
+    # Flat by layout; sub-folders (e.g. a stage's work files) are not part of the table.
+    return str(base / "*.parquet")
 
 
 @dataclass
@@ -175,17 +189,16 @@ def _stage_s3_table(prefix: str, dest: Path, parallel: int = 8) -> int:
 def _local_table_files(directory: Path, table: str) -> int:
     if not directory.is_dir():
         return 0
-    pattern = "**/*.parquet" if table == "dedup" else "*.parquet"
-    return sum(1 for p in directory.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    return sum(1 for p in directory.glob("*.parquet") if p.is_file() and not p.name.startswith("."))
 
 
-def _table_select(con: duckdb.DuckDBPyConnection, table: str, glob: str | None) -> str:
-    """``SELECT`` of one table with exactly the expected columns, typed; empty when no files."""
+def _table_select(con: duckdb.DuckDBPyConnection, table: str, glob: str | None) -> tuple[str, set[str]]:
+    """``SELECT`` of one table with ``shard`` + exactly the expected columns, typed (empty when
+    no files), and the set of columns the files really have."""
     wanted = TABLES[table]
     if glob is None:
         cols = ", ".join(f"NULL::{typ} AS {name}" for name, typ in wanted.items())
-        shard = "NULL::VARCHAR AS shard, " if table != "dedup" else ""
-        return f"SELECT {shard}{cols} WHERE false"
+        return f"SELECT NULL::VARCHAR AS shard, {cols} WHERE false", set()
     source = f"read_parquet({_sql_str(glob)}, filename = true, union_by_name = true)"
     try:
         present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
@@ -197,12 +210,15 @@ def _table_select(con: duckdb.DuckDBPyConnection, table: str, glob: str | None) 
         f"CAST({name} AS {typ}) AS {name}" if name in present else f"NULL::{typ} AS {name}"
         for name, typ in wanted.items()
     )
-    shard = "regexp_extract(filename, '([^/\\\\]+)\\.parquet$', 1) AS shard, " if table != "dedup" else ""
-    return f"SELECT {shard}{cols} FROM {source}"
+    shard = "regexp_extract(filename, '([^/\\\\]+)\\.parquet$', 1)"
+    if table == "dedup" and "shard" in present:
+        shard = f"coalesce(CAST(shard AS VARCHAR), {shard})"
+    return f"SELECT {shard} AS shard, {cols} FROM {source}", present
 
 
-def build_view_sql() -> str:
+def build_view_sql(dedup_on_key: bool = True) -> str:
     """The ``samples`` view over the four table views (``images``, ``clip``, ``tags``, ``dedup_one``)."""
+    dedup_join = "d.shard = i.shard AND d.key = i.key" if dedup_on_key else "d.uid = i.uid"
     image_cols = ", ".join(f"i.{c}" for c in IMAGES_COLUMNS)
     return f"""
 SELECT
@@ -211,14 +227,16 @@ SELECT
   coalesce(t.language, c.language) AS language,
   coalesce(t.language_score, c.language_score) AS language_score,
   coalesce(t.language_group, c.language_group) AS language_group,
-  t.punsafe, t.pwatermark, t.aesthetic_score, t.nsfw_text, t.hashlist_blocked, t.tag_status,
+  t.punsafe, t.nsfw_method, t.nudenet_unsafe, t.pwatermark, t.watermark_method, t.aesthetic_score,
+  t.nsfw_text, t.pdq, t.tag_status,
+  coalesce(t.hashlist_blocked, false) OR coalesce(t.tag_status = 'blocked_hashlist', false) AS hashlist_blocked,
   d.dup_of, d.dup_reason,
   c.key IS NOT NULL AS has_clip_row,
   t.key IS NOT NULL AS has_tags_row
 FROM images AS i
 LEFT JOIN clip AS c ON c.shard = i.shard AND c.key = i.key
 LEFT JOIN tags AS t ON t.shard = i.shard AND t.key = i.key
-LEFT JOIN dedup_one AS d ON d.uid = i.uid
+LEFT JOIN dedup_one AS d ON {dedup_join}
 """
 
 
@@ -232,6 +250,7 @@ def open_snapshot(root: str, snapshot: str, config: CurateConfig | None = None) 
     try:
         con = connect_duckdb(config, work_dir)
         files: dict[str, int] = {}
+        present: dict[str, set[str]] = {}
         for table in TABLES:
             remote = table_dir(root, snapshot, table)
             if storage.is_s3(remote):
@@ -240,17 +259,25 @@ def open_snapshot(root: str, snapshot: str, config: CurateConfig | None = None) 
             else:
                 local = storage.local_path(remote)
                 files[table] = _local_table_files(local, table)
-            glob = _glob_for(table, local) if files[table] else None
-            view = "dedup" if table == "dedup" else table
-            con.execute(f"CREATE VIEW {view} AS {_table_select(con, table, glob)}")
+            select, present[table] = _table_select(con, table, _glob_for(local) if files[table] else None)
+            con.execute(f"CREATE VIEW {table} AS {select}")
         if files["images"] == 0:
             raise StageError(f"no download parquet under {table_dir(root, snapshot, 'images')}")
-        # One verdict per uid, so the join never multiplies rows.
-        con.execute(
-            "CREATE VIEW dedup_one AS SELECT uid, min(dup_of) AS dup_of, min(dup_reason) AS dup_reason "
-            "FROM dedup WHERE uid IS NOT NULL GROUP BY uid"
-        )
-        view_sql = build_view_sql()
+        # One verdict per joined row, so the join never multiplies rows.
+        dedup_on_key = "key" in present["dedup"] or files["dedup"] == 0
+        if dedup_on_key:
+            con.execute(
+                "CREATE VIEW dedup_one AS SELECT shard, key, min(dup_of) AS dup_of, min(dup_reason) AS dup_reason "
+                "FROM dedup WHERE key IS NOT NULL GROUP BY shard, key"
+            )
+        else:
+            con.execute(
+                "CREATE VIEW dedup_one AS SELECT uid, "
+                "CASE WHEN bool_or(dup_of IS NULL) THEN NULL ELSE min(dup_of) END AS dup_of, "
+                "CASE WHEN bool_or(dup_of IS NULL) THEN NULL ELSE min(dup_reason) END AS dup_reason "
+                "FROM dedup WHERE uid IS NOT NULL GROUP BY uid"
+            )
+        view_sql = build_view_sql(dedup_on_key)
         con.execute(f"CREATE VIEW {SAMPLES_VIEW} AS {view_sql}")
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -41,3 +41,11 @@ def test_digest_is_stable_and_section_scoped() -> None:
     assert a.digest() == Settings().digest()
     moved = load_settings(environ={"LAION_STORAGE__ROOT": "s3://elsewhere"})
     assert moved.digest() == a.digest(), "moving data must not invalidate finished work"
+
+
+def test_config_reference_is_current() -> None:
+    """docs/CONFIG.md is generated from the config; regenerate it when a knob changes."""
+    from laion_tasks.config_reference import render
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
+    assert doc.read_text() == render(), "run: .venv/bin/python -m laion_tasks.config_reference > docs/CONFIG.md"

@@ -118,6 +118,14 @@ def tag(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
 
 
 @task
+def dedup_centroids(snapshot: str) -> dict[str, Any]:
+    from laion_tasks import pipeline
+
+    settings, params = run_settings()
+    return pipeline.dedup_centroids_task(settings, snapshot, force=params.get("force", False))
+
+
+@task
 def dedup_partition(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
     from laion_tasks import pipeline
 
@@ -142,11 +150,19 @@ def dedup_buckets(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
 
 
 @task
+def dedup_resolve(snapshot: str) -> dict[str, Any]:
+    from laion_tasks import pipeline
+
+    settings, _ = run_settings()
+    return pipeline.dedup_resolve_task(settings, snapshot)
+
+
+@task
 def curate(snapshot: str, subset: str) -> dict[str, Any]:
     from laion_tasks import pipeline
 
     settings, params = run_settings()
-    return pipeline.curate_one(settings, snapshot, subset, force=True)
+    return pipeline.curate_one(settings, snapshot, subset)
 
 
 @task
@@ -178,11 +194,15 @@ def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str
     downloaded >> scored
     tagged = tag.partial(snapshot=snapshot).expand(batch=download_plan)
     scored >> tagged
+    centroids = dedup_centroids(snapshot)
+    tagged >> centroids
     partitioned = dedup_partition.partial(snapshot=snapshot).expand(batch=download_plan)
-    tagged >> partitioned
+    centroids >> partitioned
     bucket_plan = plan_dedup(snapshot)
     partitioned >> bucket_plan
-    deduped = dedup_buckets.partial(snapshot=snapshot).expand(batch=bucket_plan)
+    bucketed = dedup_buckets.partial(snapshot=snapshot).expand(batch=bucket_plan)
+    deduped = dedup_resolve(snapshot)
+    bucketed >> deduped
     card = dataset_card(snapshot)
     for name in settings.curate.subsets:
         outlets = [subset_asset(static_snapshot, name)] if static_snapshot else []

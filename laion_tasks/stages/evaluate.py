@@ -29,7 +29,6 @@ import logging
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -47,7 +46,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 """torchvision's ImageFolder extensions."""
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 WDS_LABEL_KEYS = ("cls", "cls2", "label")
-DATA_PACKAGE = "laion_tasks.zeroshot_data"
+ZEROSHOT_DATA_DIR = Path(__file__).resolve().parent.parent / "zeroshot_data"
 CLASSNAMES_FILE = "en_classnames.json"
 TEMPLATES_FILE = "en_zeroshot_classification_templates.json"
 MAX_LISTED_ERRORS = 50
@@ -166,9 +165,10 @@ def load_labels_tsv(root: str | Path, labels_file: str = "labels.tsv") -> Labele
                 break
     if classnames is None:
         column = _name_column(rows)
-        present = sorted({int(r["class_index"]) for r in rows if r.get("class_index", "").strip().lstrip("-").isdigit()})
+        valid = [r for r in rows if (r.get("class_index") or "").strip().isdigit()]
+        present = sorted({int(r["class_index"]) for r in valid})
         remap = {old: new for new, old in enumerate(present)}
-        names = {int(r["class_index"]): r[column] for r in rows if column and int(r["class_index"]) in remap}
+        names = {int(r["class_index"]): r[column] for r in valid} if column else {}
         classnames = [names.get(old, str(old)) for old in present]
 
     def iterate() -> Iterator[LabeledImage]:
@@ -221,8 +221,8 @@ def load_webdataset(shards: Sequence[str], name: str | None = None) -> LabeledIm
     def iterate() -> Iterator[LabeledImage]:
         for shard in shard_list:
             try:
-                with storage.open_read(shard) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-                    for sample in group_by_keys(tar_file_iterator(tar)):
+                with storage.open_read(shard) as raw:
+                    for sample in group_by_keys({**f, "__url__": shard} for f in tar_file_iterator(raw)):
                         key = f"{shard.rsplit('/', 1)[-1]}/{sample['__key__']}"
                         image_key = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
                         label_key = next((k for k in WDS_LABEL_KEYS if k in sample), None)
@@ -295,7 +295,7 @@ def _load_json(uri: str) -> Any:
     path, key = _split_key(uri)
     if path.startswith("builtin:"):
         name = path[len("builtin:") :]
-        data = json.loads(resources.files(DATA_PACKAGE).joinpath(name).read_text("utf-8"))
+        data = json.loads((ZEROSHOT_DATA_DIR / name).read_text("utf-8"))
     else:
         try:
             data = json.loads(storage.read_text(path))
@@ -464,7 +464,15 @@ class ZeroShotResult:
                 for c, (s, r) in sorted(self.per_class.items())
             ],
             "most_confused": self.confusions(),
+            "most_predicted": self.most_predicted(),
         }
+
+    def most_predicted(self, top: int = 10) -> list[dict[str, Any]]:
+        """Classes that absorb the most predictions: a collapsed (or untrained) model shows here first."""
+        counts = Counter(int(p) for p in self.predictions)
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        total = max(1, len(self.keys))
+        return [{"class": self.classnames[c], "index": c, "count": n, "fraction": n / total} for c, n in ranked]
 
     def to_markdown(self) -> str:
         def pct(v: float | None) -> str:
@@ -498,6 +506,9 @@ class ZeroShotResult:
             ]
         else:
             lines.append("No misclassified images.")
+        absorbing = self.most_predicted(5)
+        if absorbing:
+            lines += ["", "Most predicted classes: " + ", ".join(f"{c['class']} ({c['count']})" for c in absorbing) + "."]
         worst = sorted(self.per_class.items(), key=lambda kv: (kv[1][1], kv[0]))[:10]
         if worst:
             lines += ["", "## Lowest per-class recall", "", "| class | images | recall |", "|---|---|---|"]

@@ -1,0 +1,253 @@
+"""Tag-stage throughput (samples/s per core) and dedup throughput + peak memory.
+
+    .venv/bin/python bench/tag_bench.py [--tag-samples 2000] [--dedup-rows 10000000] [--near-rows 200000]
+
+* Tagging: one synthetic shard of 256 px JPEGs (drawn shapes) with fp16 64-d embeddings,
+  tagged by ``tag_shard`` with the tiny CLIP model (``laion-tiny-clip``; zero-shot NSFW and
+  watermark), lid.176 language ID, PDQ for every image and all three hash lists loaded
+  (10,000 entries each). No real CLIP, NSFW, watermark or aesthetic weights exist here:
+  with real weights the embedding heads cost about the same (tiny MLPs), the watermark
+  detector (efficientnet_b3 at 256 px) adds a CNN forward per image and is not measured.
+  Pinned to one core; samples per CPU-second.
+* Dedup: ``--dedup-rows`` synthetic rows in 100k-row shards with 20% exact (url, alt)
+  copies and 15% image-sha256 copies, exact criteria only (partition -> 64 buckets ->
+  resolve), each step timed, in a fresh process whose peak RSS is reported. Near-dup on
+  ``--near-rows`` rows with 512-d fp16 embeddings (10% injected near copies, cos ~0.99),
+  k-means buckets, with the recall of the injected copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results" / "tag.md"
+
+
+def pin_one_core() -> None:
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# ---------------------------------------------------------------- tagging
+
+
+def bench_tag(samples: int) -> dict:
+    pin_one_core()
+    import torch
+
+    torch.set_num_threads(1)
+    from laion_tasks.config import ClipConfig, TagConfig
+    from laion_tasks.stages.tag import tag_shard
+    from tests.tag_fixtures import TINY_CLIP, make_image, make_shard
+
+    work = Path(tempfile.mkdtemp(prefix="tagbench-"))
+    try:
+        images = {i: make_image(i, size=256) for i in range(min(samples, 200))}
+        shard = make_shard(work, n=samples, failed=tuple(range(0, samples, 10)),
+                           images={i: images[i % len(images)] for i in range(samples)})
+        for name, width in (("url", 32), ("img", 64), ("pdq", 64)):
+            (work / f"{name}.txt").write_text("".join(hashlib.sha256(f"{name}{i}".encode()).hexdigest()[:width] + "\n"
+                                                      for i in range(10_000)))
+        config = TagConfig(url_hashlist=str(work / "url.txt"), image_hashlist=str(work / "img.txt"),
+                           pdq_hashlist=str(work / "pdq.txt"))
+        clip = ClipConfig.model_validate(TINY_CLIP)
+        # warm: model load, lid model, faiss index build are per-process setup
+        warm = make_shard(work / "warm", n=20)
+        tag_shard(warm.images_parquet, warm.tar, warm.clip_parquet, warm.img_emb, warm.out, config, clip)
+        start_cpu, start = time.process_time(), time.perf_counter()
+        stats = tag_shard(shard.images_parquet, shard.tar, shard.clip_parquet, shard.img_emb, shard.out, config, clip)
+        cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start
+        return {"samples": samples, "images": int(stats.counts["success"]), "cpu_s": cpu, "wall_s": wall,
+                "counts": dict(stats.counts)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- dedup data
+
+
+def make_dedup_shards(root: Path, rows: int, per_shard: int, dim: int = 0, near_frac: float = 0.0) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    n_shards = (rows + per_shard - 1) // per_shard
+    ids = np.arange(rows)
+    # 20% of rows copy (url, alt) of a random earlier row; 15% copy only its image sha256
+    url_src = np.where(rng.random(rows) < 0.20, (rng.random(rows) * np.maximum(ids, 1)).astype(np.int64), ids)
+    sha_src = np.where(rng.random(rows) < 0.15, (rng.random(rows) * np.maximum(ids, 1)).astype(np.int64), url_src)
+    if dim:  # the near-dup run measures near-dup recall alone: no exact copies
+        url_src = sha_src = ids
+    base = None
+    if dim:
+        base = rng.normal(size=(rows, dim)).astype(np.float32)
+        near = rng.random(rows) < near_frac
+        src = (rng.random(rows) * np.maximum(ids, 1)).astype(np.int64)
+        near &= ids > 0
+        noise = rng.normal(size=(int(near.sum()), dim)).astype(np.float32)
+        base[near] = base[src[near]] / np.linalg.norm(base[src[near]], axis=1, keepdims=True) * 10 + noise * (
+            10 * 0.1 / np.sqrt(dim))
+        base /= np.linalg.norm(base, axis=1, keepdims=True)
+        np.save(root / "near_truth.npy", np.flatnonzero(near))
+    for s in range(n_shards):
+        lo, hi = s * per_shard, min(rows, (s + 1) * per_shard)
+        shard = f"{s:06d}"
+        keys = [f"{shard}{i - lo:06d}" for i in range(lo, hi)]
+        urls = [f"http://host{u % 997}.example/img/{u}.jpg" for u in url_src[lo:hi]]
+        caps = [f"caption number {u}" for u in url_src[lo:hi]]
+        shas = [hashlib.sha256(str(h).encode()).hexdigest() for h in sha_src[lo:hi]]
+        uids = [hashlib.sha256(f"{u}\x00{c}".encode()).hexdigest()[:32] for u, c in zip(urls, caps)]
+        pq.write_table(pa.table({"key": keys, "uid": uids, "url": urls, "caption": caps,
+                                 "status": ["success"] * len(keys), "sha256": shas}), root / f"{shard}.parquet")
+        if dim:
+            pq.write_table(pa.table({"key": keys, "has_embedding": [True] * len(keys)}), root / f"{shard}.clip.parquet")
+            np.save(root / f"{shard}.img.npy", base[lo:hi].astype(np.float16))
+
+
+def bench_dedup(root: Path, near: bool, buckets: int, probes: int = 2) -> dict:
+    pin_one_core()
+    from laion_tasks import storage
+    from laion_tasks.config import DedupConfig
+    from laion_tasks.stages import dedup
+
+    config = DedupConfig(buckets=buckets, near_dup=near, resolve_memory_limit="4GB", near_dup_probes=probes)
+    shards = sorted(p.stem for p in root.glob("[0-9]*.parquet") if ".clip" not in p.name)
+    work, out = root / "work", root / "out"
+    times = {}
+    t0 = time.perf_counter()
+    centroids = None
+    if near:
+        centroids = str(work / "centroids.npy")
+        dedup.dedup_centroids([str(root / f"{s}.clip.parquet") for s in shards],
+                              [str(root / f"{s}.img.npy") for s in shards], centroids, config)
+        times["centroids"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    for s in shards:
+        clip = str(root / f"{s}.clip.parquet") if near else None
+        emb = str(root / f"{s}.img.npy") if near else None
+        dedup.dedup_partition(str(root / f"{s}.parquet"), clip, emb, s, str(work), config, centroids)
+    times["partition"] = time.perf_counter() - t
+    t = time.perf_counter()
+    decisions = []
+    for b in range(buckets):
+        pieces = storage.list_uris(dedup.bucket_dir(str(work), b), ".parquet")
+        if pieces:
+            decisions.append(str(work / "decisions" / f"{b:05d}.parquet"))
+            dedup.dedup_bucket(pieces, decisions[-1], config)
+    times["buckets"] = time.perf_counter() - t
+    t = time.perf_counter()
+    stats = dedup.dedup_resolve(decisions, str(work), shards, str(out), config)
+    times["resolve"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t0
+    result = {"times": times, "counts": dict(stats.counts),
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if near:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        truth = set(np.load(root / "near_truth.npy").tolist())
+        per_shard = pq.read_metadata(root / f"{shards[0]}.parquet").num_rows
+        found = set()
+        for s_i, s in enumerate(shards):
+            reasons = pq.read_table(out / f"{s}.parquet", columns=["dup_reason"]).column("dup_reason").to_pylist()
+            found |= {s_i * per_shard + i for i, r in enumerate(reasons) if r == "near_embedding"}
+        result["near_recall"] = len(truth & found) / max(1, len(truth))
+        result["near_found"] = len(found)
+        result["near_injected"] = len(truth)
+    return result
+
+
+def child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tag-samples", type=int, default=2000)
+    parser.add_argument("--dedup-rows", type=int, default=10_000_000)
+    parser.add_argument("--near-rows", type=int, default=200_000)
+    parser.add_argument("--buckets", type=int, default=64)
+    parser.add_argument("--child", choices=["tag", "gen", "dedup", "gen-near", "near"])
+    parser.add_argument("--dir")
+    args = parser.parse_args()
+    if args.child == "tag":
+        print(json.dumps(bench_tag(args.tag_samples)))
+        return
+    if args.child == "gen":
+        make_dedup_shards(Path(args.dir), args.dedup_rows, 100_000)
+        print("{}")
+        return
+    if args.child == "gen-near":
+        make_dedup_shards(Path(args.dir), args.near_rows, 50_000, dim=512, near_frac=0.10)
+        print("{}")
+        return
+    if args.child in ("dedup", "near"):
+        print(json.dumps(bench_dedup(Path(args.dir), args.child == "near", args.buckets)))
+        return
+
+    tag = child(["--child", "tag", "--tag-samples", str(args.tag_samples)])
+    print("tag", tag, flush=True)
+    with tempfile.TemporaryDirectory(prefix="dedupbench-") as d:
+        child(["--child", "gen", "--dir", d, "--dedup-rows", str(args.dedup_rows)])
+        exact = child(["--child", "dedup", "--dir", d, "--buckets", str(args.buckets)])
+    print("exact", exact, flush=True)
+    with tempfile.TemporaryDirectory(prefix="neardupbench-") as d:
+        child(["--child", "gen-near", "--dir", d, "--near-rows", str(args.near_rows)])
+        near = child(["--child", "near", "--dir", d, "--buckets", str(args.buckets)])
+    print("near", near, flush=True)
+
+    et, nt = exact["times"], near["times"]
+    lines = [
+        "## Tagging and dedup throughput",
+        "",
+        "`.venv/bin/python bench/tag_bench.py` on the 2-core shared VM (CPU only, other helpers' processes running); "
+        "each measurement in a fresh process pinned to one core. No GPU figures were measured. There is no peer "
+        "for these numbers in the same run (LAION's tagging scripts need the real weights and a GPU).",
+        "",
+        f"**Tagging** ({tag['samples']:,} samples, {tag['images']:,} images of 256 px, tiny CLIP `laion-tiny-clip` "
+        "zero-shot for punsafe/pwatermark, lid.176, PDQ of every image, URL/image/PDQ hash lists of 10,000 entries each): "
+        f"**{tag['samples'] / tag['cpu_s']:,.0f} samples per CPU-second** on one core "
+        f"({tag['images'] / tag['cpu_s']:,.0f} images/CPU-s; wall {tag['wall_s']:.1f} s). With real weights the "
+        "NSFW/aesthetic heads are small MLPs on stored embeddings (negligible); the watermark CNN (efficientnet_b3, "
+        "256 px) and NudeNet add a per-image forward pass that was not measured here.",
+        "",
+        "| dedup run | rows | buckets | centroids s | partition s | buckets s | resolve s | total s | rows/s | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| exact (url, alt) + sha256 | {args.dedup_rows:,} | {args.buckets} | - | {et['partition']:.0f} | "
+        f"{et['buckets']:.0f} | {et['resolve']:.0f} | {et['total']:.0f} | {args.dedup_rows / et['total']:,.0f} | "
+        f"{exact['peak_rss_mb']:,.0f} MB |",
+        f"| near-dup only (512-d, cos >= 0.95, 2 probes) | {args.near_rows:,} | {args.buckets} | {nt['centroids']:.1f} | "
+        f"{nt['partition']:.1f} | {nt['buckets']:.1f} | {nt['resolve']:.1f} | {nt['total']:.1f} | "
+        f"{args.near_rows / nt['total']:,.0f} | {near['peak_rss_mb']:,.0f} MB |",
+        "",
+        f"Exact run: 20% (url, alt) copies and 15% sha256 copies injected; verdicts {exact['counts']}. "
+        "All steps ran sequentially in one process (the DAG maps partition per shard and bucket per bucket), so the "
+        "peak RSS is that of the largest single step, not of the snapshot. "
+        f"Near-dup run (no exact copies, random Gaussian embeddings, i.e. no cluster structure: the worst case for k-means buckets): 10% injected near copies (cos ~0.99); recall of injected copies {near['near_recall']:.1%} "
+        f"({near['near_found']:,} near-dups found, {near['near_injected']:,} injected): misses are pairs split across "
+        "k-means cells, the documented cost of bucketing. Near-dup was run at a smaller size because exact faiss range "
+        "search is quadratic in bucket size on CPU.",
+    ]
+    section = "\n".join(lines) + "\n"
+    print(section)
+    from bench.langid_bench import write_section
+
+    write_section(RESULTS, "## Tagging and dedup", section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The CLIP stage as a KubernetesPodOperator on a GPU node.
+
+The pod runs the same CLI (``laion clip-score-shard``) on the same storage URIs as the
+in-process path. It gets its configuration through ``LAION_*`` env vars: the whole
+``clip`` section as one JSON value, so the pod computes the same config digest as the
+scheduler, and it records lineage itself. XCom carries nothing but the shard ids.
+"""
+
+from __future__ import annotations
+
+import json
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import models as k8s
+
+from laion_tasks.config import Settings
+
+
+def pod_env(settings: Settings) -> dict[str, str]:
+    """LAION_* variables that rebuild, inside the pod, the settings the clip stage depends on."""
+    env = {
+        "LAION_STORAGE__ROOT": settings.storage.root,
+        "LAION_STORAGE__S3_REGION": settings.storage.s3_region,
+        "LAION_LINEAGE__URL": settings.lineage.url,
+        # One JSON value for the section (parsed as YAML by load_settings): no knob can be forgotten.
+        "LAION_CLIP": json.dumps(settings.clip.model_dump(mode="json"), sort_keys=True),
+        "LAION_TAG__LANGUAGE_THRESHOLD": repr(settings.tag.language_threshold),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if settings.storage.s3_endpoint_url:
+        env["LAION_STORAGE__S3_ENDPOINT_URL"] = settings.storage.s3_endpoint_url
+    if settings.tag.langid_model_path:
+        env["LAION_TAG__LANGID_MODEL_PATH"] = settings.tag.langid_model_path
+    return env
+
+
+def clip_pod_resources(settings: Settings) -> k8s.V1ResourceRequirements:
+    """GPUs must be requested and limited equally; CPU is only requested, so decode workers may burst."""
+    cfg = settings.clip
+    gpus = str(cfg.k8s_gpus)
+    return k8s.V1ResourceRequirements(
+        requests={"cpu": cfg.k8s_cpu, "memory": cfg.k8s_memory, "nvidia.com/gpu": gpus},
+        limits={"memory": cfg.k8s_memory, "nvidia.com/gpu": gpus},
+    )
+
+
+def clip_pod_operator(
+    task_id: str,
+    settings: Settings,
+    snapshot: str,
+    shard_ids: list[str] | str,
+    **kwargs,
+) -> KubernetesPodOperator:
+    """A pod that CLIP-scores ``shard_ids`` of ``snapshot`` on one GPU node.
+
+    ``shard_ids`` is a list, or a string that may be a Jinja template rendering to
+    comma-separated ids (e.g. from a mapped batch). ``kwargs`` go to the operator and win
+    over the defaults built here.
+    """
+    cfg = settings.clip
+    shards = shard_ids if isinstance(shard_ids, str) else ",".join(shard_ids)
+    volumes = [
+        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=cfg.k8s_shm_size))
+    ]
+    mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
+    env_from = (
+        [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=cfg.k8s_env_secret))] if cfg.k8s_env_secret else []
+    )
+    options = dict(
+        task_id=task_id,
+        image=cfg.k8s_image,
+        namespace=cfg.k8s_namespace,
+        cmds=["laion"],
+        arguments=["clip-score-shard", "--snapshot", snapshot, "--shard", shards],
+        env_vars=pod_env(settings),
+        env_from=env_from,
+        container_resources=clip_pod_resources(settings),
+        node_selector=dict(cfg.k8s_node_selector),
+        tolerations=[k8s.V1Toleration(**t) for t in cfg.k8s_tolerations],
+        volumes=volumes,
+        volume_mounts=mounts,
+        labels={"app": "laion-tasks", "stage": "clip"},
+        deferrable=cfg.k8s_deferrable,
+        pool=cfg.gpu_pool,
+        get_logs=True,
+        do_xcom_push=False,
+        on_finish_action="delete_pod",
+        startup_timeout_seconds=600,
+    )
+    options.update(kwargs)
+    return KubernetesPodOperator(**options)

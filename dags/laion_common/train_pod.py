@@ -1,0 +1,85 @@
+"""CLIP training on a curated subset as a KubernetesPodOperator (one GPU node, torchrun over N GPUs).
+
+The pod runs ``laion train`` on the same storage URIs as the local demo; with
+``train.gpus > 1`` and CUDA present, ``laion_tasks.stages.train`` launches
+``torchrun --nproc_per_node=N`` itself. Settings travel as ``LAION_*`` env vars (the whole
+``train`` section as one JSON value, so the pod computes the same config digest), and the
+pod records the run in lineage (stage ``train``) when a snapshot is given.
+"""
+
+from __future__ import annotations
+
+import json
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import models as k8s
+
+from laion_tasks.config import Settings
+
+
+def train_pod_env(settings: Settings) -> dict[str, str]:
+    env = {
+        "LAION_STORAGE__ROOT": settings.storage.root,
+        "LAION_STORAGE__S3_REGION": settings.storage.s3_region,
+        "LAION_LINEAGE__URL": settings.lineage.url,
+        "LAION_TRAIN": json.dumps(settings.train.model_dump(mode="json"), sort_keys=True),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if settings.storage.s3_endpoint_url:
+        env["LAION_STORAGE__S3_ENDPOINT_URL"] = settings.storage.s3_endpoint_url
+    return env
+
+
+def train_pod_resources(settings: Settings) -> k8s.V1ResourceRequirements:
+    """GPUs requested and limited equally (Kubernetes requires it); memory limited, CPU only requested."""
+    cfg = settings.train
+    gpus = str(cfg.gpus)
+    return k8s.V1ResourceRequirements(
+        requests={"cpu": cfg.k8s_cpu, "memory": cfg.k8s_memory, "nvidia.com/gpu": gpus},
+        limits={"memory": cfg.k8s_memory, "nvidia.com/gpu": gpus},
+    )
+
+
+def train_pod_operator(
+    task_id: str,
+    settings: Settings,
+    subset_uri: str,
+    output_uri: str,
+    snapshot: str | None = None,
+    **kwargs,
+) -> KubernetesPodOperator:
+    """A pod that trains ``settings.train.model`` on the shards under ``subset_uri``, writing to ``output_uri``.
+
+    ``kwargs`` go to the operator and win over the defaults built here (e.g. ``pool``,
+    ``env_from``, ``deferrable``).
+    """
+    cfg = settings.train
+    arguments = ["train", "--subset-dir", subset_uri, "--out", output_uri]
+    if snapshot:
+        arguments += ["--snapshot", snapshot]
+    env_from = (
+        [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=cfg.k8s_env_secret))] if cfg.k8s_env_secret else []
+    )
+    options = dict(
+        task_id=task_id,
+        image=cfg.k8s_image,
+        namespace=cfg.k8s_namespace,
+        cmds=["laion"],
+        arguments=arguments,
+        env_vars=train_pod_env(settings),
+        env_from=env_from,
+        container_resources=train_pod_resources(settings),
+        node_selector=dict(cfg.k8s_node_selector),
+        tolerations=[k8s.V1Toleration(**t) for t in cfg.k8s_tolerations],
+        volumes=[
+            k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=cfg.k8s_shm_size))
+        ],
+        volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        labels={"app": "laion-tasks", "stage": "train"},
+        get_logs=True,
+        do_xcom_push=False,
+        on_finish_action="delete_pod",
+        startup_timeout_seconds=900,
+    )
+    options.update(kwargs)
+    return KubernetesPodOperator(**options)

@@ -1,0 +1,58 @@
+"""``laion extract`` and ``laion list-wats``: the extract stage from the shell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from laion_tasks.commands._common import ConfigOption, echo_json, settings_from
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("extract")
+    def extract(
+        wat_uri: str = typer.Argument(..., help="WAT file: local path, s3://... or https://..., gzipped or plain."),
+        output_uri: str = typer.Argument(..., help="Parquet shard to write (local path or s3://...)."),
+        config: Optional[Path] = ConfigOption,
+    ) -> None:
+        """Extract (image URL, alt text) candidates of one WAT file; prints the shard stats as JSON."""
+        from laion_tasks.stage import StageError
+        from laion_tasks.stages.extract import extract_wat
+
+        settings = settings_from(config)
+        try:
+            stats = extract_wat(wat_uri, output_uri, settings.extract)
+        except StageError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        echo_json(stats.to_dict())
+
+    @app.command("list-wats")
+    def list_wats(
+        crawl_id: str = typer.Argument(..., help="Crawl id such as CC-MAIN-2024-10."),
+        paths_uri: Optional[str] = typer.Option(
+            None, "--paths-uri", help="wat.paths(.gz) to read instead of <cc_base_url>crawl-data/<crawl>/wat.paths.gz."
+        ),
+        max_files: Optional[int] = typer.Option(None, "--max", min=1, help="Keep only the first N WAT files."),
+        sample: Optional[int] = typer.Option(None, "--sample", min=1, help="Deterministic sample of N WAT files."),
+        config: Optional[Path] = ConfigOption,
+    ) -> None:
+        """Print the WAT file URIs of a crawl, one per line."""
+        from laion_tasks.stage import StageError
+        from laion_tasks.stages.extract import list_wat_files
+
+        settings = settings_from(config)
+        extract_config = settings.extract
+        if max_files is not None:
+            extract_config = extract_config.model_copy(update={"max_wat_files": max_files})
+        if sample is not None:
+            extract_config = extract_config.model_copy(update={"sample_wat_files": sample})
+        try:
+            uris = list_wat_files(crawl_id, extract_config, paths_uri=paths_uri)
+        except (StageError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        for uri in uris:
+            typer.echo(uri)

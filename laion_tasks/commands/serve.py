@@ -1,0 +1,41 @@
+"""``laion serve``: the search API and web page over one index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from laion_tasks.commands._common import ConfigOption, settings_from
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        index_dir: Optional[str] = typer.Option(None, help="Index directory (default: from --snapshot/--subset)."),
+        snapshot: Optional[str] = typer.Option(None, help="Snapshot whose index to serve."),
+        subset: Optional[str] = typer.Option(None, help="Subset whose index to serve (default serve.subset)."),
+        host: Optional[str] = typer.Option(None, help="Bind address (default serve.host)."),
+        port: Optional[int] = typer.Option(None, help="Port (default serve.port)."),
+        config: Optional[Path] = ConfigOption,
+    ) -> None:
+        """Serve kNN search (text, image upload, embedding) with a web UI at http://HOST:PORT/."""
+        import uvicorn
+
+        from laion_tasks import layout
+        from laion_tasks.serve import IndexNotReady, KnnIndex, create_app
+
+        settings = settings_from(config)
+        if index_dir is None:
+            if snapshot is None:
+                raise typer.BadParameter("give --index-dir, or --snapshot (and --subset)")
+            index_dir = layout.index_dir(settings.storage.root, snapshot, subset or settings.serve.subset)
+        try:
+            KnnIndex(index_dir)  # fail fast with a clear message; the app re-opens it lazily
+        except IndexNotReady as exc:
+            typer.echo(f"error: {exc}. Build it with `laion index` first.", err=True)
+            raise typer.Exit(1) from exc
+        bind_host, bind_port = host or settings.serve.host, port or settings.serve.port
+        typer.echo(f"search UI: http://{bind_host}:{bind_port}/")
+        uvicorn.run(create_app(index_dir, settings), host=bind_host, port=bind_port, log_level="info")

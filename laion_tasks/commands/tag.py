@@ -1,0 +1,80 @@
+"""``laion tag``, ``laion dedup`` and ``laion langid``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from laion_tasks.commands._common import ConfigOption, echo_json, settings_from
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("tag")
+    def tag(
+        snapshot: str = typer.Argument(..., help="Snapshot id, e.g. CC-MAIN-2024-10."),
+        shards: List[str] = typer.Argument(..., help="Shard ids (e.g. 000000)."),
+        config: Optional[Path] = ConfigOption,
+    ) -> None:
+        """Tag shards under <storage.root>/<snapshot>/ (language, punsafe, pwatermark, aesthetics, hash lists)."""
+        from laion_tasks import layout
+        from laion_tasks.stages.tag import tag_shard
+
+        settings = settings_from(config)
+        root = settings.storage.root
+        for shard in shards:
+            stats = tag_shard(
+                layout.images_parquet_uri(root, snapshot, shard),
+                layout.images_tar_uri(root, snapshot, shard),
+                layout.clip_parquet_uri(root, snapshot, shard),
+                layout.clip_image_emb_uri(root, snapshot, shard),
+                layout.tags_parquet_uri(root, snapshot, shard),
+                settings.tag,
+                settings.clip,
+            )
+            echo_json({"shard": shard, **stats.to_dict()})
+
+    @app.command("dedup")
+    def dedup(
+        snapshot: str = typer.Argument(..., help="Snapshot id."),
+        config: Optional[Path] = ConfigOption,
+    ) -> None:
+        """Deduplicate every shard of a snapshot in this process (centroids, partition, buckets, resolve)."""
+        from laion_tasks import layout, storage
+        from laion_tasks.stages.dedup import dedup_all
+
+        settings = settings_from(config)
+        root = settings.storage.root
+        images_dir = storage.join(layout.snapshot_root(root, snapshot), "images")
+        shard_ids = [Path(u).stem for u in storage.list_uris(images_dir, ".parquet")]
+        if not shard_ids:
+            raise typer.BadParameter(f"no download parquet under {images_dir}")
+        inputs = {}
+        for shard in shard_ids:
+            clip = layout.clip_parquet_uri(root, snapshot, shard)
+            emb = layout.clip_image_emb_uri(root, snapshot, shard)
+            has_clip = storage.exists(clip) and storage.exists(emb)
+            inputs[shard] = (layout.images_parquet_uri(root, snapshot, shard), clip if has_clip else None,
+                             emb if has_clip else None)
+        work = storage.join(layout.snapshot_root(root, snapshot), "dedup_work")
+        stats = dedup_all(inputs, work, layout.dedup_dir(root, snapshot), settings.dedup)
+        echo_json(stats.to_dict())
+
+    @app.command("langid")
+    def langid(
+        texts: List[str] = typer.Argument(..., help="Texts to identify."),
+        config: Optional[Path] = ConfigOption,
+    ) -> None:
+        """Language, confidence and en/multi/nolang group of each text (fastText lid.176)."""
+        from laion_tasks.langid import detect_languages, language_group
+
+        settings = settings_from(config)
+        detections = detect_languages(texts, settings.tag.langid_model_path)
+        echo_json(
+            [
+                {"text": t, "language": d.language, "confidence": round(d.confidence, 4),
+                 "group": language_group(d, settings.tag.language_threshold)}
+                for t, d in zip(texts, detections)
+            ]
+        )

@@ -1,0 +1,482 @@
+"""Extract stage: one Common Crawl WAT file -> one Parquet shard of (image URL, alt text) candidates.
+
+Every ``IMG@/src`` link in ``Envelope.Payload-Metadata.HTTP-Response-Metadata.HTML-Metadata.Links``
+is accounted for: it is either ``kept`` or dropped with a reason (``drop:no_alt``,
+``drop:alt_too_short``, ...). Records that cannot be read are counted as ``bad:<reason>``
+and logged with their byte offset; the file's other records are still extracted. A file
+that cannot be opened or holds no WARC records raises :class:`StageError`.
+
+Speed: fastwarc skips non-metadata records natively, and a record's JSON is parsed only
+when its bytes contain ``"IMG@/src"``. Records without that marker cannot yield an image
+link, so they are counted (``records_without_img_links``) without being parsed; their JSON
+validity is therefore not checked, which costs nothing in output.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import random
+import re
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import IO, Any
+from urllib.parse import urljoin, urlsplit
+
+import orjson
+
+from laion_tasks import storage
+from laion_tasks.config import ExtractConfig
+from laion_tasks.stage import ShardStats, StageError
+
+log = logging.getLogger(__name__)
+
+IMG_PATH = "IMG@/src"
+IMG_MARKER = b'"IMG@/src"'
+CRAWL_ID_RE = re.compile(r"^CC-MAIN-(\d{4})-(\d{2})$")
+COLUMNS = ("uid", "url", "alt", "page_url", "wat_file", "record_date", "record_id")
+MAX_LOGGED_BAD_RECORDS = 20
+"""Per file, the first N bad records are logged one by one; the rest only in the summary."""
+_NEEDS_URLJOIN = re.compile(r"[\[\]\t\r\n;]|\?#|/\.")
+"""What urljoin would rewrite (dot segments, empty query/params, stripped tabs, IPv6 hosts)."""
+TAIL_CHECK_BYTES = 8 << 20
+"""How much of the raw stream is kept to verify that the last gzip member is complete."""
+
+
+def candidate_uid(url: str, alt: str) -> str:
+    """Stable id of an (url, alt) pair: the first 16 bytes of sha256(url NUL alt), as hex."""
+    return hashlib.sha256(f"{url}\x00{alt}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def normalize_alt(alt: str) -> str:
+    """Collapse every run of Unicode whitespace to one space and strip the ends."""
+    return " ".join(alt.split())
+
+
+class _StreamReader:
+    """Wraps the raw input for fastwarc: counts bytes, keeps the tail, remembers I/O errors.
+
+    fastwarc needs ``tell()``, which HTTP and S3 bodies lack. I/O errors of the source
+    (network, S3) are remembered so they fail the task instead of passing as bad data,
+    and the last few MB are kept to check that the final gzip member is complete:
+    fastwarc silently ends at a gzip member cut inside its header.
+    """
+
+    def __init__(self, raw: IO[bytes], keep: int = TAIL_CHECK_BYTES) -> None:
+        self._raw = raw
+        self._keep = keep
+        self._tail: deque[bytes] = deque()
+        self._tail_len = 0
+        self.pos = 0
+        self.head = b""
+        self.io_error: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self._raw.read(size) if size is not None and size >= 0 else self._raw.read()
+        except Exception as exc:  # noqa: BLE001 - remembered, then re-raised into fastwarc
+            self.io_error = exc
+            raise
+        if data:
+            if self.pos == 0:
+                self.head = data[:4]
+            self.pos += len(data)
+            self._tail.append(data)
+            self._tail_len += len(data)
+            while self._tail_len - len(self._tail[0]) >= self._keep:
+                self._tail_len -= len(self._tail.popleft())
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if (whence == 0 and offset == self.pos) or (whence == 1 and offset == 0):
+            return self.pos
+        raise OSError("input stream is not seekable")
+
+    def close(self) -> None:
+        """The source is closed by ``storage.open_read``'s context."""
+
+    @property
+    def is_gzip(self) -> bool:
+        return self.head[:2] == b"\x1f\x8b"
+
+    def gzip_tail_problem(self, member_start: int) -> str | None:
+        """Why the gzip members from ``member_start`` to the end are not complete, or None.
+
+        Returns None as well when the check cannot be made (the tail is no longer in
+        memory, or ``member_start`` is not a member boundary, as in a single-member file).
+        """
+        tail_start = self.pos - self._tail_len
+        if member_start < tail_start or member_start >= self.pos:
+            return None
+        data = b"".join(self._tail)[member_start - tail_start :]
+        if data[:2] != b"\x1f\x8b":
+            return None
+        while data:
+            decomp = zlib.decompressobj(31)
+            try:
+                decomp.decompress(data)
+            except zlib.error as exc:
+                return f"corrupt gzip member after the last record: {exc}"
+            if not decomp.eof:
+                return f"the last gzip member ends early ({len(data)} bytes, stream cut)"
+            data = decomp.unused_data
+        return None
+
+
+@dataclass
+class _Rows:
+    uid: list[str] = field(default_factory=list)
+    url: list[str] = field(default_factory=list)
+    alt: list[str] = field(default_factory=list)
+    page_url: list[str] = field(default_factory=list)
+    record_date: list[str | None] = field(default_factory=list)
+    record_id: list[str | None] = field(default_factory=list)
+
+
+class _Extractor:
+    """The per-file state of one extraction: counters, dedup set and output columns."""
+
+    def __init__(self, wat_uri: str, config: ExtractConfig) -> None:
+        self.wat_uri = wat_uri
+        self.config = config
+        self.allowed_schemes = frozenset(s.lower() for s in config.allowed_schemes)
+        self.seen: set[tuple[str, str]] = set()
+        self.rows = _Rows()
+        self.outcomes: dict[str, int] = {}
+        self.info = {
+            "records_read": 0,
+            "warcinfo_records": 0,
+            "metadata_records": 0,
+            "records_without_img_links": 0,
+            "records_with_img_links": 0,
+            "records_with_kept_links": 0,
+            "img_links": 0,
+        }
+        self.bad_logged = 0
+
+    def bad(self, reason: str, record: Any, detail: str) -> None:
+        key = f"bad:{reason}"
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+        if self.bad_logged < MAX_LOGGED_BAD_RECORDS:
+            rid = record.record_id if record is not None else None
+            pos = record.stream_pos if record is not None else "?"
+            log.warning("%s: bad record %s at byte %s: %s: %s", self.wat_uri, rid, pos, reason, detail)
+        elif self.bad_logged == MAX_LOGGED_BAD_RECORDS:
+            log.warning("%s: more bad records; only the counts are reported from here on", self.wat_uri)
+        self.bad_logged += 1
+
+    def record(self, record: Any) -> None:
+        """Handle one metadata record."""
+        info = self.info
+        info["metadata_records"] += 1
+        body = record.reader.read()
+        if not body and record.headers.get("Content-Length") is None:
+            self.bad("truncated_record", record, "no Content-Length: the record header is cut")
+            return
+        if len(body) < record.content_length:
+            self.bad("truncated_record", record, f"body has {len(body)} of {record.content_length} bytes")
+            return
+        if IMG_MARKER not in body:
+            info["records_without_img_links"] += 1
+            return
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as uexc:
+                self.bad("non_utf8", record, str(uexc))
+                return
+            reason = "truncated_json" if "unexpected end of data" in str(exc) else "invalid_json"
+            self.bad(reason, record, str(exc))
+            return
+        try:
+            html_meta = doc["Envelope"]["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]
+            links = html_meta["Links"]
+        except (KeyError, TypeError) as exc:
+            self.bad("missing_links", record, f"no Envelope...HTML-Metadata.Links ({type(exc).__name__}: {exc})")
+            return
+        if not isinstance(links, list):
+            self.bad("missing_links", record, f"Links is a {type(links).__name__}, not a list")
+            return
+        info["records_with_img_links"] += 1
+        headers = record.headers
+        page_url = headers.get("WARC-Target-URI") or ""
+        base_url = page_url
+        head = html_meta.get("Head")
+        if isinstance(head, dict):
+            base = head.get("Base")
+            if isinstance(base, str) and base.strip():
+                try:
+                    base_url = urljoin(page_url, base.strip())
+                except ValueError:
+                    pass  # an unparsable <base href> is ignored, as browsers do
+        if self.links(links, page_url, base_url, headers.get("WARC-Date"), record.record_id):
+            info["records_with_kept_links"] += 1
+
+    def links(self, links: list[Any], page_url: str, base_url: str, date: str | None, record_id: str | None) -> int:
+        """Classify every IMG@/src link of one page; returns how many were kept."""
+        try:
+            images = [link for link in links if link.get("path") == IMG_PATH]
+        except AttributeError:  # a Links entry that is not an object
+            images = [link for link in links if type(link) is dict and link.get("path") == IMG_PATH]
+        self.info["img_links"] += len(images)
+        if not images:
+            return 0
+        config = self.config
+        min_alt, max_alt, max_url = config.min_alt_length, config.max_alt_length, config.max_url_length
+        allowed = self.allowed_schemes
+        outcomes = self.outcomes
+        seen = self.seen
+        rows = self.rows
+        resolver: _Resolver | None = None
+        kept = no_alt = 0
+        for link in images:
+            alt = link.get("alt")
+            if not alt or type(alt) is not str:
+                no_alt += 1
+                continue
+            alt = " ".join(alt.split())
+            url = link.get("url")
+            if not alt:
+                no_alt += 1
+                continue
+            if len(alt) < min_alt:
+                reason = "alt_too_short"
+            elif len(alt) > max_alt:
+                reason = "alt_too_long"
+            elif type(url) is not str or not (url := url.strip()):
+                reason = "no_url"
+            else:
+                if not url.startswith(("http://", "https://")):
+                    if resolver is None:
+                        resolver = _Resolver(base_url)
+                    url = resolver.resolve(url)
+                scheme, sep, _ = url.partition(":") if url else ("", "", "")
+                if not sep or "/" in scheme:
+                    reason = "unresolvable_url"
+                elif scheme.lower() not in allowed:
+                    reason = "bad_scheme"
+                elif len(url) > max_url:
+                    reason = "url_too_long"
+                elif (url, alt) in seen:
+                    reason = "duplicate"
+                elif not _valid_url(url):
+                    reason = "invalid_url"
+                else:
+                    seen.add((url, alt))
+                    rows.uid.append(candidate_uid(url, alt))
+                    rows.url.append(url)
+                    rows.alt.append(alt)
+                    rows.page_url.append(page_url)
+                    rows.record_date.append(date)
+                    rows.record_id.append(record_id)
+                    kept += 1
+                    continue
+            key = "drop:" + reason
+            outcomes[key] = outcomes.get(key, 0) + 1
+        if no_alt:
+            outcomes["drop:no_alt"] = outcomes.get("drop:no_alt", 0) + no_alt
+        if kept:
+            outcomes["kept"] = outcomes.get("kept", 0) + kept
+        return kept
+
+
+def _valid_url(url: str) -> bool:
+    """Parsable, with a host: checked once per new pair, so its cost does not matter."""
+    try:
+        return bool(urlsplit(url).hostname)
+    except ValueError:
+        return False
+
+
+class _Resolver:
+    """Resolves relative URLs against one page's base URL exactly like ``urljoin``.
+
+    The two common forms (``//host/path`` and ``/path`` without dot segments, empty
+    query or params) are joined by string concatenation, which gives urljoin's result
+    at a fraction of its cost; everything else goes through urljoin. Returns "" when
+    the URL cannot be parsed.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.scheme = ""
+        self.origin = ""
+        if base_url.startswith(("http://", "https://")):
+            try:
+                parts = urlsplit(base_url)
+            except ValueError:
+                return
+            if parts.netloc:
+                self.scheme = parts.scheme
+                self.origin = f"{parts.scheme}://{parts.netloc}"
+
+    def resolve(self, url: str) -> str:
+        if self.origin and url[0] == "/" and url[-1] not in "?#" and not _NEEDS_URLJOIN.search(url):
+            if url[:2] == "//":
+                if url[2:3] not in ("", "/", "?", "#"):
+                    return f"{self.scheme}:{url}"
+            else:
+                return self.origin + url
+        try:
+            return urljoin(self.base_url, url)
+        except ValueError:
+            return ""
+
+
+def _scan(extractor: _Extractor, reader: _StreamReader) -> str:
+    """Run fastwarc over the stream; returns how the stream ended ("complete" or a reason)."""
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+    metadata = WarcRecordType.metadata
+    info = extractor.info
+    last_pos = -1
+    # quirks_mode reads records with LF-only line endings (hand-cut and older CC samples).
+    iterator = ArchiveIterator(
+        reader,
+        record_types=WarcRecordType.metadata | WarcRecordType.warcinfo,
+        parse_http=False,
+        quirks_mode=True,
+    )
+    try:
+        for record in iterator:
+            info["records_read"] += 1
+            last_pos = record.stream_pos
+            if record.record_type == metadata:
+                extractor.record(record)
+            else:
+                info["warcinfo_records"] += 1
+    except Exception as exc:  # fastwarc raises OSError; a PanicException is not an OSError
+        if reader.io_error is not None:
+            raise StageError(
+                f"extract {extractor.wat_uri}: reading failed at byte {reader.pos}: "
+                f"{type(reader.io_error).__name__}: {reader.io_error}"
+            ) from exc
+        if info["records_read"] == 0:
+            raise StageError(f"extract {extractor.wat_uri}: not a WARC/WAT file: {type(exc).__name__}: {exc}") from exc
+        message = str(exc)
+        reason = "corrupt_gzip" if "zip" in message.lower() else "invalid_warc"
+        extractor.bad(reason, None, f"the rest of the file after byte ~{reader.pos} is unreadable: {message}")
+        return reason
+    if info["records_read"] == 0:
+        raise StageError(
+            f"extract {extractor.wat_uri}: no warcinfo/metadata records in {reader.pos} bytes: not a WAT file"
+        )
+    if reader.is_gzip:
+        problem = reader.gzip_tail_problem(last_pos)
+        if problem:
+            extractor.bad("truncated_gzip", None, problem)
+            return "truncated_gzip"
+    return "complete"
+
+
+def _write_parquet(extractor: _Extractor, output_uri: str, stats: ShardStats) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = extractor.rows
+    n = len(rows.url)
+    table = pa.table(
+        {
+            "uid": pa.array(rows.uid, pa.string()),
+            "url": pa.array(rows.url, pa.string()),
+            "alt": pa.array(rows.alt, pa.string()),
+            "page_url": pa.array(rows.page_url, pa.string()),
+            "wat_file": pa.array([extractor.wat_uri] * n, pa.string()),
+            "record_date": pa.array(rows.record_date, pa.string()),
+            "record_id": pa.array(rows.record_id, pa.string()),
+        }
+    )
+    with storage.atomic_local_path(output_uri, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        stats.bytes_written = tmp.stat().st_size
+        stats.checksum = digest.hexdigest()
+
+
+def extract_wat(wat_uri: str, output_uri: str, config: ExtractConfig) -> ShardStats:
+    """Extract the image-text candidates of one WAT file into one Parquet shard.
+
+    Returns counts of ``kept`` links, ``drop:<reason>`` per filtered link and
+    ``bad:<reason>`` per unreadable record; ``extra`` has record counts. Raises
+    :class:`StageError` when the file cannot be read at all.
+    """
+    stats = ShardStats(output_uri=output_uri)
+    extractor = _Extractor(wat_uri, config)
+    try:
+        with storage.open_read(wat_uri) as raw:
+            reader = _StreamReader(raw)
+            stream_end = _scan(extractor, reader)
+    except storage.StorageError as exc:
+        raise StageError(f"extract {wat_uri}: cannot read: {exc}") from exc
+    for outcome, n in extractor.outcomes.items():
+        stats.add(outcome, n)
+    _write_parquet(extractor, output_uri, stats)
+    stats.extra = {**extractor.info, "stream_end": stream_end, "input_bytes": reader.pos}
+    bad = {k: v for k, v in stats.counts.items() if k.startswith("bad:")}
+    summary = (
+        f"extract {wat_uri}: {extractor.info['metadata_records']} metadata records, "
+        f"{extractor.info['img_links']} IMG links, {stats.counts.get('kept', 0)} kept -> {output_uri}"
+    )
+    if bad:
+        log.warning("%s; bad records: %s", summary, ", ".join(f"{k[4:]}={v}" for k, v in sorted(bad.items())))
+    else:
+        log.info(summary)
+    return stats.done()
+
+
+def wat_paths_uri(crawl_id: str, config: ExtractConfig) -> str:
+    """Where Common Crawl lists a crawl's WAT files."""
+    return f"{config.cc_base_url.rstrip('/')}/crawl-data/{crawl_id}/wat.paths.gz"
+
+
+def validate_crawl_id(crawl_id: str) -> str:
+    match = CRAWL_ID_RE.match(crawl_id)
+    if not match or not 1 <= int(match.group(2)) <= 53:
+        raise ValueError(f"crawl id {crawl_id!r} is not of the form CC-MAIN-YYYY-WW (for example CC-MAIN-2024-10)")
+    return crawl_id
+
+
+def list_wat_files(crawl_id: str, config: ExtractConfig, paths_uri: str | None = None) -> list[str]:
+    """The WAT file URIs of a crawl, from its ``wat.paths.gz`` (or ``paths_uri``).
+
+    Relative paths are prefixed with ``config.cc_base_url``. ``config.sample_wat_files``
+    takes a deterministic sample (``sample_seed``) kept in the listing's order; then
+    ``config.max_wat_files`` keeps the first N.
+    """
+    validate_crawl_id(crawl_id)
+    uri = paths_uri or wat_paths_uri(crawl_id, config)
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as exc:
+        raise StageError(f"list WAT files of {crawl_id}: cannot read {uri}: {exc}") from exc
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise StageError(f"list WAT files of {crawl_id}: {uri} is not a valid gzip file: {exc}") from exc
+    try:
+        lines = [line.strip() for line in data.decode("utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise StageError(f"list WAT files of {crawl_id}: {uri} is not a text listing: {exc}") from exc
+    paths = [line for line in lines if line]
+    if not paths:
+        raise StageError(f"list WAT files of {crawl_id}: {uri} lists no WAT files")
+    base = config.cc_base_url.rstrip("/")
+    uris = [p if "://" in p else f"{base}/{p.lstrip('/')}" for p in paths]
+    if config.sample_wat_files is not None and config.sample_wat_files < len(uris):
+        chosen = sorted(random.Random(config.sample_seed).sample(range(len(uris)), config.sample_wat_files))
+        uris = [uris[i] for i in chosen]
+    if config.max_wat_files is not None:
+        uris = uris[: config.max_wat_files]
+    log.info("%s: %d WAT files from %s (%d listed)", crawl_id, len(uris), uri, len(paths))
+    return uris

@@ -1,0 +1,457 @@
+"""Tag stage: language, NSFW, watermark, aesthetics, safety hash lists, per sample of one shard.
+
+Inputs are the download stage's parquet (every sample, with a status) and WebDataset tar,
+and the clip stage's parquet plus fp16 image embeddings. The output is one parquet row
+per download row, in the same order: nothing is deleted, all scores are columns.
+
+The one exception is safety: a sample whose URL, original sha256, stored bytes or PDQ
+hash matches an operator hash list gets ``tag_status = 'blocked_hashlist'`` and its
+image bytes are removed from the shard. The tag parquet is written first, then the tar
+is rewritten atomically without the blocked samples (``.jpg``, ``.txt`` and ``.json``).
+If the run dies in between, the re-run finds the same matches and rewrites the tar.
+Blocks are sticky: keys already marked blocked in a previous tag parquet stay blocked,
+even if their bytes are gone from the tar. Only counts and hashes are logged.
+
+Scores:
+
+* ``punsafe``: LAION's CLIP NSFW head on the image embedding when ``tag.nsfw_weights`` is
+  set (``nsfw_method='laion_detector'``), else CLIP zero-shot with the prompt sets
+  (``'zero_shot'``), using the text tower of ``clip.english`` (the model whose image
+  embeddings the clip stage stored).
+* ``pwatermark``: LAION's efficientnet_b3a detector on the 256 px image when
+  ``tag.watermark_weights`` is set, else zero-shot on the embedding.
+* ``aesthetic_score``: the improved aesthetic predictor when ``tag.aesthetic_weights`` is set;
+  null otherwise (``stats.extra['aesthetic_available'] = False``).
+* ``nudenet_unsafe``: NudeNet's highest exposed-body detection score (``tag.nudenet``).
+* ``nsfw_text``: an alt-text keyword hit (whole words, case-insensitive).
+* ``language*``: fastText lid.176 on the alt text (recomputed here, so the tag stage's
+  threshold and model path are the ones that count).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from laion_tasks import storage
+from laion_tasks.config import ClipConfig, TagConfig
+from laion_tasks.hashlists import HashLists, pdq_hash
+from laion_tasks.langid import detect_languages, language_group
+from laion_tasks.stage import ShardStats, StageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "webp", "png")
+BLOCKED = "blocked_hashlist"
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("uid", pa.string()),
+        ("language", pa.string()),
+        ("language_score", pa.float32()),
+        ("language_group", pa.string()),
+        ("punsafe", pa.float32()),
+        ("nsfw_method", pa.string()),
+        ("nsfw_text", pa.bool_()),
+        ("nudenet_unsafe", pa.float32()),
+        ("pwatermark", pa.float32()),
+        ("watermark_method", pa.string()),
+        ("aesthetic_score", pa.float32()),
+        ("pdq", pa.string()),
+        ("hashlist_blocked", pa.bool_()),
+        ("tag_status", pa.string()),
+    ]
+)
+
+# tag_status -> ShardStats outcome
+OUTCOMES = {
+    "tagged": "success",
+    "no_image": "kept",
+    BLOCKED: f"drop:{BLOCKED}",
+    "no_embedding": "fail:no_embedding",
+    "image_unreadable": "fail:image_unreadable",
+    "missing_from_tar": "fail:missing_from_tar",
+}
+
+
+def keyword_pattern(keywords: list[str]) -> re.Pattern[str] | None:
+    """Whole-word, case-insensitive alternation of the keyword list ("sex" does not hit "Essex")."""
+    words = [re.escape(k.strip()) for k in keywords if k.strip()]
+    return re.compile(r"(?<!\w)(?:" + "|".join(words) + r")(?!\w)", re.IGNORECASE) if words else None
+
+
+# ---------------------------------------------------------------- models (loaded once per process)
+
+
+@functools.lru_cache(maxsize=2)
+def _nsfw_head(path: str) -> Any:
+    from laion_tasks.models.heads import load_nsfw_head
+
+    return load_nsfw_head(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _aesthetic_head(path: str) -> Any:
+    from laion_tasks.models.heads import load_aesthetic_head
+
+    return load_aesthetic_head(path)
+
+
+@functools.lru_cache(maxsize=2)
+def _watermark_model(path: str, device: str) -> Any:
+    from laion_tasks.models.heads import load_watermark_model
+
+    return load_watermark_model(path, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_shot(model: str, pretrained: str | None, checkpoint: str | None, device: str, seed: int,
+               positive: tuple[str, ...], negative: tuple[str, ...]) -> Any:
+    from laion_tasks.models.clip import cached_clip
+    from laion_tasks.models.heads import ZeroShotScorer
+
+    clip = cached_clip(model, pretrained, checkpoint, device, seed)
+    return ZeroShotScorer.from_prompts(clip, positive, negative)
+
+
+def _zero_shot_for(clip_config: ClipConfig, positive: list[str], negative: list[str]) -> Any:
+    m = clip_config.english
+    return _zero_shot(m.model, m.pretrained, m.checkpoint, clip_config.device, clip_config.seed,
+                      tuple(positive), tuple(negative))
+
+
+def _device(clip_config: ClipConfig) -> str:
+    from laion_tasks.models.clip import resolve_device
+
+    return str(resolve_device(clip_config.device))
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _read_table(uri: str, what: str) -> pa.Table:
+    try:
+        with storage.local_copy(uri) as path:
+            return pq.read_table(path)
+    except Exception as exc:
+        raise StageError(f"{what} {uri}: cannot read parquet: {type(exc).__name__}: {exc}") from exc
+
+
+def _embedding_rows(clip_table: pa.Table, emb: np.ndarray, emb_uri: str) -> np.ndarray:
+    """Row of ``emb`` for each clip row (-1: none). Accepts aligned or compacted (has_embedding only) arrays."""
+    n = clip_table.num_rows
+    has = (
+        np.asarray(clip_table.column("has_embedding").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+        if "has_embedding" in clip_table.column_names
+        else np.ones(n, dtype=bool)
+    )
+    if emb.shape[0] == n:
+        return np.where(has, np.arange(n), -1)
+    if emb.shape[0] == int(has.sum()):
+        return np.where(has, np.cumsum(has) - 1, -1)
+    raise StageError(
+        f"{emb_uri}: {emb.shape[0]} embedding rows match neither the {n} clip rows nor their {int(has.sum())} embeddings"
+    )
+
+
+def _iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per WebDataset sample, grouping consecutive members by key."""
+    current: str | None = None
+    files: dict[str, bytes] = {}
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            key, _, ext = name.partition(".")
+            handle = tar.extractfile(member)
+            data = handle.read() if handle else b""
+            if key != current and current is not None:
+                yield current, files
+                files = {}
+            current = key
+            files[ext.lower()] = data
+    if current is not None:
+        yield current, files
+
+
+def _rewrite_tar_without(src: Path, tar_uri: str, blocked: set[str]) -> int:
+    """Copy the tar member by member, leaving out every file of a blocked key. Returns members removed."""
+    removed = 0
+    with storage.atomic_local_path(tar_uri, suffix=".tar") as tmp:
+        with tarfile.open(src, "r:*") as old, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as new:
+            for member in old:
+                key = member.name.rsplit("/", 1)[-1].partition(".")[0]
+                if key in blocked:
+                    removed += 1
+                    continue
+                new.addfile(member, old.extractfile(member) if member.isfile() else None)
+    return removed
+
+
+def _previously_blocked(out_parquet_uri: str) -> set[str]:
+    try:
+        if not storage.exists(out_parquet_uri):
+            return set()
+    except storage.StorageError:
+        return set()
+    table = _read_table(out_parquet_uri, "previous tag output")
+    if "tag_status" not in table.column_names:
+        return set()
+    keys = table.column("key").to_pylist()
+    return {k for k, s in zip(keys, table.column("tag_status").to_pylist()) if s == BLOCKED}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Columns:
+    n: int
+    punsafe: np.ndarray = field(init=False)
+    pwatermark: np.ndarray = field(init=False)
+    aesthetic: np.ndarray = field(init=False)
+    nudenet: np.ndarray = field(init=False)
+    nsfw_method: list[str | None] = field(init=False)
+    watermark_method: list[str | None] = field(init=False)
+    pdq: list[str | None] = field(init=False)
+    blocked: np.ndarray = field(init=False)
+    status: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.punsafe = np.full(self.n, np.nan, dtype=np.float32)
+        self.pwatermark = np.full(self.n, np.nan, dtype=np.float32)
+        self.aesthetic = np.full(self.n, np.nan, dtype=np.float32)
+        self.nudenet = np.full(self.n, np.nan, dtype=np.float32)
+        self.nsfw_method = [None] * self.n
+        self.watermark_method = [None] * self.n
+        self.pdq = [None] * self.n
+        self.blocked = np.zeros(self.n, dtype=bool)
+        self.status = ["no_image"] * self.n
+
+
+def _float_column(values: np.ndarray) -> pa.Array:
+    return pa.array(values, type=pa.float32(), mask=np.isnan(values))
+
+
+def tag_shard(
+    images_parquet_uri: str,
+    tar_uri: str,
+    clip_parquet_uri: str,
+    img_emb_uri: str,
+    out_parquet_uri: str,
+    config: TagConfig,
+    clip_config: ClipConfig,
+) -> ShardStats:
+    """Tag every sample of one shard; write ``out_parquet_uri``; strip hash-list matches from the tar."""
+    stats = ShardStats(output_uri=out_parquet_uri)
+    images = _read_table(images_parquet_uri, "download parquet")
+    for col in ("key", "uid", "status"):
+        if col not in images.column_names:
+            raise StageError(f"{images_parquet_uri}: missing column {col!r}")
+    n = images.num_rows
+    keys: list[str] = [str(k) for k in images.column("key").to_pylist()]
+    uids = images.column("uid").to_pylist()
+    statuses = images.column("status").to_pylist()
+    urls = images.column("url").to_pylist() if "url" in images.column_names else [None] * n
+    captions = images.column("caption").to_pylist() if "caption" in images.column_names else [None] * n
+    sha256s = images.column("sha256").to_pylist() if "sha256" in images.column_names else [None] * n
+    row_of = {k: i for i, k in enumerate(keys)}
+    if len(row_of) != n:
+        raise StageError(f"{images_parquet_uri}: duplicate keys in the download parquet")
+
+    cols = _Columns(n)
+    hashlists = HashLists.from_config(config)
+    sticky = _previously_blocked(out_parquet_uri)
+
+    # ---- language and alt-text keywords (every row)
+    detections = detect_languages([c or "" for c in captions], config.langid_model_path)
+    pattern = keyword_pattern(config.nsfw_keywords)
+    nsfw_text = [bool(pattern and c and pattern.search(c)) for c in captions]
+
+    # ---- hash-list checks that need no image: URL, original sha256, previous blocks, download's own blocks
+    def block(i: int) -> None:
+        cols.blocked[i] = True
+        cols.status[i] = BLOCKED
+
+    for i in range(n):
+        if keys[i] in sticky or statuses[i] == BLOCKED:
+            block(i)
+        elif hashlists is not None and (
+            (urls[i] and hashlists.url_blocked(urls[i])) or hashlists.digest_blocked("sha256", sha256s[i])
+        ):
+            block(i)
+
+    # ---- embeddings aligned to download rows
+    clip_table = _read_table(clip_parquet_uri, "clip parquet")
+    with storage.local_copy(img_emb_uri) as emb_path:
+        try:
+            emb_all = np.load(emb_path, mmap_mode="r")
+        except Exception as exc:
+            raise StageError(f"{img_emb_uri}: cannot load embeddings: {type(exc).__name__}: {exc}") from exc
+        emb_rows_clip = _embedding_rows(clip_table, emb_all, img_emb_uri)
+        emb_row = np.full(n, -1, dtype=np.int64)
+        clip_keys = [str(k) for k in clip_table.column("key").to_pylist()]
+        for j, k in enumerate(clip_keys):
+            i = row_of.get(k)
+            if i is not None:
+                emb_row[i] = emb_rows_clip[j]
+        has_emb = emb_row >= 0
+        emb = np.zeros((n, emb_all.shape[1] if emb_all.ndim == 2 else 0), dtype=np.float32)
+        if has_emb.any():
+            emb[has_emb] = np.asarray(emb_all[emb_row[has_emb]], dtype=np.float32)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = emb / np.maximum(norms, 1e-12)
+
+    # ---- image pass: tar bytes -> hash checks, PDQ, image models
+    device = _device(clip_config)
+    watermark_model = _watermark_model(config.watermark_weights, device) if config.watermark_weights else None
+    if config.nudenet:
+        from laion_tasks.models.heads import nudenet_available
+
+        if not nudenet_available():
+            raise StageError("tag.nudenet is on but the 'nudenet' package is not installed (pip install nudenet)")
+    seen_in_tar: set[str] = set()
+    blocked_in_tar: set[str] = set()
+    pending: list[tuple[int, Any]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        idx = [i for i, _ in pending]
+        ims = [im for _, im in pending]
+        if watermark_model is not None:
+            from laion_tasks.models.heads import watermark_probabilities
+
+            cols.pwatermark[idx] = watermark_probabilities(watermark_model, ims, device)
+            for i in idx:
+                cols.watermark_method[i] = "laion_detector"
+        if config.nudenet:
+            from laion_tasks.models.heads import nudenet_unsafe
+
+            cols.nudenet[idx] = nudenet_unsafe(ims)
+        pending.clear()
+
+    from PIL import Image
+
+    with storage.local_copy(tar_uri) as tar_path:
+        try:
+            for key, files in _iter_tar_samples(tar_path):
+                i = row_of.get(key)
+                if i is None:
+                    stats.add("bad:tar_key_not_in_parquet")
+                    continue
+                seen_in_tar.add(key)
+                data = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+                if cols.blocked[i]:
+                    blocked_in_tar.add(key)
+                    continue
+                if data is None:
+                    cols.status[i] = "missing_from_tar"
+                    continue
+                if hashlists is not None and hashlists.image_blocked(data):
+                    block(i)
+                    blocked_in_tar.add(key)
+                    continue
+                try:
+                    image = Image.open(io.BytesIO(data))
+                    image.load()
+                except Exception:
+                    cols.status[i] = "image_unreadable"
+                    continue
+                digest, _quality = pdq_hash(image)
+                cols.pdq[i] = digest.hex()
+                if hashlists is not None and hashlists.pdq is not None and hashlists.pdq_hash_blocked(digest)[0]:
+                    block(i)
+                    blocked_in_tar.add(key)
+                    continue
+                cols.status[i] = "tagged" if has_emb[i] else "no_embedding"
+                if watermark_model is not None or config.nudenet:
+                    pending.append((i, image))
+                    if len(pending) >= config.image_batch_size:
+                        flush()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise StageError(f"{tar_uri}: unreadable tar: {type(exc).__name__}: {exc}") from exc
+        flush()
+
+        for i in range(n):
+            if statuses[i] == "success" and keys[i] not in seen_in_tar and cols.status[i] == "no_image":
+                cols.status[i] = "missing_from_tar"
+
+        # ---- embedding heads (rows with an image and an embedding, not blocked)
+        scored = np.array([s == "tagged" for s in cols.status], dtype=bool)
+        if scored.any():
+            from laion_tasks.models.heads import score_embeddings
+
+            x = emb[scored]
+            if config.nsfw_weights:
+                cols.punsafe[scored] = score_embeddings(_nsfw_head(config.nsfw_weights), x)
+                method = "laion_detector"
+            else:
+                cols.punsafe[scored] = _zero_shot_for(clip_config, config.nsfw_prompts, config.safe_prompts).score(x)
+                method = "zero_shot"
+            for i in np.flatnonzero(scored):
+                cols.nsfw_method[i] = method
+            if watermark_model is None:
+                cols.pwatermark[scored] = _zero_shot_for(
+                    clip_config, config.watermark_prompts, config.clean_prompts
+                ).score(x)
+                for i in np.flatnonzero(scored):
+                    cols.watermark_method[i] = "zero_shot"
+            if config.aesthetic_weights:
+                cols.aesthetic[scored] = score_embeddings(_aesthetic_head(config.aesthetic_weights), x)
+
+        # ---- write the tags, then strip blocked samples from the tar
+        table = pa.table(
+            {
+                "key": pa.array(keys, pa.string()),
+                "uid": pa.array([None if u is None else str(u) for u in uids], pa.string()),
+                "language": pa.array([d.language or None for d in detections], pa.string()),
+                "language_score": pa.array([d.confidence for d in detections], pa.float32()),
+                "language_group": pa.array([language_group(d, config.language_threshold) for d in detections]),
+                "punsafe": _float_column(cols.punsafe),
+                "nsfw_method": pa.array(cols.nsfw_method, pa.string()),
+                "nsfw_text": pa.array(nsfw_text, pa.bool_()),
+                "nudenet_unsafe": _float_column(cols.nudenet),
+                "pwatermark": _float_column(cols.pwatermark),
+                "watermark_method": pa.array(cols.watermark_method, pa.string()),
+                "aesthetic_score": _float_column(cols.aesthetic),
+                "pdq": pa.array(cols.pdq, pa.string()),
+                "hashlist_blocked": pa.array(cols.blocked, pa.bool_()),
+                "tag_status": pa.array(cols.status, pa.string()),
+            },
+            schema=OUTPUT_SCHEMA,
+        )
+        with storage.atomic_local_path(out_parquet_uri, suffix=".parquet") as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+            stats.bytes_written = tmp.stat().st_size
+        removed = _rewrite_tar_without(tar_path, tar_uri, blocked_in_tar) if blocked_in_tar else 0
+
+    for s in cols.status:
+        stats.add(OUTCOMES[s])
+    stats.extra.update(
+        {
+            "aesthetic_available": bool(config.aesthetic_weights),
+            "nsfw_method": "laion_detector" if config.nsfw_weights else "zero_shot",
+            "watermark_method": "laion_detector" if config.watermark_weights else "zero_shot",
+            "hashlist_matches": dict(hashlists.matches) if hashlists else {},
+            "blocked_removed_from_tar": len(blocked_in_tar),
+            "tar_members_removed": removed,
+            "nsfw_text_hits": int(sum(nsfw_text)),
+        }
+    )
+    if blocked_in_tar or cols.blocked.any():
+        log.warning("shard %s: %d samples blocked by hash lists (%s); %d removed from the tar",
+                    out_parquet_uri, int(cols.blocked.sum()), stats.extra["hashlist_matches"], len(blocked_in_tar))
+    return stats.done()

@@ -1,0 +1,245 @@
+"""Train CLIP on a curated subset with open_clip's own trainer (``open_clip_train``).
+
+Why not our own loop: OpenCLIP's trainer is what LAION used to train on LAION-400M/2B;
+its data pipeline, loss, schedule and checkpoints are the reference. This stage only
+prepares its inputs (shard list, sample count, flags), launches it as a subprocess
+(``python -m laion_tasks.train_entry`` single-process, or ``torchrun`` over N GPUs),
+and publishes the final checkpoint atomically to storage.
+
+Accounting: every sample in the shards is scanned once; samples with an image and a
+caption are ``success`` (they are what open_clip_train trains on), others are
+``drop:missing_image`` / ``drop:missing_caption`` (open_clip_train would skip them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from laion_tasks import storage
+from laion_tasks.config import TrainConfig
+from laion_tasks.stage import ShardStats, StageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+"""The image extensions open_clip_train's webdataset pipeline renames to ``image``."""
+CHECKPOINT_NAME = "epoch_latest.pt"
+LOSS_RE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?(\w+_loss): (\S+) \((\S+)\)")
+
+
+def count_shard_samples(shard_uri: str) -> Counter[str]:
+    """Outcome counts of one WebDataset shard, as open_clip_train will see it (image + txt)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    counts: Counter[str] = Counter()
+    try:
+        with storage.open_read(shard_uri) as raw:
+            for sample in group_by_keys({**f, "__url__": shard_uri} for f in tar_file_iterator(raw)):
+                if not any(k in sample for k in IMAGE_KEYS):
+                    counts["drop:missing_image"] += 1
+                elif "txt" not in sample:
+                    counts["drop:missing_caption"] += 1
+                else:
+                    counts["success"] += 1
+    except (tarfile.TarError, OSError, storage.StorageError, ValueError) as exc:
+        raise StageError(f"{shard_uri}: unreadable WebDataset shard: {type(exc).__name__}: {exc}") from exc
+    return counts
+
+
+def shard_pattern(shards: list[str]) -> str:
+    """open_clip_train's ``--train-data``: a brace range when the names are numbered contiguously, else ``a::b``."""
+    match = [re.fullmatch(r"(.*?)(\d+)(\.tar)", s) for s in shards]
+    if len(shards) > 1 and all(match):
+        prefixes = {m.group(1) for m in match}  # type: ignore[union-attr]
+        widths = {len(m.group(2)) for m in match}  # type: ignore[union-attr]
+        numbers = [int(m.group(2)) for m in match]  # type: ignore[union-attr]
+        if len(prefixes) == 1 and len(widths) == 1 and numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            width = widths.pop()
+            return f"{prefixes.pop()}{{{numbers[0]:0{width}d}..{numbers[-1]:0{width}d}}}.tar"
+    return "::".join(shards)
+
+
+def _resolve_precision(config: TrainConfig, use_cuda: bool) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "amp" if use_cuda else "fp32"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def open_clip_train_args(
+    train_data: str, num_samples: int, config: TrainConfig, logs_dir: Path, run_name: str, use_cuda: bool
+) -> list[str]:
+    """The exact open_clip_train flags this stage runs (also shown in the pod/CLI logs)."""
+    batch_size = config.batch_size
+    world = max(1, config.gpus) if use_cuda else 1
+    if num_samples < batch_size * world:
+        batch_size = max(1, num_samples // world)
+        log.warning("only %d samples: batch size lowered from %d to %d", num_samples, config.batch_size, batch_size)
+    device = config.device if config.device != "auto" else ("cuda" if use_cuda else "cpu")
+    return [
+        "--train-data", train_data,
+        "--dataset-type", "webdataset",
+        "--train-num-samples", str(num_samples),
+        "--model", config.model,
+        "--batch-size", str(batch_size),
+        "--epochs", str(config.epochs),
+        "--lr", str(config.lr),
+        "--warmup", str(config.warmup),
+        "--workers", str(config.workers),
+        "--precision", _resolve_precision(config, use_cuda),
+        "--seed", str(config.seed),
+        "--device", device,
+        "--logs", str(logs_dir),
+        "--name", run_name,
+        "--save-frequency", "1",
+        "--save-most-recent",
+        "--log-every-n-steps", "1",
+        *config.extra_args,
+    ]  # fmt: skip
+
+
+def launch_command(args: list[str], config: TrainConfig, use_cuda: bool) -> list[str]:
+    """Single process, or torchrun with one worker per GPU."""
+    if use_cuda and config.gpus > 1:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={config.gpus}", "-m", "laion_tasks.train_entry", *args,
+        ]  # fmt: skip
+    return [sys.executable, "-m", "laion_tasks.train_entry", *args]
+
+
+def _stage_shards(shards: list[str], config: TrainConfig, work: Path) -> list[str]:
+    """Local paths open_clip_train can open: local as-is; s3 copied (stage) or streamed via awscli (pipe)."""
+    out = []
+    for index, uri in enumerate(shards):
+        if not storage.is_s3(uri) and not storage.is_http(uri):
+            out.append(str(storage.local_path(uri).resolve()))
+        elif config.shard_access == "pipe" and storage.is_s3(uri):
+            out.append(f"pipe:aws s3 cp {uri} -")
+        else:
+            target = work / "shards" / f"{index:06d}.tar"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with storage.open_read(uri) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            out.append(str(target))
+    return out
+
+
+def _final_losses(log_text: str) -> dict[str, float | int]:
+    last: dict[str, float | int] = {}
+    steps = 0
+    for match in LOSS_RE.finditer(log_text):
+        steps += 1
+        last = {"epoch": int(match.group(1)), "loss_name": match.group(4), "loss": float(match.group(5))}  # type: ignore[dict-item]
+    if last:
+        last["logged_steps"] = steps
+    return last
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def train_clip(
+    train_shards: list[str],
+    output_uri: str,
+    config: TrainConfig,
+    num_samples: int | None = None,
+    *,
+    run_name: str = "laion-train",
+    work_dir: str | Path | None = None,
+) -> ShardStats:
+    """Train ``config.model`` on WebDataset shards with open_clip_train; publish the checkpoint.
+
+    Writes ``<output_uri>/epoch_latest.pt`` (open_clip_train's checkpoint: ``state_dict``,
+    ``epoch``, ``optimizer``; ``laion eval --checkpoint`` and ``load_clip`` read it),
+    ``train.log``, ``params.txt`` and ``train.json``. ``num_samples`` defaults to the
+    scanned count of usable samples. Returns counts per sample outcome; ``output_uri``
+    of the stats is the checkpoint's URI.
+    """
+    if not train_shards:
+        raise StageError(f"no training shards given for {output_uri}")
+    stats = ShardStats()
+    for shard in train_shards:
+        stats.counts.update(count_shard_samples(shard))
+    usable = stats.counts.get("success", 0)
+    if usable == 0:
+        raise StageError(f"{train_shards[0]} (+{len(train_shards) - 1}): no sample with an image and a caption")
+    samples = num_samples or usable
+    use_cuda = config.device != "cpu" and _cuda_available()
+    own_work = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="laion-train-")) if own_work else Path(work_dir)  # type: ignore[arg-type]
+    try:
+        local_shards = _stage_shards(list(train_shards), config, work)
+        logs_dir = work / "logs"
+        args = open_clip_train_args(shard_pattern(local_shards), samples, config, logs_dir, run_name, use_cuda)
+        command = launch_command(args, config, use_cuda)
+        log.info("launching open_clip_train: %s", " ".join(command))
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        run_dir = logs_dir / run_name
+        log_path = run_dir / "out.log"
+        log_text = log_path.read_text() if log_path.exists() else ""
+        if proc.returncode != 0:
+            raise StageError(
+                f"open_clip_train failed (exit {proc.returncode}) on {train_shards[0]}: "
+                f"{(proc.stderr or log_text)[-4000:]}"
+            )
+        checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
+        if not checkpoint.exists():
+            raise StageError(f"open_clip_train finished but wrote no {checkpoint}: {log_text[-2000:]}")
+        checkpoint_uri = storage.join(output_uri, CHECKPOINT_NAME)
+        with storage.atomic_local_path(checkpoint_uri) as tmp:
+            shutil.copyfile(checkpoint, tmp)
+        storage.write_text(storage.join(output_uri, "train.log"), log_text)
+        params = run_dir / "params.txt"
+        if params.exists():
+            storage.write_text(storage.join(output_uri, "params.txt"), params.read_text())
+        stats.output_uri = checkpoint_uri
+        stats.checksum = _sha256(checkpoint)
+        stats.bytes_written = checkpoint.stat().st_size + len(log_text.encode())
+        stats.extra = {
+            "model": config.model,
+            "num_samples": samples,
+            "shards": len(train_shards),
+            "epochs": config.epochs,
+            "device": "cuda" if use_cuda else "cpu",
+            "processes": config.gpus if use_cuda and config.gpus > 1 else 1,
+            "open_clip_train_args": args,
+            **_final_losses(log_text),
+        }
+        summary = {"checkpoint": checkpoint_uri, "counts": dict(stats.counts), **stats.extra}
+        storage.write_text(storage.join(output_uri, "train.json"), json.dumps(summary, indent=2))
+        return stats
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def subset_shards(subset_uri: str) -> list[str]:
+    """The WebDataset shards of a curated subset: every ``.tar`` under its directory/prefix, sorted."""
+    shards = storage.list_uris(subset_uri, ".tar")
+    if not shards:
+        raise StageError(f"{subset_uri}: no .tar WebDataset shards in this subset (curate with write_images)")
+    return shards

@@ -1,0 +1,123 @@
+"""The GPU pod spec for the CLIP stage, rendered without a cluster (``build_pod_request_obj(dry_run=True)``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from laion_tasks.config import load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gpu_pod(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    os.environ.setdefault("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow-home")))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    if str(REPO / "dags") not in sys.path:
+        sys.path.insert(0, str(REPO / "dags"))
+    from laion_common import gpu_pod
+
+    return gpu_pod
+
+
+def deployment_settings():  # type: ignore[no-untyped-def]
+    return load_settings(
+        environ={},
+        overrides={
+            "storage": {"root": "s3://laion-bucket/runs", "s3_endpoint_url": "http://minio.data:9000"},
+            "lineage": {"url": "postgresql+psycopg2://laion@pg.data:5432/lineage"},
+            "clip": {
+                "execution": "kubernetes",
+                "k8s_image": "registry.example/laion-tasks:1.2.3",
+                "k8s_namespace": "laion",
+                "k8s_node_selector": {"gpu-type": "h100"},
+                "k8s_tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+                "k8s_gpus": 2,
+                "k8s_cpu": "16",
+                "k8s_memory": "64Gi",
+                "k8s_env_secret": "laion-credentials",
+                "gpu_pool": "h100-pool",
+                "batch_size": 1024,
+                "num_workers": 12,
+                "english": {"model": "ViT-B-32", "pretrained": None, "checkpoint": "s3://w/vitb32.pt", "threshold": 0.3},
+            },
+            "tag": {"language_threshold": 0.6},
+        },
+    )
+
+
+def test_pod_spec_renders_without_a_cluster(gpu_pod) -> None:  # type: ignore[no-untyped-def]
+    settings = deployment_settings()
+    op = gpu_pod.clip_pod_operator("clip_batch", settings, "CC-MAIN-2024-10", ["000001", "000002"])
+    assert op.pool == "h100-pool"
+    assert op.deferrable is True
+    assert op.do_xcom_push is False
+    pod = op.build_pod_request_obj(dry_run=True)
+    spec = pod.spec
+    assert pod.metadata.namespace == "laion"
+    assert pod.metadata.labels["stage"] == "clip"
+    assert spec.node_selector == {"gpu-type": "h100"}
+    assert [(t.key, t.operator, t.value, t.effect) for t in spec.tolerations] == [("dedicated", "Equal", "gpu", "NoSchedule")]
+    assert spec.restart_policy == "Never"
+    (container,) = spec.containers
+    assert container.image == "registry.example/laion-tasks:1.2.3"
+    assert container.command == ["laion"]
+    assert container.args == ["clip-score-shard", "--snapshot", "CC-MAIN-2024-10", "--shard", "000001,000002"]
+    res = container.resources
+    assert res.requests == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"}
+    assert res.limits == {"memory": "64Gi", "nvidia.com/gpu": "2"}
+    env = {e.name: e.value for e in container.env}
+    assert env["LAION_STORAGE__ROOT"] == "s3://laion-bucket/runs"
+    assert env["LAION_STORAGE__S3_ENDPOINT_URL"] == "http://minio.data:9000"
+    assert env["LAION_LINEAGE__URL"] == "postgresql+psycopg2://laion@pg.data:5432/lineage"
+    assert json.loads(env["LAION_CLIP"])["english"]["checkpoint"] == "s3://w/vitb32.pt"
+    assert [e.secret_ref.name for e in container.env_from] == ["laion-credentials"]
+    assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("dshm", "/dev/shm")]
+    assert spec.volumes[0].empty_dir.medium == "Memory"
+    # The serialised pod is valid Kubernetes JSON with the GPU request in it.
+    from kubernetes.client import ApiClient
+
+    raw = ApiClient().sanitize_for_serialization(pod)
+    assert raw["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_pod_env_rebuilds_the_same_clip_settings_and_digest(gpu_pod) -> None:  # type: ignore[no-untyped-def]
+    """What the pod loads from its env equals the scheduler's settings, so lineage digests match."""
+    settings = deployment_settings()
+    inside = load_settings(environ=gpu_pod.pod_env(settings))
+    assert inside.clip == settings.clip
+    assert inside.digest("clip") == settings.digest("clip")
+    assert inside.storage.root == settings.storage.root
+    assert inside.storage.s3_endpoint_url == settings.storage.s3_endpoint_url
+    assert inside.lineage.url == settings.lineage.url
+    assert inside.tag.language_threshold == 0.6
+
+
+def test_templated_shard_ids_and_overrides(gpu_pod) -> None:  # type: ignore[no-untyped-def]
+    settings = load_settings(environ={})
+    template = "{{ params.shards }}"
+    op = gpu_pod.clip_pod_operator(
+        "clip_templated", settings, "CC-MAIN-2024-10", template, deferrable=False, image_pull_policy="Always"
+    )
+    assert op.arguments[-1] == template
+    assert "arguments" in op.template_fields
+    op.render_template_fields({"params": {"shards": "000007,000008"}})
+    assert op.arguments == ["clip-score-shard", "--snapshot", "CC-MAIN-2024-10", "--shard", "000007,000008"]
+    pod = op.build_pod_request_obj(dry_run=True)
+    (container,) = pod.spec.containers
+    assert container.args[-1] == "000007,000008"
+    rendered_env = {e.name: e.value for e in container.env}
+    assert load_settings(environ=rendered_env).clip == settings.clip  # rendering leaves the JSON config intact
+    assert container.image_pull_policy == "Always"
+    assert op.deferrable is False
+    # Defaults from config: one GPU, NVIDIA toleration and node selector, the "gpu" pool.
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
+    assert pod.spec.tolerations[0].key == "nvidia.com/gpu"
+    assert op.pool == "gpu"
+    assert not container.env_from

@@ -1,0 +1,163 @@
+"""Snapshot-wide dedup: exact (url, alt), sha256, near-duplicate embeddings, across shards and buckets."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laion_tasks.config import DedupConfig
+from laion_tasks.stages.dedup import dedup_all, near_duplicate_pointers
+
+DIM = 32
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def write_shard(root: Path, shard: str, rows: list[dict]) -> tuple[str, str, str]:
+    """rows: dicts with url, caption, sha (str or None), emb (vector or None)."""
+    root.mkdir(parents=True, exist_ok=True)
+    keys = [f"{shard}{i:04d}" for i in range(len(rows))]
+    images = root / f"{shard}.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "key": keys,
+                "uid": [hashlib.sha256(f"{r['url']}\x00{r['caption']}".encode()).hexdigest()[:32] for r in rows],
+                "url": [r["url"] for r in rows],
+                "caption": [r["caption"] for r in rows],
+                "status": ["success" if r.get("sha") else "failed_to_download" for r in rows],
+                "sha256": [hashlib.sha256(r["sha"].encode()).hexdigest() if r.get("sha") else None for r in rows],
+            }
+        ),
+        images,
+    )
+    has = [r.get("emb") is not None for r in rows]
+    clip = root / f"{shard}.clip.parquet"
+    pq.write_table(pa.table({"key": keys, "has_embedding": has}), clip)
+    emb = np.stack([r["emb"] if r.get("emb") is not None else np.zeros(DIM) for r in rows]).astype(np.float16)
+    np.save(root / f"{shard}.img.npy", emb)
+    return str(images), str(clip), str(root / f"{shard}.img.npy")
+
+
+def verdicts(out_dir: Path) -> dict[str, dict]:
+    rows = {}
+    for path in sorted(out_dir.glob("*.parquet")):
+        for r in pq.read_table(path).to_pylist():
+            rows[r["key"]] = r
+    return rows
+
+
+@pytest.fixture()
+def two_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    base = [unit(rng.normal(size=DIM)) for _ in range(8)]
+    near = unit(base[2] + 0.05 * unit(rng.normal(size=DIM)))  # cosine ~0.999 with base[2]
+    a = [
+        {"url": "http://a/0.jpg", "caption": "a cat", "sha": "img0", "emb": base[0]},
+        {"url": "http://a/1.jpg", "caption": "a dog", "sha": "img1", "emb": base[1]},
+        {"url": "http://a/2.jpg", "caption": "a cow", "sha": "img2", "emb": base[2]},
+        {"url": "http://a/3.jpg", "caption": "no image", "sha": None, "emb": None},
+    ]
+    b = [
+        {"url": "http://a/0.jpg", "caption": "a cat", "sha": "img0", "emb": base[0]},  # url_alt dup of A0
+        {"url": "http://b/1.jpg", "caption": "same bytes", "sha": "img1", "emb": base[1]},  # sha256 dup of A1
+        {"url": "http://b/2.jpg", "caption": "re-encoded cow", "sha": "img2b", "emb": near},  # near dup of A2
+        {"url": "http://b/3.jpg", "caption": "unique", "sha": "img3", "emb": base[3]},
+        {"url": "http://a/3.jpg", "caption": "no image", "sha": None, "emb": None},  # url_alt dup, no image
+        {"url": "http://b/5.jpg", "caption": "mirror", "sha": "img5", "emb": base[5]},  # sha dup of B6 ...
+        {"url": "http://b/5.jpg", "caption": "mirror", "sha": "img6", "emb": base[6]},  # ... url_alt dup of B5
+    ]
+    shards = {"000000": write_shard(tmp_path / "in", "000000", a), "000001": write_shard(tmp_path / "in", "000001", b)}
+    return shards
+
+
+@pytest.mark.parametrize("buckets", [1, 4, 16])
+def test_dedup_across_shards_and_buckets(tmp_path, two_shards, buckets):
+    config = DedupConfig(buckets=buckets, near_dup_threshold=0.95, centroid_sample_per_shard=100)
+    stats = dedup_all(two_shards, str(tmp_path / f"work{buckets}"), str(tmp_path / f"out{buckets}"), config)
+    v = verdicts(tmp_path / f"out{buckets}")
+    assert len(v) == 11  # one row per input row
+    expected = {
+        "0000010000": ("0000000000", "url_alt"),
+        "0000010001": ("0000000001", "sha256"),
+        "0000010004": ("0000000003", "url_alt"),
+        "0000010006": ("0000010005", "url_alt"),
+    }
+    # near-dups meet in one of their 2 nearest k-means cells (near_dup_probes), even with 16 cells for 9 vectors
+    expected["0000010002"] = ("0000000002", "near_embedding")
+    removed = {k: (r["dup_of_key"], r["dup_reason"]) for k, r in v.items() if r["dup_reason"]}
+    assert removed == expected
+    for k, r in v.items():
+        if r["dup_reason"] is None:
+            assert r["dup_of"] is None and r["dup_of_key"] is None
+        else:
+            assert r["dup_of"] == v[r["dup_of_key"]]["uid"] and r["dup_of_shard"] == r["dup_of_key"][:6]
+    assert stats.counts["kept"] == 11 - len(expected) and stats.counts["drop:dup_url_alt"] == 3
+    # output order is the input order, per shard
+    assert pq.read_table(tmp_path / f"out{buckets}" / "000001.parquet").column("key").to_pylist() == [
+        f"000001{i:04d}" for i in range(7)
+    ]
+
+
+def test_one_probe_with_a_cell_per_vector_misses_the_near_pair(tmp_path, two_shards):
+    """The documented cost of bucketing: near-dups in different cells are not compared."""
+    config = DedupConfig(buckets=16, near_dup_probes=1, centroid_sample_per_shard=100)
+    dedup_all(two_shards, str(tmp_path / "work"), str(tmp_path / "out"), config)
+    v = verdicts(tmp_path / "out")
+    assert v["0000010002"]["dup_reason"] is None
+    assert v["0000010001"]["dup_reason"] == "sha256"
+
+
+def test_chains_resolve_to_the_final_representative(tmp_path):
+    rows_a = [{"url": "http://z/0.jpg", "caption": "first", "sha": "shared", "emb": None}]
+    rows_b = [
+        {"url": "http://y/0.jpg", "caption": "second", "sha": "shared", "emb": None},  # sha dup of A0
+        {"url": "http://y/0.jpg", "caption": "second", "sha": "other", "emb": None},  # url_alt dup of B0
+    ]
+    shards = {"000000": write_shard(tmp_path, "000000", rows_a), "000001": write_shard(tmp_path, "000001", rows_b)}
+    dedup_all(shards, str(tmp_path / "work"), str(tmp_path / "out"), DedupConfig(buckets=8, near_dup=False))
+    v = verdicts(tmp_path / "out")
+    assert v["0000010000"]["dup_of_key"] == "0000000000" and v["0000010000"]["dup_reason"] == "sha256"
+    # B1 was removed for its (url, alt); its pointer is followed through B0 to A0
+    assert v["0000010001"]["dup_of_key"] == "0000000000" and v["0000010001"]["dup_reason"] == "url_alt"
+    assert v["0000000000"]["dup_of"] is None
+
+
+def test_near_duplicates_do_not_chain():
+    """A~B and B~C but not A~C: B points to A, C stays (it is not within the threshold of a kept row)."""
+    a = np.array([1.0, 0.0])
+    angle = np.arccos(0.96)
+    b = np.array([np.cos(angle), np.sin(angle)])
+    c = np.array([np.cos(2 * angle), np.sin(2 * angle)])
+    vectors = np.stack([a, b, c]).astype(np.float32)
+    assert float(a @ c) < 0.95
+    pointer = near_duplicate_pointers(vectors, np.array([0, 1, 2]), 0.95)
+    assert pointer.tolist() == [-1, 0, -1]
+    # the representative is chosen by order, not by position
+    pointer = near_duplicate_pointers(vectors, np.array([2, 1, 0]), 0.95)
+    assert pointer.tolist() == [-1, 2, -1]
+
+
+def test_same_result_for_any_bucket_count_on_exact_dups(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = [
+        {"url": f"http://x/{i % 37}.jpg", "caption": f"c{i % 5}", "sha": f"s{i % 53}", "emb": None}
+        for i in range(300)
+    ]
+    shards = {f"{s:06d}": write_shard(tmp_path / "in", f"{s:06d}", rows[s * 100:(s + 1) * 100]) for s in range(3)}
+    results = []
+    for buckets in (1, 7, 64):
+        out = tmp_path / f"out{buckets}"
+        dedup_all(shards, str(tmp_path / f"w{buckets}"), str(out), DedupConfig(buckets=buckets, near_dup=False))
+        results.append({k: (r["dup_of_key"], r["dup_reason"]) for k, r in verdicts(out).items()})
+    assert results[0] == results[1] == results[2]
+    kept = [k for k, (d, _) in results[0].items() if d is None]
+    # every distinct image keeps exactly one representative among rows that have an image
+    assert len(kept) >= 53 and rng is not None
