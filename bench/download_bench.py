@@ -282,9 +282,15 @@ def write_results(rounds: list[dict], cpu: float, n: int) -> None:
         f"ratio {best_ours / best_peer:.2f}x (target >= 1.5x with equal success counts).",
         f"CPU bound (decode + resize + encode of the same {n} payloads, 2 processes, no network): {cpu:.0f} img/s; "
         f"laion-tasks end-to-end reaches {best_ours / cpu:.0%} of it.",
-        "Where the gain comes from: JPEG DCT-domain downscaled decode (`Image.draft`) when the target is >= 2x smaller, "
-        "area (BOX) downscaling like img2dataset's INTER_AREA, one asyncio event loop instead of 128 threads, "
-        "and decode in a separate process pool so networking never waits on pixels.",
+        "Reading: laion-tasks spends a little less CPU per image (one asyncio loop instead of 128 threads; "
+        "reduced-scale JPEG decode when the target is >= 2x smaller; area downscaling like img2dataset's INTER_AREA), "
+        "but its wall-clock rate depends on its CPU share. Its network side is ONE event-loop process "
+        "(~0.9 ms CPU/img) feeding a 2-process decode pool; on this over-subscribed VM (load average 8-14 on "
+        "2 cores) that one loop gets about one runnable thread's share, while img2dataset's 2 processes x 64 "
+        "threads (cv2 releasing the GIL) get more. The CPU-bound figure was measured after the runs, under the "
+        "same noise, which is why a client can exceed it.",
+        "Not met: the 1.5x target. The fix is architectural (one event loop per core, each with its own "
+        "decode workers, rows split across them), not measured here.",
         "",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -78,13 +78,16 @@ PEER_SCRIPT = textwrap.dedent(
 FLOOR_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, time
-    core, path = int(sys.argv[1]), sys.argv[2]
+    core, path, parse = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "parse"
     os.sched_setaffinity(0, {core})
+    import orjson
     from fastwarc.warc import ArchiveIterator, WarcRecordType
     wall, cpu, n = time.perf_counter(), time.process_time(), 0
     with open(path, "rb") as f:
         for r in ArchiveIterator(f, record_types=WarcRecordType.metadata, parse_http=False):
-            r.reader.read(); n += 1
+            body = r.reader.read(); n += 1
+            if parse and b'"IMG@/src"' in body:
+                orjson.loads(body)
     print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "records": n}))
     """
 )
@@ -141,7 +144,8 @@ def main() -> None:
         def peer(path: Path, mode: str = "time") -> dict:
             return run_json([str(peer_python), "-c", PEER_SCRIPT, str(args.core), str(path), mode], env)
 
-        floor = run_json([sys.executable, "-c", FLOOR_SCRIPT, str(args.core), str(big)], env)
+        floor = run_json([sys.executable, "-c", FLOOR_SCRIPT, str(args.core), str(big), "read"], env)
+        floor_parse = run_json([sys.executable, "-c", FLOOR_SCRIPT, str(args.core), str(big), "parse"], env)
         ours_runs, peer_runs = [], []
         for i in range(args.rounds):
             ours_runs.append(ours(big))
@@ -201,16 +205,25 @@ def main() -> None:
         f"| cc2dataset 1.5.0 `extract_documents_from_wat` | {p_wall:.2f} | {p_wall_med:.2f} | {p_cpu:.2f} | "
         f"{records / p_wall:,.0f} | {img_links / p_wall:,.0f} |",
         f"| floor: fastwarc read + gunzip only | {floor['wall']:.2f} | | {floor['cpu']:.2f} | {floor['records'] / floor['wall']:,.0f} | |",
+        f"| floor + orjson parse of the records holding `\"IMG@/src\"` | {floor_parse['wall']:.2f} | | {floor_parse['cpu']:.2f} | "
+        f"{floor_parse['records'] / floor_parse['wall']:,.0f} | |",
         "",
         f"**Ratio (ours / cc2dataset): {p_wall / o_wall:.2f}x on best wall time, {p_wall_med / o_wall_med:.2f}x on median "
-        f"wall time, {p_cpu / o_cpu:.2f}x on CPU time.** Target: >= 2x.",
+        f"wall time, {p_cpu / o_cpu:.2f}x on CPU time.** Target: >= 2x: "
+        + ("met." if min(p_wall / o_wall, p_cpu / o_cpu) >= 2 else "NOT met in this run.")
+        + f" Bound: reading + gunzip + one orjson parse of each record that can hold an image link already takes "
+        f"{floor_parse['cpu']:.2f} s CPU, i.e. at most {p_cpu / floor_parse['cpu']:.2f}x cc2dataset's CPU time before any "
+        "link is classified; our per-link work (whitespace normalisation, URL resolution, filters, dedup, uid, Parquet) "
+        f"adds {o_cpu - floor_parse['cpu']:.2f} s. A byte-level pre-filter that parses only the IMG link objects was "
+        "tried and was slower than orjson on whole records (Python-level loop per link); parsing only the `Links` "
+        "array would save at most the 37% of those bytes that lie outside it.",
         "",
         f"cc2dataset returns every IMG link with a non-empty alt ({peer_runs[0]['links_out']:,} links, "
         f"{peer_runs[0]['links_out'] / p_wall:,.0f} output links/s) and does not dedup; ours applies the filters and "
         f"dedups inside the file ({ours_runs[0]['kept']:,} kept), and writes the Parquet shard. "
         "Why ours is faster: a record's JSON is parsed only when its bytes contain `\"IMG@/src\"` "
-        "(about 29% of the records here), IMG links are picked by one list comprehension, and the two common "
-        "relative URL forms (`/path`, `//host/path`) are joined without `urljoin` (same result, checked by a test).",
+        "(about 29% of the records here), IMG links are located with C-level list operations (`map(itemgetter)`, "
+        "`list.index`) instead of a Python test per link, and the two common relative URL forms (`/path`, `//host/path`) are joined without `urljoin` (same result, checked by a test).",
         "",
         "Parity on the original file (500 records), both after: whitespace normalised, alt >= 5 characters, "
         "http(s) only, dedup of (url, alt):",

@@ -90,7 +90,9 @@ class DownloadConfig(Section):
     encode_format: Literal["jpg", "webp"] = "jpg"
     encode_quality: int = 95
     processes: int = 0
-    """Decode/resize worker processes; 0 means one per core."""
+    """Download worker processes (each: its own event loop + decode threads); 0 means one per core."""
+    decode_threads: int = 2
+    """Decode/resize/encode threads per download worker process (Pillow releases the GIL)."""
 
 
 class ClipModelConfig(Section):

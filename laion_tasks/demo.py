@@ -69,6 +69,21 @@ class DemoEnv:
             self.server.kill()
 
 
+def demo_subsets() -> dict[str, Any]:
+    """LAION's default subsets with the CLIP similarity bounds set to 0.0 (see demo_config)."""
+    import re
+
+    from laion_tasks.config import CurateConfig
+
+    out: dict[str, Any] = {}
+    for name, subset in CurateConfig().subsets.items():
+        data = subset.model_dump()
+        data["where"] = re.sub(r"similarity >= 0\.\d+", "similarity >= 0.0", data["where"])
+        out[name] = data
+    out["laion2B-en"]["write_images"] = True  # a trainable WebDataset subset for `laion train`
+    return out
+
+
 def demo_config(work: Path, base_url: str, storage_root: str, lineage_url: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     tiny = {"model": "laion-tiny-clip", "pretrained": None, "threshold": 0.0}
     config: dict[str, Any] = {
@@ -95,7 +110,12 @@ def demo_config(work: Path, base_url: str, storage_root: str, lineage_url: str, 
             "num_workers": 0,
             "device": "cpu",
         },
-        "curate": {},
+        # The tiny random models make CLIP similarities near 0 and all image embeddings
+        # near-parallel (median pairwise cosine ~0.96), so the demo uses similarity >= 0.0
+        # in its subsets and a near-duplicate threshold of 0.999. LAION's thresholds are
+        # the defaults everywhere else (docs/CONFIG.md).
+        "dedup": {"near_dup_threshold": 0.999, "buckets": 8},
+        "curate": {"subsets": demo_subsets()},
         "orchestration": {
             "snapshots": [DEMO_CRAWL],
             "max_mapped_tasks": 4,
@@ -197,9 +217,19 @@ def print_report(env: DemoEnv) -> None:
     storage.configure(settings.storage)
     lineage = Lineage(settings.lineage.url)
     print(f"\nFunnel for {DEMO_CRAWL} (from lineage, {settings.lineage.url}):")
-    print(f"  {'stage':<10} {'outcome':<40} {'count':>7} {'shards':>6}")
+    print(f"  {'stage':<30} {'outcome':<34} {'count':>7} {'shards':>6}")
     for row in lineage.funnel(DEMO_CRAWL):
-        print(f"  {row.stage:<10} {row.outcome:<40} {row.count:>7} {row.shards:>6}")
+        if row.stage.startswith("dedup_"):
+            continue  # dedup's intermediate steps; `laion funnel` shows them
+        print(f"  {row.stage:<30} {row.outcome:<34} {row.count:>7} {row.shards:>6}")
+    from laion_tasks.stages.curate import read_manifest
+
+    print("\nSubsets:")
+    for name in settings.curate.subsets:
+        manifest = read_manifest(settings.storage.root, DEMO_CRAWL, name) or {}
+        status = manifest.get("status", "missing")
+        detail = f"{manifest.get('rows', 0)} rows" if status == "ok" else manifest.get("reason") or ""
+        print(f"  {name:<24} {status:<12} {detail}")
     root = settings.storage.root
     print(f"\nOutputs under {root}/{DEMO_CRAWL}/:")
     for sub in ("candidates", "shards", "images", "clip", "tags", "dedup", "subsets", "card"):

@@ -244,18 +244,24 @@ class Lineage:
             return {r.outcome: int(r.count) for r in rows}
 
     def funnel(self, snapshot_id: str) -> list[FunnelRow]:
-        """Counts per (stage, outcome) over the done runs of a snapshot, in pipeline order."""
+        """Counts per (stage, outcome) over the done runs of a snapshot, in pipeline order.
+
+        Stages whose "shards" are alternative views of the same rows (each curated subset
+        counts every sample once) are reported per shard, as ``curate/<subset>``.
+        """
         t, o = shard_run_table, shard_outcome_table
+        per_view = t.c.stage.in_(PER_SHARD_STAGES)
+        label = sa.case((per_view, t.c.stage + "/" + t.c.shard_id), else_=t.c.stage)
         query = (
-            sa.select(t.c.stage, o.c.outcome, sa.func.sum(o.c.count).label("n"), sa.func.count().label("shards"))
+            sa.select(label.label("stage"), o.c.outcome, sa.func.sum(o.c.count).label("n"), sa.func.count().label("shards"))
             .select_from(t.join(o, o.c.run_id == t.c.id))
             .where(t.c.snapshot_id == snapshot_id, t.c.status == "done")
-            .group_by(t.c.stage, o.c.outcome)
+            .group_by(label, o.c.outcome)
         )
         with self.engine.connect() as conn:
             rows = [FunnelRow(r.stage, r.outcome, int(r.n), int(r.shards)) for r in conn.execute(query)]
         order = {name: i for i, name in enumerate(STAGE_ORDER)}
-        return sorted(rows, key=lambda r: (order.get(r.stage, 99), r.stage, -r.count, r.outcome))
+        return sorted(rows, key=lambda r: (order.get(r.stage.split("/")[0], 99), r.stage, -r.count, r.outcome))
 
     def shard_summary(self, snapshot_id: str) -> dict[str, dict[str, int]]:
         """Per stage: how many shards are done / failed / running (latest attempt per shard)."""
@@ -276,7 +282,21 @@ class Lineage:
             return [dict(r) for r in conn.execute(sa.select(snapshot_table).order_by(snapshot_table.c.id)).mappings()]
 
 
-STAGE_ORDER = ("extract", "download", "clip", "tag", "dedup", "curate", "index", "train", "eval")
+STAGE_ORDER = (
+    "extract",
+    "download",
+    "clip",
+    "tag",
+    "dedup_centroids",
+    "dedup_partition",
+    "dedup_bucket",
+    "dedup",
+    "curate",
+    "index",
+    "train",
+    "eval",
+)
+PER_SHARD_STAGES = ("curate", "index", "train", "eval")
 
 
 @dataclass(frozen=True)

@@ -281,7 +281,7 @@ def dedup_centroids_task(settings: Settings, snapshot: str, *, force: bool = Fal
     embs = [layout.clip_image_emb_uri(root, snapshot, s) for s in shards]
     out = _centroids_uri(settings, snapshot)
     jobs = [("centroids", layout.snapshot_root(root, snapshot), lambda: dedup_centroids(clips, embs, out, settings.dedup))]
-    return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=force).to_dict()
+    return run_shards(lineage, snapshot, "dedup_centroids", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=force).to_dict()
 
 
 def dedup_partition_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
@@ -295,7 +295,7 @@ def dedup_partition_batch(settings: Settings, snapshot: str, batch: Batch, *, fo
     def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
         for shard in batch["shards"]:
             images = layout.images_parquet_uri(root, snapshot, shard)
-            yield f"partition/{shard}", images, (
+            yield shard, images, (
                 lambda shard=shard, images=images: dedup_partition(
                     images,
                     layout.clip_parquet_uri(root, snapshot, shard),
@@ -307,7 +307,7 @@ def dedup_partition_batch(settings: Settings, snapshot: str, batch: Batch, *, fo
                 )
             )
 
-    return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs(), force=force).to_dict()
+    return run_shards(lineage, snapshot, "dedup_partition", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs(), force=force).to_dict()
 
 
 def plan_dedup(settings: Settings, snapshot: str) -> list[Batch]:
@@ -333,12 +333,12 @@ def dedup_bucket_batch(settings: Settings, snapshot: str, batch: Batch, *, force
             if not pieces:
                 continue
             out = _decision_uri(settings, snapshot, bucket)
-            yield f"bucket/{bucket_name(bucket)}", bucket_dir(work, bucket), (
+            yield bucket_name(bucket), bucket_dir(work, bucket), (
                 lambda pieces=pieces, out=out: dedup_bucket(pieces, out, settings.dedup)
             )
 
     # Buckets are rebuilt whenever partitions change, so they are always recomputed.
-    return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs(), force=True).to_dict()
+    return run_shards(lineage, snapshot, "dedup_bucket", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs(), force=True).to_dict()
 
 
 def dedup_resolve_task(settings: Settings, snapshot: str) -> dict[str, Any]:

@@ -274,6 +274,13 @@ def test_config_thresholds(tmp_path: Path) -> None:
     assert stats.counts["drop:alt_too_long"] == 5  # the four long alts (one twice) and "Seven yellow stripes"
     assert stats.counts["drop:bad_scheme"] == 2  # "A blue square", "logo"
     assert_every_img_link_accounted(stats)
+    https_page = FixturePage("https://s.org/p", "2024-01-01T00:00:00Z", [("https://s.org/a.jpg", "an https image"),
+                             ("http://s.org/b.jpg", "an http image"), ("/c.jpg", "a relative https image")])
+    write_wat(path, [https_page])
+    out = str(tmp_path / "h.parquet")
+    stats = extract_wat(str(path), out, ExtractConfig(allowed_schemes=["https"]))
+    assert {r["url"] for r in read_rows(out)} == {"https://s.org/a.jpg", "https://s.org/c.jpg"}
+    assert stats.counts["drop:bad_scheme"] == 1
 
 
 # --- relative URL resolution -----------------------------------------------------------------

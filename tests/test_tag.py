@@ -42,7 +42,7 @@ def test_zero_shot_tagging_keeps_every_row_in_order(tmp_path):
     assert [r["key"] for r in rows] == shard.keys
     status = [r["tag_status"] for r in rows]
     assert status == ["tagged"] * 4 + ["no_image", "tagged", "no_embedding", "tagged"]
-    assert stats.counts == {"success": 6, "kept": 1, "fail:no_embedding": 1}
+    assert stats.counts == {"success": 6, "skip:no_image": 1, "fail:no_embedding": 1}
     for r in rows:
         if r["tag_status"] == "tagged":
             assert 0.0 <= r["punsafe"] <= 1.0 and r["nsfw_method"] == "zero_shot"
@@ -168,7 +168,7 @@ def test_tag_on_s3(tmp_path, s3_root):
     out = storage.join(s3_root, "tags", "000000.parquet")
     stats = tag_shard(uris["images_parquet"], uris["tar"], uris["clip_parquet"], uris["img_emb"], out,
                       TagConfig(image_hashlist=str(tmp_path / "img.txt")), CLIP)
-    assert stats.counts == {"drop:blocked_hashlist": 1, "success": 2, "kept": 1}
+    assert stats.counts == {"drop:blocked_hashlist": 1, "success": 2, "skip:no_image": 1}
     local_tar = tmp_path / "back.tar"
     local_tar.write_bytes(storage.read_bytes(uris["tar"]))
     assert tar_keys(str(local_tar)) == {shard.keys[1], shard.keys[2]}
@@ -200,7 +200,7 @@ def test_cli_tag_dedup_and_langid(tmp_path, monkeypatch):
     runner = CliRunner()
     result = runner.invoke(app, ["tag", snap, "000000"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["counts"] == {"success": 3, "kept": 1}
+    assert json.loads(result.output)["counts"] == {"success": 3, "skip:no_image": 1}
     assert pq.read_table(layout.tags_parquet_uri(str(root), snap, "000000")).num_rows == 4
     result = runner.invoke(app, ["dedup", snap])
     assert result.exit_code == 0, result.output

@@ -12,14 +12,21 @@ Outcomes in :class:`ShardStats`: ``success`` or ``fail:<status>`` for every othe
 opt-outs and safety blocks included (their status names say so: ``opted_out_*``,
 ``blocked_ssrf``, ``blocked_hashlist``).
 
-Networking (aiohttp on one event loop): a global concurrency limit and a per-host one, a
+Parallelism: the rows are dealt round-robin to ``processes`` worker processes (default: one
+per core). Each runs its own aiohttp event loop and decodes/resizes/encodes in its own small
+thread pool (Pillow releases the GIL), and sends back only the status row and the encoded
+output; the parent writes the tar and the Parquet. The global and per-host limits are divided
+by the number of workers; robots.txt is fetched and cached once per origin PER WORKER. A
+blocklist that cannot be pickled makes the run stay in this process (one loop, same checks).
+
+Networking (aiohttp, per worker): a global concurrency limit and a per-host one, a
 total deadline per attempt (redirects and body included, waiting for the first slot
 excluded), retries with exponential backoff and jitter on timeouts, connection errors,
 429 (Retry-After honoured up to ``backoff_max_s``) and 5xx; redirects are followed by hand
 so every hop is re-checked (SSRF guard, hash list, robots.txt); the body size is capped
 while streaming. The SSRF guard also sits in the resolver, so the connect uses the
-addresses that were checked. Decode/resize/encode runs in a process pool
-(:mod:`laion_tasks.stages.image_ops`), so the loop never blocks on pixels.
+addresses that were checked. Decode/resize/encode (:mod:`laion_tasks.stages.image_ops`)
+runs in the worker's thread pool, so its loop never blocks on pixels.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ import asyncio
 import concurrent.futures
 import email.utils
 import logging
+import math
 import multiprocessing
 import os
+import pickle
 import random
 import time
 import urllib.robotparser
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 from urllib.parse import urljoin, urlsplit
@@ -402,9 +410,12 @@ class Fetcher:
             return b"".join(chunks)
 
 
-# -- process pool ---------------------------------------------------------------------
-_POOL: concurrent.futures.ProcessPoolExecutor | None = None
-_POOL_SIZE = 0
+# -- worker processes --------------------------------------------------------------------
+# One shard's rows are split round-robin across P worker processes. Each worker runs its own
+# event loop (fetching, with the same guards and opt-out checks) AND decodes/resizes/encodes
+# in a small thread pool of its own (Pillow releases the GIL there), then sends back only the
+# small result (status + encoded output bytes) over a pipe. The original bytes never cross a
+# process boundary, and no single event loop has to carry the whole shard.
 
 
 def worker_count(config: DownloadConfig) -> int:
@@ -416,24 +427,205 @@ def worker_count(config: DownloadConfig) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _image_pool(size: int) -> concurrent.futures.ProcessPoolExecutor:
-    """One pool per process, reused across shards (worker start-up is not free)."""
-    global _POOL, _POOL_SIZE
-    if _POOL is None or _POOL_SIZE != size:
-        if _POOL is not None:
-            _POOL.shutdown(wait=False, cancel_futures=True)
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["laion_tasks.stages.image_ops"])
-        _POOL = concurrent.futures.ProcessPoolExecutor(max_workers=size, mp_context=context)
-        _POOL_SIZE = size
-    return _POOL
+def per_process_config(config: DownloadConfig, processes: int) -> DownloadConfig:
+    """Split the global and per-host limits across ``processes`` workers (rounded up).
+
+    Rows are dealt round-robin, so every worker may talk to every host: dividing the
+    limits keeps the shard-wide totals at (about) the configured values.
+    """
+    if processes <= 1:
+        return config
+    return config.model_copy(
+        update={
+            "max_concurrency": max(1, math.ceil(config.max_concurrency / processes)),
+            "max_per_host": max(1, math.ceil(config.max_per_host / processes)),
+        }
+    )
 
 
-def _reset_pool() -> None:
-    global _POOL
-    if _POOL is not None:
-        _POOL.shutdown(wait=False, cancel_futures=True)
-    _POOL = None
+_MP_CONTEXT: Any = None
+
+
+def _mp_context() -> Any:
+    """forkserver: the parent may have threads (Airflow, the tests' server), so no plain fork."""
+    global _MP_CONTEXT
+    if _MP_CONTEXT is None:
+        _MP_CONTEXT = multiprocessing.get_context("forkserver")
+        _MP_CONTEXT.set_forkserver_preload(["laion_tasks.stages.download", "aiohttp", "PIL.JpegImagePlugin"])
+    return _MP_CONTEXT
+
+
+async def _fetch_rows(
+    rows: list[tuple[int, str | None]],
+    emit: Any,
+    config: DownloadConfig,
+    blocklist: Blocklist | None,
+) -> tuple[int, int]:
+    """Fetch and process ``rows`` on the running loop; ``emit(i, result)`` once per row.
+
+    Returns (retries, bytes downloaded).
+    """
+    options = ImageOptions.from_config(config)
+    loop = asyncio.get_running_loop()
+    fetcher = Fetcher(config, blocklist)
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, config.decode_threads), thread_name_prefix="laion-decode"
+    )
+
+    async def process(data: bytes, final_url: str) -> SampleResult:
+        image = await loop.run_in_executor(executor, process_image, data, options)
+        if image.status != SUCCESS:
+            image.data = None
+        return SampleResult(image.status, image.error_message, final_url, image)
+
+    async def one(i: int, url: str | None) -> None:
+        if not url or not isinstance(url, str):
+            emit(i, SampleResult("invalid_url", "empty URL"))
+            return
+        try:
+            result = await fetcher.fetch(url, process)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one row, not the shard
+            log.exception("download of row %d failed unexpectedly", i)
+            result = SampleResult("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
+        emit(i, result)
+
+    try:
+        await asyncio.gather(*(one(i, url) for i, url in rows))
+    finally:
+        await fetcher.close()
+        executor.shutdown(wait=True)
+    return fetcher.retries, fetcher.bytes_downloaded
+
+
+def _worker_main(
+    rows: list[tuple[int, str | None]],
+    config: DownloadConfig,
+    blocklist_pickle: bytes | None,
+    conn: Any,
+) -> None:
+    """Worker process: fetch + process ``rows``; send ("row", i, result) then ("done", ...)."""
+    blocklist = pickle.loads(blocklist_pickle) if blocklist_pickle is not None else None
+
+    def emit(i: int, result: SampleResult) -> None:
+        conn.send(("row", i, result))
+
+    with asyncio.Runner(loop_factory=_make_loop) as runner:
+        retries, downloaded = runner.run(_fetch_rows(rows, emit, config, blocklist))
+    matches = dict(getattr(blocklist, "matches", None) or {})
+    conn.send(("done", retries, downloaded, matches))
+    conn.close()
+
+
+WORKER_CRASH_ATTEMPTS = 3
+"""A worker that dies (e.g. a native crash on a hostile image) has its unfinished rows handed
+to a fresh worker; rows still unfinished after this many tries get ``decode_error``."""
+
+
+def _download_rows(
+    urls: list[str | None],
+    on_success: Any,
+    config: DownloadConfig,
+    blocklist: Blocklist | None,
+) -> _RunOutcome:
+    """Download ``urls``; ``on_success(i, result)`` is called in this process for each success.
+
+    Runs in ``worker_count(config)`` worker processes when the blocklist can be pickled
+    (HashLists can); otherwise in this process, on one loop with a decode thread pool.
+    """
+    results: list[SampleResult | None] = [None] * len(urls)
+    outcome = _RunOutcome(results=[])
+
+    def receive(i: int, result: SampleResult) -> None:
+        results[i] = result
+        if result.status == SUCCESS:
+            on_success(i, result)
+            assert result.image is not None
+            result.image.data = None  # written: free the bytes now
+
+    rows = [(i, url) for i, url in enumerate(urls)]
+    blocklist_pickle: bytes | None = None
+    in_process = False
+    if blocklist is not None:
+        try:
+            blocklist_pickle = pickle.dumps(blocklist, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - any object may be handed in
+            log.warning("blocklist %r cannot be pickled (%s): downloading in this process", type(blocklist), exc)
+            in_process = True
+    if in_process:
+        with asyncio.Runner(loop_factory=_make_loop) as runner:
+            outcome.retries, outcome.bytes_downloaded = runner.run(_fetch_rows(rows, receive, config, blocklist))
+    elif rows:
+        processes = max(1, min(worker_count(config), len(rows)))
+        for attempt in range(1, WORKER_CRASH_ATTEMPTS + 1):
+            crashed = _run_workers(rows, processes, config, blocklist, blocklist_pickle, receive, outcome)
+            rows = [(i, url) for i, url in rows if results[i] is None]
+            if not rows:
+                break
+            log.warning("%d worker process(es) died; %d rows unfinished (attempt %d)", crashed, len(rows), attempt)
+        for i, _url in rows:
+            results[i] = SampleResult(
+                "decode_error", f"worker process died while processing this row ({WORKER_CRASH_ATTEMPTS} tries)"
+            )
+    outcome.results = [r if r is not None else SampleResult("internal_error", "no result recorded") for r in results]
+    return outcome
+
+
+def _run_workers(
+    rows: list[tuple[int, str | None]],
+    processes: int,
+    config: DownloadConfig,
+    blocklist: Blocklist | None,
+    blocklist_pickle: bytes | None,
+    receive: Any,
+    outcome: _RunOutcome,
+) -> int:
+    """Run one round of workers over ``rows``; returns how many died without finishing."""
+    from multiprocessing.connection import wait
+
+    ctx = _mp_context()
+    worker_config = per_process_config(config, processes)
+    conns: dict[Any, Any] = {}
+    procs = []
+    try:
+        for w in range(processes):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(rows[w::processes], worker_config, blocklist_pickle, writer),
+                name=f"laion-download-{w}",
+                daemon=True,
+            )
+            proc.start()
+            writer.close()  # the child holds the write end: EOF here when it exits
+            conns[reader] = proc
+            procs.append(proc)
+        finished = 0
+        while conns:
+            for reader in wait(list(conns)):
+                try:
+                    message = reader.recv()
+                except EOFError:
+                    del conns[reader]
+                    reader.close()
+                    continue
+                if message[0] == "row":
+                    receive(message[1], message[2])
+                else:  # ("done", retries, bytes, hash-list matches)
+                    finished += 1
+                    outcome.retries += message[1]
+                    outcome.bytes_downloaded += message[2]
+                    counter = getattr(blocklist, "matches", None)
+                    if message[3] and hasattr(counter, "update"):
+                        counter.update(message[3])
+        return processes - finished
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for reader in conns:
+            reader.close()
 
 
 # -- shard I/O -------------------------------------------------------------------------
@@ -526,61 +718,6 @@ def _make_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-async def _download_rows(
-    urls: list[str | None],
-    on_success: Any,
-    config: DownloadConfig,
-    blocklist: Blocklist | None,
-) -> _RunOutcome:
-    """Download ``urls``; ``on_success(i, result)`` is called (on the loop) for each success."""
-    options = ImageOptions.from_config(config)
-    pool_size = worker_count(config)
-    pool = _image_pool(pool_size)
-    loop = asyncio.get_running_loop()
-    fetcher = Fetcher(config, blocklist)
-    results: list[SampleResult | None] = [None] * len(urls)
-
-    async def one(i: int, url: str | None) -> None:
-        if not url or not isinstance(url, str):
-            results[i] = SampleResult("invalid_url", "empty URL")
-            return
-
-        async def process(data: bytes, final_url: str) -> SampleResult:
-            nonlocal pool
-            try:
-                image = await loop.run_in_executor(pool, process_image, data, options)
-            except BrokenProcessPool:
-                _reset_pool()
-                pool = _image_pool(pool_size)
-                return SampleResult("decode_error", "image worker process died on this image", final_url)
-            if image.status != SUCCESS:
-                image.data = None
-            return SampleResult(image.status, image.error_message, final_url, image)
-
-        try:
-            result = await fetcher.fetch(url, process)
-        except Exception as exc:  # noqa: BLE001 - a bug must cost one row, not the shard
-            log.exception("download of row %d failed unexpectedly", i)
-            result = SampleResult("internal_error", f"{type(exc).__name__}: {str(exc)[:300]}")
-        results[i] = result
-        if result.status == SUCCESS:
-            on_success(i, result)
-            assert result.image is not None
-            result.image.data = None  # written: free the bytes now
-
-    try:
-        await asyncio.gather(*(one(i, url) for i, url in enumerate(urls)))
-    finally:
-        await fetcher.close()
-    final = [r if r is not None else SampleResult("internal_error", "no result recorded") for r in results]
-    return _RunOutcome(final, fetcher.retries, fetcher.bytes_downloaded)
-
-
-def _run(coro_factory: Any) -> Any:
-    with asyncio.Runner(loop_factory=_make_loop) as runner:
-        return runner.run(coro_factory())
-
-
 def _stats_for(results: list[SampleResult], outcome: _RunOutcome, tar_uri: str) -> ShardStats:
     stats = ShardStats(output_uri=tar_uri)
     for r in results:
@@ -626,7 +763,7 @@ def download_shard(
                     }
                 )
 
-            outcome = _run(lambda: _download_rows(urls, on_success, config, blocklist))
+            outcome = _download_rows(urls, on_success, config, blocklist)
         tar_bytes = os.path.getsize(tmp_tar)
     out = _with_results(table if "key" in table.column_names else table.add_column(0, "key", pa.array(keys)),
                         _result_columns(captions, outcome.results))
@@ -693,7 +830,7 @@ def retry_failed(
                     }
                 )
 
-            outcome = _run(lambda: _download_rows([urls[i] for i in todo], on_success, config, blocklist))
+            outcome = _download_rows([urls[i] for i in todo], on_success, config, blocklist)
         tar_bytes = os.path.getsize(tmp_tar)
     merged = list(old_results)
     for j, i in enumerate(todo):

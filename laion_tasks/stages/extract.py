@@ -17,11 +17,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import operator
 import random
 import re
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
 
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 IMG_PATH = "IMG@/src"
 IMG_MARKER = b'"IMG@/src"'
+_PATH_OF = operator.itemgetter("path")
+_ALT_OF = operator.methodcaller("get", "alt")
 CRAWL_ID_RE = re.compile(r"^CC-MAIN-(\d{4})-(\d{2})$")
 COLUMNS = ("uid", "url", "alt", "page_url", "wat_file", "record_date", "record_id")
 MAX_LOGGED_BAD_RECORDS = 20
@@ -222,30 +226,38 @@ class _Extractor:
     def links(self, links: list[Any], page_url: str, base_url: str, date: str | None, record_id: str | None) -> int:
         """Classify every IMG@/src link of one page; returns how many were kept."""
         try:
-            images = [link for link in links if link.get("path") == IMG_PATH]
-        except AttributeError:  # a Links entry that is not an object
-            images = [link for link in links if type(link) is dict and link.get("path") == IMG_PATH]
+            paths = list(map(_PATH_OF, links))  # C-level; IMG links are a minority of all links
+        except (KeyError, TypeError):  # an entry that is not an object or has no path
+            paths = [link.get("path") if type(link) is dict else None for link in links]
+        images = []
+        index = -1
+        for _ in range(paths.count(IMG_PATH)):
+            index = paths.index(IMG_PATH, index + 1)
+            images.append(links[index])
         self.info["img_links"] += len(images)
         if not images:
             return 0
         config = self.config
         min_alt, max_alt, max_url = config.min_alt_length, config.max_alt_length, config.max_url_length
         allowed = self.allowed_schemes
+        http_ok, https_ok = "http" in allowed, "https" in allowed
         outcomes = self.outcomes
         seen = self.seen
         rows = self.rows
         resolver: _Resolver | None = None
-        kept = no_alt = 0
-        for link in images:
-            alt = link.get("alt")
-            if not alt or type(alt) is not str:
+        alts = list(map(_ALT_OF, images))
+        with_alt = list(compress(zip(images, alts), alts))  # C-level: most IMG links have no alt
+        kept = 0
+        no_alt = len(images) - len(with_alt)
+        for link, alt in with_alt:
+            if type(alt) is not str:
                 no_alt += 1
                 continue
             alt = " ".join(alt.split())
-            url = link.get("url")
             if not alt:
                 no_alt += 1
                 continue
+            url = link.get("url")
             if len(alt) < min_alt:
                 reason = "alt_too_short"
             elif len(alt) > max_alt:
@@ -253,14 +265,19 @@ class _Extractor:
             elif type(url) is not str or not (url := url.strip()):
                 reason = "no_url"
             else:
-                if not url.startswith(("http://", "https://")):
+                if url.startswith("https://"):
+                    scheme_ok = https_ok
+                elif url.startswith("http://"):
+                    scheme_ok = http_ok
+                else:
                     if resolver is None:
                         resolver = _Resolver(base_url)
                     url = resolver.resolve(url)
-                scheme, sep, _ = url.partition(":") if url else ("", "", "")
-                if not sep or "/" in scheme:
+                    scheme, sep, _ = url.partition(":")
+                    scheme_ok = None if not sep or "/" in scheme else scheme.lower() in allowed
+                if scheme_ok is None:
                     reason = "unresolvable_url"
-                elif scheme.lower() not in allowed:
+                elif not scheme_ok:
                     reason = "bad_scheme"
                 elif len(url) > max_url:
                     reason = "url_too_long"
@@ -336,7 +353,7 @@ def _scan(extractor: _Extractor, reader: _StreamReader) -> str:
 
     metadata = WarcRecordType.metadata
     info = extractor.info
-    last_pos = -1
+    last = None
     # quirks_mode reads records with LF-only line endings (hand-cut and older CC samples).
     iterator = ArchiveIterator(
         reader,
@@ -347,7 +364,7 @@ def _scan(extractor: _Extractor, reader: _StreamReader) -> str:
     try:
         for record in iterator:
             info["records_read"] += 1
-            last_pos = record.stream_pos
+            last = record
             if record.record_type == metadata:
                 extractor.record(record)
             else:
@@ -369,7 +386,7 @@ def _scan(extractor: _Extractor, reader: _StreamReader) -> str:
             f"extract {extractor.wat_uri}: no warcinfo/metadata records in {reader.pos} bytes: not a WAT file"
         )
     if reader.is_gzip:
-        problem = reader.gzip_tail_problem(last_pos)
+        problem = reader.gzip_tail_problem(last.stream_pos if last is not None else -1)
         if problem:
             extractor.bad("truncated_gzip", None, problem)
             return "truncated_gzip"

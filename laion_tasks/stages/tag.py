@@ -77,7 +77,7 @@ OUTPUT_SCHEMA = pa.schema(
 # tag_status -> ShardStats outcome
 OUTCOMES = {
     "tagged": "success",
-    "no_image": "kept",
+    "no_image": "skip:no_image",
     BLOCKED: f"drop:{BLOCKED}",
     "no_embedding": "fail:no_embedding",
     "image_unreadable": "fail:image_unreadable",
