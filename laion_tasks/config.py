@@ -228,6 +228,8 @@ class CurateConfig(Section):
 
 
 class IndexConfig(Section):
+    subsets: list[str] = ["laion2B-en"]
+    """Subsets that get a kNN index (each subset's Asset triggers its index build)."""
     memory_budget_gb: float = 4.0
     flat_max_vectors: int = 200_000
     nprobe: int = 32
@@ -265,6 +267,8 @@ class ServeConfig(Section):
 
 
 class EvalConfig(Section):
+    dataset: str | None = None
+    """Zero-shot eval set run after training: ImageFolder dir, dir with labels.tsv, or WebDataset shards. None: no eval."""
     batch_size: int = 64
     templates: str | None = None
     classnames: str | None = None
@@ -279,6 +283,8 @@ class EvalConfig(Section):
 
 
 class TrainConfig(Section):
+    subset: str = "laion400m"
+    """The curated subset the train -> eval DAG trains on (its Asset triggers the DAG)."""
     model: str = "laion-tiny-clip"
     epochs: int = 1
     batch_size: int = 32

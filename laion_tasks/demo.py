@@ -116,6 +116,9 @@ def demo_config(work: Path, base_url: str, storage_root: str, lineage_url: str, 
         # the defaults everywhere else (docs/CONFIG.md).
         "dedup": {"near_dup_threshold": 0.999, "buckets": 8},
         "curate": {"subsets": demo_subsets()},
+        "train": {"subset": "laion2B-en", "epochs": 2, "batch_size": 16, "device": "cpu", "workers": 0},
+        "eval": {"dataset": str(work / "crawl" / "eval"), "device": "cpu", "batch_size": 32},
+        "index": {"subsets": ["laion2B-en"]},
         "orchestration": {
             "snapshots": [DEMO_CRAWL],
             "max_mapped_tasks": 4,
@@ -201,6 +204,15 @@ def run_snapshot_dag(env: DemoEnv, run_conf: dict[str, Any] | None = None) -> su
     return proc
 
 
+def run_downstream_dags(env: DemoEnv) -> None:
+    """The Asset-triggered DAGs, run directly: kNN index, and train -> zero-shot eval -> card."""
+    safe = DEMO_CRAWL.replace("-", "_")
+    for dag_id in (f"laion_index_{safe}", f"laion_train_eval_{safe}"):
+        proc = airflow(env, "dags", "test", dag_id, check=False)
+        if proc.returncode != 0 or "failed" in _final_state(proc.stdout + proc.stderr):
+            raise RuntimeError(f"airflow dags test {dag_id} failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}")
+
+
 def _final_state(output: str) -> str:
     for line in reversed(output.splitlines()):
         if "state=" in line.lower() or "dagrun" in line.lower():
@@ -241,13 +253,16 @@ def print_report(env: DemoEnv) -> None:
 
 
 def start_search(env: DemoEnv) -> str | None:
-    """Build the kNN index over the demo data and start the search UI in the background."""
+    """Start the search UI over the index the index DAG built, in the background."""
     exe = str(Path(sys.executable).parent / "laion")
-    subprocess.run([exe, "index", "--snapshot", DEMO_CRAWL], env=env.env, check=True)
+    subset = env.settings["index"]["subsets"][0]
     port = free_port()
     log = open(env.work / "serve.log", "w")
     proc = subprocess.Popen(
-        [exe, "serve", "--snapshot", DEMO_CRAWL, "--port", str(port)], env=env.env, stdout=log, stderr=subprocess.STDOUT,
+        [exe, "serve", "--snapshot", DEMO_CRAWL, "--subset", subset, "--port", str(port)],
+        env=env.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -275,7 +290,9 @@ def main() -> None:
         print(f"Fixture crawl {DEMO_CRAWL} served at {env.base_url}; running the snapshot DAG with `airflow dags test`...")
         started = time.time()
         run_snapshot_dag(env)
-        print(f"DAG run finished in {time.time() - started:.0f}s")
+        print(f"Snapshot DAG finished in {time.time() - started:.0f}s; running the index and train -> eval DAGs...")
+        run_downstream_dags(env)
+        print(f"All DAGs finished in {time.time() - started:.0f}s")
         print_report(env)
         if not args.no_serve:
             url = start_search(env)

@@ -352,3 +352,110 @@ def dedup_resolve_task(settings: Settings, snapshot: str) -> dict[str, Any]:
     out = layout.dedup_dir(root, snapshot)
     jobs = [("resolve", work, lambda: dedup_resolve(decisions, work, shards, out, settings.dedup))]
     return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=True).to_dict()
+
+
+# -- train -> eval -------------------------------------------------------------------
+
+
+def train_subset(settings: Settings, snapshot: str, subset: str | None = None, *, force: bool = False) -> dict[str, Any]:
+    """Train CLIP with open_clip's trainer on a curated subset's WebDataset shards."""
+    from laion_tasks.stages.train import subset_shards, train_clip
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+    subset = subset or settings.train.subset
+    subset_dir = layout.subset_dir(root, snapshot, subset)
+    out = storage.join(layout.models_dir(root, snapshot), subset)
+    checkpoint: dict[str, Any] = {}
+
+    def fn() -> ShardStats:
+        stats = train_clip(subset_shards(subset_dir), out, settings.train, run_name=f"{subset}-{settings.digest('train')[:8]}")
+        checkpoint["uri"] = stats.output_uri
+        return stats
+
+    result = run_shards(lineage, snapshot, "train", settings.digest("train", "curate"), [(subset, subset_dir, fn)], force=force)
+    if "uri" not in checkpoint:  # skipped: the recorded run's output
+        record = lineage.done_record(snapshot, "train", subset, settings.digest("train", "curate"))
+        checkpoint["uri"] = record["output_uri"] if record else None
+    return {**result.to_dict(), "subset": subset, "checkpoint": checkpoint["uri"]}
+
+
+def evaluate_checkpoint(settings: Settings, snapshot: str, subset: str, checkpoint: str, *, force: bool = False) -> dict[str, Any]:
+    """Zero-shot classification (CLIP_benchmark protocol) of a trained checkpoint on ``eval.dataset``."""
+    from laion_tasks.models.clip import load_clip
+    from laion_tasks.stages.evaluate import evaluate_zeroshot
+
+    if not settings.eval.dataset:
+        return {"skipped": "eval.dataset is not set"}
+    lineage = open_lineage(settings, snapshot)
+    out = storage.join(layout.models_dir(settings.storage.root, snapshot), subset, "eval")
+    metrics: dict[str, Any] = {}
+
+    def fn() -> ShardStats:
+        with storage.local_copy(checkpoint) as path:
+            model = load_clip(settings.train.model, checkpoint=str(path), device=settings.eval.device)
+        stats = evaluate_zeroshot(model, settings.eval.dataset or "", out, settings.eval, settings.eval.classnames, settings.eval.templates)
+        metrics.update(stats.extra.get("metrics", {}))
+        return stats
+
+    result = run_shards(lineage, snapshot, "eval", settings.digest("eval", "train"), [(subset, checkpoint, fn)], force=force)
+    if not metrics and storage.exists(storage.join(out, "zeroshot.json")):
+        import json
+
+        metrics.update(json.loads(storage.read_text(storage.join(out, "zeroshot.json"))).get("metrics", {}))
+    return {**result.to_dict(), "subset": subset, "report": storage.join(out, "zeroshot.md"), "metrics": metrics}
+
+
+def post_eval_to_card(settings: Settings, snapshot: str, subset: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Append the zero-shot metrics of the model trained on a subset to the snapshot's and subset's cards."""
+    metrics = evaluation.get("metrics") or {}
+    if not metrics:
+        return {"posted": False, "reason": evaluation.get("skipped", "no metrics")}
+    lines = [
+        "",
+        f"## Zero-shot evaluation of CLIP trained on `{subset}`",
+        "",
+        f"Model `{settings.train.model}`, {settings.train.epochs} epoch(s); eval set `{settings.eval.dataset}`; "
+        f"report: `{evaluation.get('report')}`.",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())],
+        "",
+    ]
+    root = settings.storage.root
+    targets = [
+        storage.join(layout.card_dir(root, snapshot), "README.md"),
+        storage.join(layout.subset_dir(root, snapshot, subset), "README.md"),
+    ]
+    marker = f"## Zero-shot evaluation of CLIP trained on `{subset}`"
+    for uri in targets:
+        if not storage.exists(uri):
+            continue
+        text = storage.read_text(uri)
+        if marker in text:  # replace an earlier evaluation section
+            head, _, rest = text.partition(marker)
+            tail = rest.split("\n## ", 1)
+            text = head.rstrip("\n") + ("\n\n## " + tail[1] if len(tail) > 1 else "\n")
+        storage.write_text(uri, text.rstrip("\n") + "\n" + "\n".join(lines))
+    return {"posted": True, "cards": targets, "metrics": metrics}
+
+
+# -- index ---------------------------------------------------------------------
+
+
+def index_subset(settings: Settings, snapshot: str, subset: str) -> dict[str, Any]:
+    """Build the kNN index of a curated subset from the CLIP stage's fp16 embeddings."""
+    from laion_tasks.stages.index import build_index
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+    shards = _all_shards(settings, snapshot)
+    embeddings = [layout.clip_image_emb_uri(root, snapshot, s) for s in shards]
+    clips = [layout.clip_parquet_uri(root, snapshot, s) for s in shards]
+    subset_parts = storage.list_uris(layout.subset_dir(root, snapshot, subset), ".parquet")
+    out = layout.index_dir(root, snapshot, subset)
+    fn = lambda: build_index(embeddings, clips, out, settings.index, subset_uris=subset_parts)  # noqa: E731
+    # A subset is rewritten in place when re-curated, so its index is always rebuilt.
+    result = run_shards(lineage, snapshot, "index", settings.digest("index", "curate"), [(subset, out, fn)], force=True)
+    return {**result.to_dict(), "subset": subset, "index_dir": out}

@@ -83,3 +83,11 @@ def test_newest_crawl_before() -> None:
     assert newest_crawl_before(collinfo, dt.datetime(2024, 4, 1, tzinfo=dt.timezone.utc)) == "CC-MAIN-2024-10"
     with pytest.raises(LookupError):
         newest_crawl_before(collinfo, dt.datetime(2023, 1, 1, tzinfo=dt.timezone.utc))
+
+
+def test_downstream_dags_are_scheduled_on_subset_assets(dagbag) -> None:  # type: ignore[no-untyped-def]
+    train_eval = dagbag.dags["laion_train_eval_CC_MAIN_2024_10"]
+    assert {"train", "evaluate", "post_to_card"} <= set(train_eval.task_ids)
+    assert "laion://CC-MAIN-2024-10/subsets/laion400m" in repr(train_eval.timetable.asset_condition)
+    index = dagbag.dags["laion_index_CC_MAIN_2024_10"]
+    assert "laion://CC-MAIN-2024-10/subsets/laion2B-en" in repr(index.timetable.asset_condition)

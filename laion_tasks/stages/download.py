@@ -373,6 +373,8 @@ class Fetcher:
         config = self.config
         async with self.session.get(url, allow_redirects=False) as resp:
             status = resp.status
+            if not 200 <= status < 300:
+                await _drain_small_body(resp)
             if status in REDIRECT_CODES:
                 location = resp.headers.get("Location")
                 if not location:
@@ -408,6 +410,20 @@ class Fetcher:
             if size == 0:
                 raise _Failure("empty_body", f"HTTP {status} with an empty body", url)
             return b"".join(chunks)
+
+
+ERROR_BODY_DRAIN_BYTES = 64 * 1024
+
+
+async def _drain_small_body(resp: Any) -> None:
+    """Read a small non-2xx body (announced length <= 64 KiB) so the connection closes or is
+    reused cleanly; an unread body makes the close a TCP reset on the server's side."""
+    length = resp.headers.get("Content-Length")
+    if length and length.isdigit() and 0 < int(length) <= ERROR_BODY_DRAIN_BYTES:
+        try:
+            await resp.content.read(ERROR_BODY_DRAIN_BYTES)
+        except Exception:  # noqa: BLE001 - the status is what counts; the body is discarded
+            pass
 
 
 # -- worker processes --------------------------------------------------------------------

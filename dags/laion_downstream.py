@@ -1,0 +1,128 @@
+"""DAGs that consume curated subsets, scheduled on their Airflow Assets.
+
+* ``laion_index_<crawl>``: builds the kNN search index of each subset in ``index.subsets``.
+* ``laion_train_eval_<crawl>``: trains CLIP with open_clip's trainer on ``train.subset``,
+  evaluates it zero-shot (CLIP_benchmark protocol) on ``eval.dataset``, and posts the
+  metrics into the dataset card. With ``clip.execution: kubernetes`` training runs as a
+  GPU pod (torchrun on ``train.gpus`` GPUs); otherwise in-process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+from airflow.sdk import dag, task
+
+from laion_common.graph import run_settings, subset_asset, task_defaults
+from laion_tasks.config import load_settings
+
+SETTINGS = load_settings()
+START = pendulum.datetime(2024, 1, 1, tz="UTC")
+
+
+@task
+def build_index(snapshot: str, subset: str) -> dict[str, Any]:
+    from laion_tasks import pipeline
+
+    settings, _ = run_settings()
+    return pipeline.index_subset(settings, snapshot, subset)
+
+
+@task
+def train(snapshot: str) -> str | None:
+    from laion_tasks import pipeline
+
+    settings, _ = run_settings()
+    return pipeline.train_subset(settings, snapshot)["checkpoint"]
+
+
+@task
+def checkpoint_uri(snapshot: str) -> str:
+    """Where the training pod wrote its checkpoint (the pod reports through storage and lineage, not XCom)."""
+    from laion_tasks import layout, storage
+
+    settings, _ = run_settings()
+    return storage.join(layout.models_dir(settings.storage.root, snapshot), settings.train.subset, "epoch_latest.pt")
+
+
+@task
+def evaluate(snapshot: str, checkpoint: str | None) -> dict[str, Any]:
+    from laion_tasks import pipeline
+
+    settings, _ = run_settings()
+    if not checkpoint:
+        raise ValueError(f"no checkpoint was produced for {settings.train.subset} in {snapshot}")
+    return pipeline.evaluate_checkpoint(settings, snapshot, settings.train.subset, checkpoint)
+
+
+@task
+def post_to_card(snapshot: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+    from laion_tasks import pipeline
+
+    settings, _ = run_settings()
+    return pipeline.post_eval_to_card(settings, snapshot, settings.train.subset, evaluation)
+
+
+def _safe(snapshot: str) -> str:
+    return snapshot.replace("-", "_")
+
+
+def make_index_dag(snapshot: str):  # type: ignore[no-untyped-def]
+    assets = [subset_asset(snapshot, s) for s in SETTINGS.index.subsets]
+
+    @dag(
+        dag_id=f"laion_index_{_safe(snapshot)}",
+        description=f"kNN index of {snapshot}'s subsets",
+        schedule=assets,
+        start_date=START,
+        catchup=False,
+        default_args=task_defaults(SETTINGS),
+        tags=["laion", "index"],
+        doc_md=__doc__,
+    )
+    def index_dag() -> None:
+        for subset in SETTINGS.index.subsets:
+            build_index.override(task_id=f"index_{subset.replace('.', '_')}")(snapshot, subset)
+
+    return index_dag()
+
+
+def make_train_eval_dag(snapshot: str):  # type: ignore[no-untyped-def]
+    @dag(
+        dag_id=f"laion_train_eval_{_safe(snapshot)}",
+        description=f"Train CLIP on {snapshot}/{SETTINGS.train.subset}, evaluate zero-shot, post to the card",
+        schedule=[subset_asset(snapshot, SETTINGS.train.subset)],
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args={**task_defaults(SETTINGS), "retries": 1},
+        tags=["laion", "train", "eval"],
+        doc_md=__doc__,
+    )
+    def train_eval_dag() -> None:
+        if SETTINGS.clip.execution == "kubernetes":
+            from laion_common.train_pod import train_pod_operator
+            from laion_tasks import layout, storage
+
+            root = SETTINGS.storage.root
+            pod = train_pod_operator(
+                "train",
+                SETTINGS,
+                layout.subset_dir(root, snapshot, SETTINGS.train.subset),
+                storage.join(layout.models_dir(root, snapshot), SETTINGS.train.subset),
+                snapshot=snapshot,
+                pool=SETTINGS.clip.gpu_pool,
+            )
+            checkpoint = checkpoint_uri(snapshot)
+            pod >> checkpoint
+        else:
+            checkpoint = train(snapshot)
+        post_to_card(snapshot, evaluate(snapshot, checkpoint))
+
+    return train_eval_dag()
+
+
+for _snapshot in SETTINGS.orchestration.snapshots:
+    globals()[f"laion_index_{_safe(_snapshot)}"] = make_index_dag(_snapshot)
+    globals()[f"laion_train_eval_{_safe(_snapshot)}"] = make_train_eval_dag(_snapshot)
