@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=1, help="Alternate ours/peer this many times; best round counts.")
     parser.add_argument("--reference-pairs", type=int, default=32)
+    parser.add_argument("--keep", action="store_true", help="Keep the temp dir with shards and outputs.")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "clip.md")
     args = parser.parse_args()
 
@@ -294,7 +295,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
-    print(f"work dir: {work}")
+    if args.keep:
+        print(f"work dir kept: {work}")
+    else:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -278,14 +278,12 @@ def main() -> None:
     parser.add_argument("--no-serve", action="store_true", help="Skip building the index and starting the search UI.")
     args = parser.parse_args()
     if args.work.exists() and not args.keep:
-        pid_file = args.work / "serve.pid"
-        if pid_file.exists():
-            try:
-                os.killpg(int(pid_file.read_text()), 15)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
+        stop = args.work / "stop.sh"
+        if stop.exists():  # a previous demo's servers
+            subprocess.run(["sh", str(stop)], check=False)
         shutil.rmtree(args.work)
     env = prepare(args.work)
+    serving = False
     try:
         print(f"Fixture crawl {DEMO_CRAWL} served at {env.base_url}; running the snapshot DAG with `airflow dags test`...")
         started = time.time()
@@ -296,9 +294,18 @@ def main() -> None:
         print_report(env)
         if not args.no_serve:
             url = start_search(env)
-            print(f"\nSearch UI: {url}  (stop it with: kill -- -$(cat {env.work / 'serve.pid'}))")
+            stop = env.work / "stop.sh"
+            stop.write_text(
+                "#!/bin/sh\n# Stops the demo's search UI and the fixture image server.\n"
+                f"kill -- -$(cat {env.work / 'serve.pid'}) {env.server.pid} 2>/dev/null; rm -f {env.work / 'serve.pid'}\n"
+            )
+            stop.chmod(0o755)
+            serving = True
+            print(f"\nSearch UI: {url}")
+            print(f"  (result images come from the fixture server {env.base_url}; stop both with: sh {stop})")
     finally:
-        env.stop()
+        if not serving:
+            env.stop()
 
 
 if __name__ == "__main__":

@@ -331,7 +331,7 @@ def test_cli_regroup_then_download(tmp_path: Path) -> None:
         out = [str(tmp_path / "images" / "000000.tar"), str(tmp_path / "images" / "000000.parquet")]
         result = runner.invoke(app, ["download", shard, *out], env=env)
         assert result.exit_code == 0, result.output
-        print("OUTPUT", repr(result.output)); assert json.loads(result.output)["counts"] == {"success": 1, "fail:http_503": 1}
+        assert json.loads(result.output)["counts"] == {"success": 1, "fail:http_503": 1}
         env["LAION_DOWNLOAD__RETRIES"] = "5"
         result = runner.invoke(app, ["download", shard, *out, "--retry-failed"], env=env)
         assert result.exit_code == 0, result.output
