@@ -91,3 +91,21 @@ def test_downstream_dags_are_scheduled_on_subset_assets(dagbag) -> None:  # type
     assert "laion://CC-MAIN-2024-10/subsets/laion400m" in repr(train_eval.timetable.asset_condition)
     index = dagbag.dags["laion_index_CC_MAIN_2024_10"]
     assert "laion://CC-MAIN-2024-10/subsets/laion2B-en" in repr(index.timetable.asset_condition)
+
+
+def test_kubernetes_clip_stage_maps_gpu_pods(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With clip.execution=kubernetes the CLIP stage is a mapped KubernetesPodOperator in the GPU pool."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    cfg = tmp_path / "k8s.yaml"
+    cfg.write_text("orchestration:\n  snapshots: [CC-MAIN-2024-10]\nclip:\n  execution: kubernetes\n")
+    monkeypatch.setenv("LAION_CONFIG", str(cfg))
+    for name in [m for m in sys.modules if m.startswith(("laion_snapshots", "laion_common"))]:
+        monkeypatch.delitem(sys.modules, name)
+    bag = DagBag(dag_folder=str(REPO / "dags" / "laion_snapshots.py"))
+    assert bag.import_errors == {}
+    dag = bag.dags["laion_snapshot_CC_MAIN_2024_10"]
+    pod = dag.get_task("clip_score")
+    assert type(pod).__name__ == "MappedOperator" and pod.operator_class.__name__ == "KubernetesPodOperator"
+    assert pod.partial_kwargs["pool"] == "gpu"
+    assert "clip_pod_args" in pod.upstream_task_ids and "download" in pod.upstream_task_ids

@@ -57,8 +57,27 @@ def clip_pod_operator(
     comma-separated ids (e.g. from a mapped batch). ``kwargs`` go to the operator and win
     over the defaults built here.
     """
-    cfg = settings.clip
     shards = shard_ids if isinstance(shard_ids, str) else ",".join(shard_ids)
+    options = clip_pod_options(task_id, settings)
+    options["arguments"] = clip_pod_arguments(snapshot, shards)
+    options.update(kwargs)
+    return KubernetesPodOperator(**options)
+
+
+def clip_pod_arguments(snapshot: str, shards: str) -> list[str]:
+    return ["clip-score-shard", "--snapshot", snapshot, "--shard", shards]
+
+
+def clip_pod_partial(task_id: str, settings: Settings, **kwargs):  # type: ignore[no-untyped-def]
+    """A mapped version: ``.expand(arguments=[clip_pod_arguments(...), ...])``, one pod per shard batch."""
+    options = clip_pod_options(task_id, settings)
+    options.update(kwargs)
+    return KubernetesPodOperator.partial(**options)
+
+
+def clip_pod_options(task_id: str, settings: Settings) -> dict:
+    """Everything about the CLIP pod except its arguments (which shards)."""
+    cfg = settings.clip
     volumes = [
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=cfg.k8s_shm_size))
     ]
@@ -71,7 +90,6 @@ def clip_pod_operator(
         image=cfg.k8s_image,
         namespace=cfg.k8s_namespace,
         cmds=["laion"],
-        arguments=["clip-score-shard", "--snapshot", snapshot, "--shard", shards],
         env_vars=pod_env(settings),
         env_from=env_from,
         container_resources=clip_pod_resources(settings),
@@ -87,5 +105,4 @@ def clip_pod_operator(
         on_finish_action="delete_pod",
         startup_timeout_seconds=600,
     )
-    options.update(kwargs)
-    return KubernetesPodOperator(**options)
+    return options

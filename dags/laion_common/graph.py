@@ -188,7 +188,7 @@ def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str
     if settings.clip.execution == "kubernetes":
         from laion_common.gpu_pod import clip_pod_partial
 
-        scored = clip_pod_partial("clip_score", settings, snapshot).expand(arguments=_shard_args(download_plan))
+        scored = clip_pod_partial("clip_score", settings).expand(arguments=clip_pod_args(snapshot, download_plan))
     else:
         scored = clip_score.override(**gpu_kwargs).partial(snapshot=snapshot).expand(batch=download_plan)
     downloaded >> scored
@@ -215,9 +215,8 @@ def _task_safe(name: str) -> str:
 
 
 @task
-def _shard_args_task(plan: list[dict[str, Any]]) -> list[list[str]]:
-    return [["--shards", ",".join(batch["shards"])] for batch in plan]
+def clip_pod_args(snapshot: str, plan: list[dict[str, Any]]) -> list[list[str]]:
+    """One pod per download batch; the pod reads and writes storage and lineage itself."""
+    from laion_common.gpu_pod import clip_pod_arguments
 
-
-def _shard_args(plan: Any) -> Any:
-    return _shard_args_task(plan)
+    return [clip_pod_arguments(snapshot, ",".join(batch["shards"])) for batch in plan]
