@@ -31,6 +31,7 @@ class StorageConfig(Section):
     s3_endpoint_url: str | None = None
     """Set for MinIO or another S3-compatible store; None means AWS."""
     s3_region: str = "us-east-1"
+    """Region for the S3 client (MinIO ignores it)."""
     s3_max_attempts: int = 5
     """botocore retry attempts (standard mode) on throttling and 5xx."""
     http_timeout_s: float = 120.0
@@ -44,10 +45,13 @@ class LineageConfig(Section):
 
 class ExtractConfig(Section):
     min_alt_length: int = 5
+    """Alt texts shorter than this (after whitespace normalisation) are dropped as ``alt_too_short``."""
     max_alt_length: int = 4096
     """Longer alt texts are dropped as ``alt_too_long`` (boilerplate, spam)."""
     max_url_length: int = 2048
+    """Longer image URLs are dropped as ``url_too_long``."""
     allowed_schemes: list[str] = ["http", "https"]
+    """Image URL schemes kept; others are ``bad_scheme``."""
     cc_base_url: str = "https://data.commoncrawl.org/"
     """Prefix for the relative paths listed in a crawl's ``wat.paths.gz``."""
     max_wat_files: int | None = None
@@ -55,32 +59,50 @@ class ExtractConfig(Section):
     sample_wat_files: int | None = None
     """Take a deterministic sample of N WAT files instead of the first N."""
     sample_seed: int = 0
+    """Seed of the deterministic WAT-file sample."""
 
 
 class DownloadConfig(Section):
     shard_size: int = 10_000
+    """Samples per download shard (one tar + one parquet)."""
     user_agent: str = "laion-tasks/0.1 (+https://github.com/laion-tasks/laion-tasks; image-text dataset research)"
+    """Sent with every request and matched against robots.txt; identifies the project."""
     max_concurrency: int = 128
+    """Requests in flight at once per shard."""
     max_per_host: int = 16
+    """Requests in flight at once per host."""
     request_deadline_s: float = 30.0
     """Total deadline per request including redirects and the body."""
     connect_timeout_s: float = 10.0
+    """TCP/TLS connect timeout per attempt."""
     retries: int = 2
+    """Retries on timeouts, 429 (honouring Retry-After) and 5xx."""
     backoff_base_s: float = 0.5
+    """First retry delay; doubles each retry, with full jitter."""
     backoff_max_s: float = 30.0
+    """Cap on one retry delay."""
     max_redirects: int = 5
+    """Redirect hops followed (each re-checked by the SSRF guard)."""
     max_response_bytes: int = 20 * 1024 * 1024
+    """Bodies larger than this are cut off while streaming (``too_large``)."""
     allow_private_networks: bool = False
     """SSRF guard switch: only for tests and the offline demo."""
     max_image_pixels: int = 89_478_485
     """Decompression-bomb guard (Pillow's default)."""
     max_image_side: int = 20_000
+    """Images with a longer side are refused before decoding."""
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    """X-Robots-Tag directives that opt an image out (img2dataset's defaults)."""
     respect_robots_txt: bool = True
+    """Fetch robots.txt per host and honour it for ``user_agent``."""
     respect_tdm_reservation: bool = True
+    """Honour the TDM Reservation Protocol header ``tdm-reservation: 1``."""
     image_size: int = 256
+    """Target size in pixels for the resize mode."""
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    """no / border (pad to square) / keep_ratio / keep_ratio_largest / center_crop."""
     resize_only_if_bigger: bool = False
+    """Leave images smaller than the target untouched."""
     min_image_size: int = 0
     """Minimum side in pixels of the original image."""
     min_image_bytes: int = 0
@@ -88,7 +110,9 @@ class DownloadConfig(Section):
     max_aspect_ratio: float = 0.0
     """0 disables the aspect-ratio filter."""
     encode_format: Literal["jpg", "webp"] = "jpg"
+    """Format of the images written to the tar."""
     encode_quality: int = 95
+    """JPEG/WebP quality of the written images."""
     processes: int = 0
     """Download worker processes (each: its own event loop + decode threads); 0 means one per core."""
     decode_threads: int = 2
@@ -97,10 +121,13 @@ class DownloadConfig(Section):
 
 class ClipModelConfig(Section):
     model: str = "ViT-B-32"
+    """open_clip model name (or a config in laion_tasks/model_configs)."""
     pretrained: str | None = "laion2b_s34b_b79k"
+    """open_clip pretrained tag (downloaded by open_clip); null with a checkpoint or a tiny test model."""
     checkpoint: str | None = None
     """Local checkpoint file or directory; overrides ``pretrained``."""
     threshold: float = 0.28
+    """Pairs with cosine similarity below this are ``filtered_clip_similarity``."""
 
 
 class ClipConfig(Section):
@@ -111,31 +138,47 @@ class ClipConfig(Section):
     use_multilingual: bool = True
     """Score non-English pairs with the multilingual model; False scores all with ``english``."""
     device: str = "auto"
+    """auto (CUDA when available), cpu, cuda, cuda:1, ..."""
     batch_size: int = 256
+    """Image-text pairs encoded per batch."""
     num_workers: int = 0
     """DataLoader decode workers; 0 means min(8, cores)."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """auto = bf16/fp16 autocast on GPU, fp32 on CPU."""
     gpu_jpeg_decode: bool = True
+    """Decode JPEGs on the GPU (torchvision.io.decode_jpeg) when running on CUDA."""
     channels_last: bool = False
+    """Use channels-last memory format for the image tower."""
     compile: bool = False
+    """torch.compile the encoders."""
     seed: int = 0
     """Seed for randomly initialised (tiny, test) models."""
     execution: Literal["in_process", "kubernetes"] = "in_process"
+    """in_process (embedded default) or kubernetes (one GPU pod per shard batch)."""
     k8s_image: str = "ghcr.io/laion-tasks/laion-tasks:latest"
+    """Container image of the CLIP pods (the project's Dockerfile)."""
     k8s_namespace: str = "default"
+    """Namespace of the CLIP pods."""
     k8s_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    """Node selector of the CLIP pods."""
     k8s_tolerations: list[dict[str, str]] = [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
+    """Tolerations of the CLIP pods (GPU node taints)."""
     k8s_cpu: str = "8"
+    """CPU request of a CLIP pod (decode workers)."""
     k8s_memory: str = "32Gi"
+    """Memory request and limit of a CLIP pod."""
     k8s_gpus: int = 1
+    """``nvidia.com/gpu`` per CLIP pod."""
     k8s_deferrable: bool = True
+    """Run the pod operator deferrably (frees worker slots while pods run)."""
     k8s_env_secret: str | None = None
     """Kubernetes Secret whose keys become the pod's env vars (AWS credentials, a lineage URL with a password)."""
     k8s_shm_size: str = "8Gi"
     """In-memory /dev/shm for DataLoader workers (the container default of 64 MiB stalls them)."""
     gpu_pool: str = "gpu"
+    """Airflow pool that caps concurrent GPU pods."""
 
 
 class TagConfig(Section):
@@ -144,25 +187,40 @@ class TagConfig(Section):
     language_threshold: float = 0.5
     """Below this confidence a text is ``nolang``."""
     nsfw_weights: str | None = None
+    """LAION CLIP-based NSFW detector head (.pth); zero-shot prompts when unset."""
     watermark_weights: str | None = None
+    """LAION watermark detector (efficientnet_b3a, 256 px) state dict; zero-shot prompts when unset."""
     aesthetic_weights: str | None = None
+    """Improved aesthetic predictor MLP state dict (ViT-L/14 embeddings); null scores when unset."""
     nsfw_prompts: list[str] = ["a nude photo", "porn", "a sexually explicit image", "nsfw"]
+    """Zero-shot NSFW prompts (positive class)."""
     safe_prompts: list[str] = ["a photo", "a safe for work image", "a picture of an object", "a landscape"]
+    """Zero-shot safe prompts (negative class)."""
     watermark_prompts: list[str] = ["an image with a watermark", "a stock photo with watermark text"]
+    """Zero-shot watermark prompts (positive class)."""
     clean_prompts: list[str] = ["an image without a watermark", "a clean photo"]
+    """Zero-shot no-watermark prompts (negative class)."""
     nudenet: bool = False
+    """Also run NudeNet's ONNX detector on the images (second opinion, CPU)."""
     nsfw_keywords: list[str] = ["porn", "xxx", "nude", "naked", "nsfw", "sex"]
+    """Whole-word alt-text keywords that set ``nsfw_text``."""
     url_hashlist: str | None = None
+    """File of md5/sha256 URL hashes: listed URLs are never fetched."""
     image_hashlist: str | None = None
+    """File of md5/sha1/sha256 image hashes: matching bytes are never written."""
     pdq_hashlist: str | None = None
+    """File of PDQ perceptual hashes, matched within ``pdq_max_distance``."""
     pdq_max_distance: int = 31
+    """Hamming distance at or below which a PDQ hash matches."""
     image_batch_size: int = 64
     """Images decoded and scored together (watermark detector, NudeNet)."""
 
 
 class DedupConfig(Section):
     buckets: int = 64
+    """Hash-prefix / embedding buckets; each is deduplicated by one mapped task."""
     near_dup_threshold: float = 0.95
+    """Image-embedding cosine at or above which two samples are near-duplicates."""
     near_dup: bool = True
     """Near-duplicate images by embedding; needs k-means centroids (``dedup_centroids``)."""
     near_dup_probes: int = 2
@@ -170,6 +228,7 @@ class DedupConfig(Section):
     centroid_sample_per_shard: int = 2000
     """Embeddings sampled per shard to train the near-dup bucket centroids."""
     seed: int = 0
+    """Seed of the k-means that routes embeddings to buckets."""
     resolve_memory_limit: str = "4GB"
     """DuckDB memory limit of the global resolve step (it spills to disk beyond)."""
 
@@ -213,8 +272,11 @@ def _default_subsets() -> dict[str, SubsetConfig]:
 
 class CurateConfig(Section):
     subsets: dict[str, SubsetConfig] = Field(default_factory=_default_subsets)
+    """Subset name -> DuckDB predicate over the tagged metadata (see the table below)."""
     rows_per_file: int = 1_000_000
+    """Rows per subset Parquet part file."""
     duckdb_memory_limit: str = "2GB"
+    """DuckDB memory limit; larger work spills to disk."""
     duckdb_temp_dir: str | None = None
     """Where DuckDB spills (and s3 metadata is staged); None: a fresh system temp dir."""
     duckdb_threads: int = 0
@@ -231,9 +293,13 @@ class IndexConfig(Section):
     subsets: list[str] = ["laion2B-en"]
     """Subsets that get a kNN index (each subset's Asset triggers its index build)."""
     memory_budget_gb: float = 4.0
+    """Index memory budget; decides flat vs IVF-PQ vs HNSW as autofaiss does."""
     flat_max_vectors: int = 200_000
+    """Up to this many vectors an exact flat index is built."""
     nprobe: int = 32
+    """IVF lists probed per query."""
     hnsw_m: int = 32
+    """HNSW graph degree."""
     index_key: str | None = None
     """FAISS index_factory string that overrides the automatic choice (e.g. ``HNSW32,SQfp16``)."""
     k_factor: int = 10
@@ -250,16 +316,23 @@ class IndexConfig(Section):
 
 class ServeConfig(Section):
     host: str = "127.0.0.1"
+    """Bind address of ``laion serve``."""
     port: int = 8765
+    """Port of ``laion serve``."""
     max_k: int = 200
+    """Largest k a query may ask for."""
     max_upload_bytes: int = 10 * 1024 * 1024
+    """Largest image upload accepted."""
     allow_url_queries: bool = False
+    """Allow image-by-URL queries (fetched through the downloader's SSRF guard)."""
     default_k: int = 40
+    """k when a query does not say."""
     dedup_threshold: float = 0.97
     """Results whose image embeddings have cosine >= this with a better hit are near-duplicates."""
     max_candidates: int = 10_000
     """Cap on ANN candidates fetched while filling k results after filters and dedup."""
     url_fetch_timeout_s: float = 10.0
+    """Total deadline for fetching an image-by-URL query."""
     snapshot: str | None = None
     """Snapshot whose index the Airflow plugin serves (None: the first of orchestration.snapshots)."""
     subset: str = "laion2B-en"
@@ -270,8 +343,11 @@ class EvalConfig(Section):
     dataset: str | None = None
     """Zero-shot eval set run after training: ImageFolder dir, dir with labels.tsv, or WebDataset shards. None: no eval."""
     batch_size: int = 64
+    """Images per batch in zero-shot eval."""
     templates: str | None = None
+    """JSON of prompt templates (default: OpenAI's 80 ImageNet templates)."""
     classnames: str | None = None
+    """JSON of class names (default: from the dataset)."""
     device: str = "auto"
     """Zero-shot eval device: auto picks CUDA when available."""
     precision: Literal["fp32", "amp"] = "fp32"
@@ -286,17 +362,25 @@ class TrainConfig(Section):
     subset: str = "laion400m"
     """The curated subset the train -> eval DAG trains on (its Asset triggers the DAG)."""
     model: str = "laion-tiny-clip"
+    """open_clip model to train."""
     epochs: int = 1
+    """Training epochs."""
     batch_size: int = 32
+    """Per-GPU batch size."""
     lr: float = 5e-4
+    """Peak learning rate."""
     workers: int = 1
+    """DataLoader workers per GPU."""
     gpus: int = 1
+    """GPUs per training job (torchrun workers when > 1)."""
     k8s_image: str = "ghcr.io/laion-tasks/laion-tasks:latest"
+    """Container image of the training pod."""
     warmup: int = 10
     """LR warmup steps (open_clip's default 10000 would keep a small demo run at lr ~ 0)."""
     precision: str = "auto"
     """open_clip_train --precision; auto = amp on CUDA, fp32 on CPU."""
     seed: int = 0
+    """Training seed."""
     device: str = "auto"
     """auto: cuda when available (open_clip_train falls back to cpu)."""
     shard_access: Literal["stage", "pipe"] = "stage"
@@ -304,16 +388,21 @@ class TrainConfig(Section):
     extra_args: list[str] = []
     """Passed verbatim to open_clip_train.main (e.g. ["--grad-checkpointing"])."""
     k8s_namespace: str = "default"
+    """Namespace of the training pod."""
     k8s_cpu: str = "8"
+    """CPU request of the training pod."""
     k8s_memory: str = "64Gi"
+    """Memory request and limit of the training pod."""
     k8s_shm_size: str = "16Gi"
     """/dev/shm for DataLoader workers in the training pod."""
     k8s_env_secret: str | None = None
     """Kubernetes Secret whose keys become env vars in the training pod (S3 / lineage credentials)."""
     k8s_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    """Node selector of the training pod."""
     k8s_tolerations: list[dict[str, str]] = [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
+    """Tolerations of the training pod."""
 
 
 class OrchestrationConfig(Section):
@@ -322,11 +411,17 @@ class OrchestrationConfig(Section):
     max_mapped_tasks: int = 256
     """Fan-out cap: shards are batched so no stage maps more task instances than this."""
     task_retries: int = 3
+    """Airflow retries per task (exponential backoff)."""
     retry_delay_s: int = 60
+    """First retry delay."""
     max_retry_delay_s: int = 1800
+    """Cap on the retry delay."""
     task_timeout_s: int = 6 * 3600
+    """execution_timeout of every task."""
     download_pool: str = "download"
+    """Airflow pool that caps concurrent download tasks."""
     collinfo_url: str = "https://index.commoncrawl.org/collinfo.json"
+    """Common Crawl's list of crawls, for the monthly ingest."""
 
 
 class Settings(Section):

@@ -326,13 +326,13 @@ def test_cli_regroup_then_download(tmp_path: Path) -> None:
         env = {"LAION_DOWNLOAD__ALLOW_PRIVATE_NETWORKS": "true", "LAION_DOWNLOAD__RETRIES": "0", "LAION_DOWNLOAD__PROCESSES": "1"}
         result = runner.invoke(app, ["regroup", str(cand), "--shards-dir", str(tmp_path / "shards"), "--shard-size", "2"], env=env)
         assert result.exit_code == 0, result.output
-        assert json.loads(result.output)["shards"] == 2
+        assert json.loads(result.stdout)["shards"] == 2
         shard = str(tmp_path / "shards" / "000000.parquet")
         out = [str(tmp_path / "images" / "000000.tar"), str(tmp_path / "images" / "000000.parquet")]
         result = runner.invoke(app, ["download", shard, *out], env=env)
         assert result.exit_code == 0, result.output
-        assert json.loads(result.output)["counts"] == {"success": 1, "fail:http_503": 1}
+        assert json.loads(result.stdout)["counts"] == {"success": 1, "fail:http_503": 1}
         env["LAION_DOWNLOAD__RETRIES"] = "5"
         result = runner.invoke(app, ["download", shard, *out, "--retry-failed"], env=env)
         assert result.exit_code == 0, result.output
-        assert json.loads(result.output)["counts"] == {"success": 2}
+        assert json.loads(result.stdout)["counts"] == {"success": 2}
