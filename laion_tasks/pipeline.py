@@ -163,29 +163,34 @@ def download_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bo
 # -- clip ----------------------------------------------------------------------
 
 
+def per_shard_jobs(
+    batch: Batch, input_uri: Callable[[str], str], call: Callable[[str], ShardStats]
+) -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
+    """``(shard_id, input_uri, fn)`` jobs for a batch of download shards."""
+    for shard in batch["shards"]:
+        yield shard, input_uri(shard), (lambda shard=shard: call(shard))
+
+
 def clip_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
     from laion_tasks.stages.clip_score import clip_score_shard
 
     lineage = open_lineage(settings, snapshot)
     root = settings.storage.root
 
-    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
-        for shard in batch["shards"]:
-            meta = layout.images_parquet_uri(root, snapshot, shard)
-            yield shard, meta, (
-                lambda shard=shard, meta=meta: clip_score_shard(
-                    meta,
-                    layout.images_tar_uri(root, snapshot, shard),
-                    layout.clip_parquet_uri(root, snapshot, shard),
-                    layout.clip_image_emb_uri(root, snapshot, shard),
-                    layout.clip_text_emb_uri(root, snapshot, shard),
-                    settings.clip,
-                    language_threshold=settings.tag.language_threshold,
-                    langid_model_path=settings.tag.langid_model_path,
-                )
-            )
+    def call(shard: str) -> ShardStats:
+        return clip_score_shard(
+            layout.images_parquet_uri(root, snapshot, shard),
+            layout.images_tar_uri(root, snapshot, shard),
+            layout.clip_parquet_uri(root, snapshot, shard),
+            layout.clip_image_emb_uri(root, snapshot, shard),
+            layout.clip_text_emb_uri(root, snapshot, shard),
+            settings.clip,
+            language_threshold=settings.tag.language_threshold,
+            langid_model_path=settings.tag.langid_model_path,
+        )
 
-    return run_shards(lineage, snapshot, "clip", settings.digest("clip"), jobs(), force=force).to_dict()
+    jobs = per_shard_jobs(batch, lambda shard: layout.images_parquet_uri(root, snapshot, shard), call)
+    return run_shards(lineage, snapshot, "clip", settings.digest("clip"), jobs, force=force).to_dict()
 
 
 # -- tag -----------------------------------------------------------------------
@@ -197,22 +202,19 @@ def tag_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = 
     lineage = open_lineage(settings, snapshot)
     root = settings.storage.root
 
-    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
-        for shard in batch["shards"]:
-            meta = layout.images_parquet_uri(root, snapshot, shard)
-            yield shard, meta, (
-                lambda shard=shard, meta=meta: tag_shard(
-                    meta,
-                    layout.images_tar_uri(root, snapshot, shard),
-                    layout.clip_parquet_uri(root, snapshot, shard),
-                    layout.clip_image_emb_uri(root, snapshot, shard),
-                    layout.tags_parquet_uri(root, snapshot, shard),
-                    settings.tag,
-                    settings.clip,
-                )
-            )
+    def call(shard: str) -> ShardStats:
+        return tag_shard(
+            layout.images_parquet_uri(root, snapshot, shard),
+            layout.images_tar_uri(root, snapshot, shard),
+            layout.clip_parquet_uri(root, snapshot, shard),
+            layout.clip_image_emb_uri(root, snapshot, shard),
+            layout.tags_parquet_uri(root, snapshot, shard),
+            settings.tag,
+            settings.clip,
+        )
 
-    return run_shards(lineage, snapshot, "tag", settings.digest("tag", "clip"), jobs(), force=force).to_dict()
+    jobs = per_shard_jobs(batch, lambda shard: layout.images_parquet_uri(root, snapshot, shard), call)
+    return run_shards(lineage, snapshot, "tag", settings.digest("tag", "clip"), jobs, force=force).to_dict()
 
 
 # -- curate and card -------------------------------------------------------------

@@ -231,6 +231,17 @@ def open_write(uri: str) -> Iterator[IO[bytes]]:
             os.fsync(handle.fileno())
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a local file, streamed (the checksum lineage records for an output)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     with open_write(uri) as handle:
         handle.write(data)

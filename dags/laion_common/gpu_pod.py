@@ -34,14 +34,17 @@ def pod_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def clip_pod_resources(settings: Settings) -> k8s.V1ResourceRequirements:
+def gpu_resources(cpu: str, memory: str, gpus: int) -> k8s.V1ResourceRequirements:
     """GPUs must be requested and limited equally; CPU is only requested, so decode workers may burst."""
-    cfg = settings.clip
-    gpus = str(cfg.k8s_gpus)
     return k8s.V1ResourceRequirements(
-        requests={"cpu": cfg.k8s_cpu, "memory": cfg.k8s_memory, "nvidia.com/gpu": gpus},
-        limits={"memory": cfg.k8s_memory, "nvidia.com/gpu": gpus},
+        requests={"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)},
+        limits={"memory": memory, "nvidia.com/gpu": str(gpus)},
     )
+
+
+def clip_pod_resources(settings: Settings) -> k8s.V1ResourceRequirements:
+    cfg = settings.clip
+    return gpu_resources(cfg.k8s_cpu, cfg.k8s_memory, cfg.k8s_gpus)
 
 
 def clip_pod_operator(

@@ -31,13 +31,10 @@ def train_pod_env(settings: Settings) -> dict[str, str]:
 
 
 def train_pod_resources(settings: Settings) -> k8s.V1ResourceRequirements:
-    """GPUs requested and limited equally (Kubernetes requires it); memory limited, CPU only requested."""
+    from laion_common.gpu_pod import gpu_resources
+
     cfg = settings.train
-    gpus = str(cfg.gpus)
-    return k8s.V1ResourceRequirements(
-        requests={"cpu": cfg.k8s_cpu, "memory": cfg.k8s_memory, "nvidia.com/gpu": gpus},
-        limits={"memory": cfg.k8s_memory, "nvidia.com/gpu": gpus},
-    )
+    return gpu_resources(cfg.k8s_cpu, cfg.k8s_memory, cfg.gpus)
 
 
 def train_pod_operator(

@@ -18,22 +18,11 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Tag shards under <storage.root>/<snapshot>/ (language, punsafe, pwatermark, aesthetics, hash lists)."""
-        from laion_tasks import layout
-        from laion_tasks.stages.tag import tag_shard
+        from laion_tasks import pipeline
 
         settings = settings_from(config)
-        root = settings.storage.root
-        for shard in shards:
-            stats = tag_shard(
-                layout.images_parquet_uri(root, snapshot, shard),
-                layout.images_tar_uri(root, snapshot, shard),
-                layout.clip_parquet_uri(root, snapshot, shard),
-                layout.clip_image_emb_uri(root, snapshot, shard),
-                layout.tags_parquet_uri(root, snapshot, shard),
-                settings.tag,
-                settings.clip,
-            )
-            echo_json({"shard": shard, **stats.to_dict()})
+        # the DAG's driver: records lineage and skips shards already tagged with this config
+        echo_json(pipeline.tag_batch(settings, snapshot, {"shards": list(shards)}))
 
     @app.command("dedup")
     def dedup(

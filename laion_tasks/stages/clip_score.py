@@ -23,7 +23,6 @@ path (see tests). AMP (bf16/fp16) on CUDA, fp32 on CPU.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -431,15 +430,7 @@ def _write_npy(uri: str, array: np.ndarray) -> tuple[int, str]:
     with storage.atomic_local_path(uri, suffix=".npy") as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
-        return tmp.stat().st_size, _sha256(tmp)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return tmp.stat().st_size, storage.file_sha256(tmp)
 
 
 def clip_score_shard(
@@ -550,7 +541,7 @@ def clip_score_shard(
     with storage.atomic_local_path(out_parquet_uri, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
         parquet_bytes = tmp.stat().st_size
-        stats.checksum = _sha256(tmp)
+        stats.checksum = storage.file_sha256(tmp)
     stats.bytes_written = parquet_bytes + img_bytes + txt_bytes
     elapsed = time.perf_counter() - started
     scored = int(has_embedding.sum())

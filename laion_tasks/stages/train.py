@@ -13,7 +13,6 @@ caption are ``success`` (they are what open_clip_train trains on), others are
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -152,14 +151,6 @@ def _final_losses(log_text: str) -> dict[str, float | int]:
     return last
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def train_clip(
     train_shards: list[str],
     output_uri: str,
@@ -217,7 +208,7 @@ def train_clip(
         if params.exists():
             storage.write_text(storage.join(output_uri, "params.txt"), params.read_text())
         stats.output_uri = checkpoint_uri
-        stats.checksum = _sha256(checkpoint)
+        stats.checksum = storage.file_sha256(checkpoint)
         stats.bytes_written = checkpoint.stat().st_size + len(log_text.encode())
         stats.extra = {
             "model": config.model,
