@@ -16,19 +16,27 @@ from kubernetes.client import models as k8s
 from laion_tasks.config import Settings
 
 
-def pod_env(settings: Settings) -> dict[str, str]:
-    """LAION_* variables that rebuild, inside the pod, the settings the clip stage depends on."""
+def base_pod_env(settings: Settings, *sections: str) -> dict[str, str]:
+    """LAION_* variables that rebuild, inside a pod, the storage and lineage settings plus whole
+    config sections (one JSON value each, parsed by load_settings), so no knob can be forgotten
+    and the pod computes the same config digest as the scheduler."""
     env = {
         "LAION_STORAGE__ROOT": settings.storage.root,
         "LAION_STORAGE__S3_REGION": settings.storage.s3_region,
         "LAION_LINEAGE__URL": settings.lineage.url,
-        # One JSON value for the section (parsed as YAML by load_settings): no knob can be forgotten.
-        "LAION_CLIP": json.dumps(settings.clip.model_dump(mode="json"), sort_keys=True),
-        "LAION_TAG__LANGUAGE_THRESHOLD": repr(settings.tag.language_threshold),
         "PYTHONUNBUFFERED": "1",
     }
+    for section in sections:
+        env[f"LAION_{section.upper()}"] = json.dumps(getattr(settings, section).model_dump(mode="json"), sort_keys=True)
     if settings.storage.s3_endpoint_url:
         env["LAION_STORAGE__S3_ENDPOINT_URL"] = settings.storage.s3_endpoint_url
+    return env
+
+
+def pod_env(settings: Settings) -> dict[str, str]:
+    """The CLIP pod's settings: the clip section plus the language-ID knobs it routes models by."""
+    env = base_pod_env(settings, "clip")
+    env["LAION_TAG__LANGUAGE_THRESHOLD"] = repr(settings.tag.language_threshold)
     if settings.tag.langid_model_path:
         env["LAION_TAG__LANGID_MODEL_PATH"] = settings.tag.langid_model_path
     return env

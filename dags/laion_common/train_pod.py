@@ -9,8 +9,6 @@ pod records the run in lineage (stage ``train``) when a snapshot is given.
 
 from __future__ import annotations
 
-import json
-
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s
 
@@ -18,16 +16,9 @@ from laion_tasks.config import Settings
 
 
 def train_pod_env(settings: Settings) -> dict[str, str]:
-    env = {
-        "LAION_STORAGE__ROOT": settings.storage.root,
-        "LAION_STORAGE__S3_REGION": settings.storage.s3_region,
-        "LAION_LINEAGE__URL": settings.lineage.url,
-        "LAION_TRAIN": json.dumps(settings.train.model_dump(mode="json"), sort_keys=True),
-        "PYTHONUNBUFFERED": "1",
-    }
-    if settings.storage.s3_endpoint_url:
-        env["LAION_STORAGE__S3_ENDPOINT_URL"] = settings.storage.s3_endpoint_url
-    return env
+    from laion_common.gpu_pod import base_pod_env
+
+    return base_pod_env(settings, "train")
 
 
 def train_pod_resources(settings: Settings) -> k8s.V1ResourceRequirements:
