@@ -259,7 +259,9 @@ def write_results(rounds: list[dict], cpu: float, n: int) -> None:
         "served from memory by a 2-process aiohttp/uvloop server on the same 2 cores (both clients share the CPU with it).",
         "Same settings: 256 px border, JPEG q95. img2dataset: 2 processes x 64 threads, 2 shards, "
         "`--disallowed_header_directives '[]' --enable_wandb False`. laion-tasks: `laion download` on one shard, "
-        "128 concurrent requests, 2 decode processes, robots.txt and opt-out headers checked. Wall time of each CLI "
+        "2 worker processes (rows dealt round-robin; each its own uvloop/aiohttp loop with 64 concurrent requests and "
+        "1 decode thread; only status rows + encoded outputs go back to the parent, which writes tar + parquet), "
+        "robots.txt and opt-out headers checked. Wall time of each CLI "
         "process, start-up included. CPU ms/img: user+sys CPU of the client's whole process tree (sampled from "
         "/proc every 0.1 s) per successful image; the server's CPU is not included for either. On a machine "
         "shared with other busy processes this is the steadier measure of efficiency.",
@@ -282,15 +284,14 @@ def write_results(rounds: list[dict], cpu: float, n: int) -> None:
         f"ratio {best_ours / best_peer:.2f}x (target >= 1.5x with equal success counts).",
         f"CPU bound (decode + resize + encode of the same {n} payloads, 2 processes, no network): {cpu:.0f} img/s; "
         f"laion-tasks end-to-end reaches {best_ours / cpu:.0%} of it.",
-        "Reading: laion-tasks spends a little less CPU per image (one asyncio loop instead of 128 threads; "
-        "reduced-scale JPEG decode when the target is >= 2x smaller; area downscaling like img2dataset's INTER_AREA), "
-        "but its wall-clock rate depends on its CPU share. Its network side is ONE event-loop process "
-        "(~0.9 ms CPU/img) feeding a 2-process decode pool; on this over-subscribed VM (load average 8-14 on "
-        "2 cores) that one loop gets about one runnable thread's share, while img2dataset's 2 processes x 64 "
-        "threads (cv2 releasing the GIL) get more. The CPU-bound figure was measured after the runs, under the "
-        "same noise, which is why a client can exceed it.",
-        "Not met: the 1.5x target. The fix is architectural (one event loop per core, each with its own "
-        "decode workers, rows split across them), not measured here.",
+        "Reading: on this VM every run is CPU-bound on its share of 2 busy cores (autogroup scheduling: the bench's "
+        "session, server included, gets a share against the other helpers' sessions), so img/s follows CPU per "
+        "image and the share of the moment; the CPU-per-image ratio is the steadier figure. The loopback server "
+        "costs ~0.1-0.2 ms CPU per image (measured from its processes' /proc times), so it is not the bottleneck "
+        "of either client. The CPU-bound figure was measured after the runs, under the same noise, which is why a "
+        "client can exceed it.",
+        ("Met: the 1.5x target (best round each)." if best_ours / best_peer >= 1.5 else
+         "Not met in this run: the 1.5x target (best round each); see the CPU-per-image ratio."),
         "",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

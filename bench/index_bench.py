@@ -310,14 +310,16 @@ def main() -> None:
     parser.add_argument("--queries-large", type=int, default=300, help="Queries above 2M vectors (exact ground truth is costly).")
     parser.add_argument("--memory-budget-gb", type=float, default=6.0)
     parser.add_argument("--nprobe", type=int, default=32)
-    parser.add_argument("--k-factor", type=int, default=10)
+    parser.add_argument("--k-factor", type=int, default=20)
     parser.add_argument("--flat-baseline-max-gb", type=float, default=2.5)
+    parser.add_argument("--reuse-index", action="store_true", help="Keep an index already built in --workdir (and its recorded build figures).")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "index.md")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     saved = args.workdir / "results.json"
-    results = [r for r in (json.loads(saved.read_text()) if saved.exists() else []) if r["n"] not in args.sizes]
+    previous = json.loads(saved.read_text()) if saved.exists() else []
+    results = [r for r in previous if r["n"] not in args.sizes]
     for n in args.sizes:
         print(f"== {n:,} vectors", flush=True)
         t0 = time.perf_counter()
@@ -328,7 +330,11 @@ def main() -> None:
         truth, exact_s = exact_topk(emb_uris, queries, K)
         print(f"data {gen_s:.0f}s, exact ground truth {exact_s:.0f}s", flush=True)
         out_dir = str(args.workdir / f"index-{n}")
-        built = build(emb_uris, clip_uris, out_dir, args.memory_budget_gb, args.nprobe)
+        earlier = next((r["built"] for r in previous if r["n"] == n), None)
+        if args.reuse_index and earlier and Path(out_dir, "index.json").exists():
+            built = earlier
+        else:
+            built = build(emb_uris, clip_uris, out_dir, args.memory_budget_gb, args.nprobe)
         print(json.dumps(built, indent=1), flush=True)
         sweep = inprocess_sweep(out_dir, queries, truth)
         print(json.dumps(sweep, indent=1), flush=True)
@@ -348,6 +354,7 @@ def main() -> None:
                 "flat": flat,
                 "index_gb": index_bytes / 1024**3,
                 "queries": n_queries,
+                "served": {"nprobe": args.nprobe, "k_factor": args.k_factor},
             }
         )
         results.sort(key=lambda r: r["n"])
@@ -365,28 +372,29 @@ def write_report(args: argparse.Namespace, results: list[dict]) -> None:
         "to 512-d plus small isotropic noise (CLIP-like low intrinsic dimension), stored fp16 as the CLIP stage "
         "writes them; queries drawn from the same distribution. Not real CLIP embeddings: recall on real data "
         "may differ.",
-        f"Index: automatic choice with memory_budget_gb={args.memory_budget_gb}; served with nprobe={args.nprobe}, "
-        f"k_factor={args.k_factor}. HTTP: loopback POST /api/search with an embedding, k={K}, dedup off, "
+        f"Index: automatic choice with memory_budget_gb={args.memory_budget_gb}; served with the nprobe / k_factor "
+        f"in the table. HTTP: loopback POST /api/search with an embedding, k={K}, dedup off, "
         "metadata rows (URL, TEXT, sizes, scores) included; 1 client for latency, 4 clients for QPS.",
         "Baseline (peer): clip-retrieval's back end was not installed here (its own venv pins torch/open_clip and "
         "was not built in this session), so the baseline is FAISS exact flat search (IndexFlatIP, fp32, in RAM, "
         "in-process, no HTTP), measured in the same run where 1M x 512 fp32 fits; ground truth for recall is "
         "chunked exact search over all vectors.",
         "",
-        "| vectors | index | build s | build peak RSS GB | index on disk GB | HTTP p50 ms | HTTP p99 ms | QPS (4 clients) "
+        "| vectors | index | nprobe / k_factor | build s | build peak RSS GB | index on disk GB | HTTP p50 ms | HTTP p99 ms | QPS (4 clients) "
         "| recall@40 | server RSS GB (anon / file) | flat exact p50 ms | p50 ratio flat/ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         h, b, f = r["http"], r["built"], r["flat"]
         mem = h["server_rss_gb"]
+        served = "{nprobe} / {k_factor}".format(**r.get("served", {"nprobe": args.nprobe, "k_factor": args.k_factor}))
         ratio = f"{f['p50_ms'] / h['p50_ms']:.1f}x" if f else "n/a (fp32 matrix does not fit)"
         lines.append(
-            f"| {r['n']:,} | `{b['stats']['extra']['index_key']}` | {b['wall_s']:.0f} | {b['peak_rss_gb']:.2f} | "
+            f"| {r['n']:,} | `{b['stats']['extra']['index_key']}` | {served} | {b['wall_s']:.0f} | {b['peak_rss_gb']:.2f} | "
             f"{r['index_gb']:.2f} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['qps_4_clients']:.0f} | "
             f"{h['recall_at_40']:.3f} | {mem.get('RssAnon', 0):.2f} / {mem.get('RssFile', 0):.2f} | "
             f"{f['p50_ms']:.1f} | {ratio} |" if f else
-            f"| {r['n']:,} | `{b['stats']['extra']['index_key']}` | {b['wall_s']:.0f} | {b['peak_rss_gb']:.2f} | "
+            f"| {r['n']:,} | `{b['stats']['extra']['index_key']}` | {served} | {b['wall_s']:.0f} | {b['peak_rss_gb']:.2f} | "
             f"{r['index_gb']:.2f} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['qps_4_clients']:.0f} | "
             f"{h['recall_at_40']:.3f} | {mem.get('RssAnon', 0):.2f} / {mem.get('RssFile', 0):.2f} | "
             f"n/a | {ratio} |"
