@@ -8,16 +8,14 @@ robots.txt, every row with a status) and what happens when a worker dies.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from laion_tasks.hashlists import HashLists
-from laion_tasks.stages.download import TAR_MTIME, SampleTarWriter, per_process_config
+from laion_tasks.stages.download import per_process_config
 from tests.download_fixtures import FixtureServer, make_jpeg, redirect
 from tests.test_download import read_tar, run_shard, test_config
 
@@ -38,25 +36,6 @@ class CrashOnImage:
         if hashlib.md5(data).hexdigest() == self.poison_md5:
             os._exit(3)
         return False
-
-
-def test_sample_tar_writer_writes_the_same_bytes_as_webdataset() -> None:
-    import webdataset as wds
-
-    samples = [
-        {"__key__": "00000001", "jpg": make_jpeg(), "txt": "héllo", "json": {"key": "00000001", "caption": "é", "w": 1}},
-        {"__key__": "00000002", "webp": b"RIFF....WEBP", "txt": "", "json": {"caption": None}},
-    ]
-    ours, theirs = io.BytesIO(), io.BytesIO()
-    with SampleTarWriter(ours) as sink:
-        for sample in samples:
-            sink.write(dict(sample))
-    with wds.TarWriter(theirs, mtime=TAR_MTIME) as sink:
-        for sample in samples:
-            sink.write(dict(sample))
-    assert ours.getvalue() == theirs.getvalue()
-    with tarfile.open(fileobj=io.BytesIO(ours.getvalue())) as tar:
-        assert tar.getnames() == ["00000001.jpg", "00000001.json", "00000001.txt", "00000002.json", "00000002.txt", "00000002.webp"]
 
 
 def test_limits_are_divided_across_workers() -> None:

@@ -305,8 +305,10 @@ def test_resolver_matches_urljoin(base: str, ref: str, expected: str) -> None:
 def test_resolver_matches_urljoin_on_random_refs() -> None:
     rng = random.Random(7)
     pieces = ["/", "//", "a", "b.jpg", ".", "..", "?", "#", ";", "x=1", "%20", "h.org", ":", "[", "]", "\t", "\n", "@", " "]
+    pieces += ["\x01", "é", "²", "ｈ", "℀", "A:", "-", "~", "?#"]
     bases = ["http://h.com/p/q.html", "https://u:p@h.com:81/p/", "http://h.com", "http://h.com/p/q?z#y", "http://[::1]:8/x/"]
-    for _ in range(20000):
+    bases += ["http://h.com?q", "http://h.com//p/q", "http://h.com/p/./q/", "http://h.com/p;x/q;y", "http://h.com/a:b/c"]
+    for _ in range(40000):
         ref = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 7)))
         base = rng.choice(bases)
         try:

@@ -34,8 +34,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
-import io
-import json
 import logging
 import math
 import multiprocessing
@@ -701,38 +699,11 @@ def _run_workers(
 
 
 # -- shard I/O -------------------------------------------------------------------------
-class SampleTarWriter:
-    """Writes WebDataset samples exactly as ``webdataset.TarWriter(handle, mtime=TAR_MTIME)`` does.
+def _tar_writer(handle: Any) -> Any:
+    """webdataset's writer with a fixed mtime, so re-runs write byte-identical tars."""
+    import webdataset
 
-    Same bytes: members ``KEY.EXT`` in sorted extension order, uname/gname ``bigdata``,
-    mode 0o444, a fixed mtime, ``bytes`` stored as is, ``str`` as UTF-8, ``json`` as
-    ``json.dumps(...)``. It exists because importing the ``webdataset`` package imports
-    torch (~2 s wall and ~1.5 s CPU per process), which was a tenth of a 10,000-image shard.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        self.tar = tarfile.open(fileobj=handle, mode="w|")  # webdataset leaves the default (PAX) format
-
-    def __enter__(self) -> "SampleTarWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.tar.close()
-
-    def write(self, sample: dict[str, Any]) -> None:
-        key = sample["__key__"]
-        for ext in sorted(sample):
-            if ext.startswith("_"):
-                continue
-            value = sample[ext]
-            if ext == "json" and not isinstance(value, (bytes, str)):
-                value = json.dumps(value)
-            if isinstance(value, str):
-                value = value.encode("utf-8")
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(value), TAR_MTIME, 0o444
-            info.uname = info.gname = "bigdata"
-            self.tar.addfile(info, io.BytesIO(value))
+    return webdataset.TarWriter(handle, mtime=TAR_MTIME)
 
 
 def _read_table(uri: str, what: str) -> pa.Table:
@@ -854,7 +825,7 @@ def download_shard(
     rows = table.select([c for c in ("uid", "url", "page_url", "record_date") if c in table.column_names]).to_pylist()
     ext = config.encode_format
     with storage.atomic_local_path(tar_uri, suffix=".tar") as tmp_tar:
-        with open(tmp_tar, "wb") as handle, SampleTarWriter(handle) as sink:
+        with open(tmp_tar, "wb") as handle, _tar_writer(handle) as sink:
 
             def on_success(i: int, result: SampleResult) -> None:
                 assert result.image is not None and result.image.data is not None
@@ -909,14 +880,14 @@ def retry_failed(
     old_results = _results_from_table(table)
     ext = config.encode_format
     with storage.local_copy(tar_uri) as old_tar, storage.atomic_local_path(tar_uri, suffix=".tar") as tmp_tar:
-        with open(tmp_tar, "wb") as handle, SampleTarWriter(handle) as sink:
+        with open(tmp_tar, "wb") as handle, _tar_writer(handle) as sink:
             retried_keys = {keys[i] for i in todo}
             with tarfile.open(old_tar) as old:
                 for member in old:  # copy the old samples byte for byte, skipping any retried key
                     if member.name.split(".", 1)[0] in retried_keys:
                         continue
                     extracted = old.extractfile(member)
-                    sink.tar.addfile(member, extracted)
+                    sink.tarstream.addfile(member, extracted)  # webdataset.TarWriter's tarfile
 
             def on_success(j: int, result: SampleResult) -> None:
                 i = todo[j]
