@@ -84,5 +84,18 @@ def test_snapshot_dag_on_postgres_and_s3(tmp_path: Path, postgres, moto_server, 
         demo.run_snapshot_dag(env)
         after = len([r for r in lineage.runs(snap) if r["status"] == "done" and r["stage"] in ("extract", "download", "clip", "tag")])
         assert after == before
+
+        # the Asset-triggered chain: kNN index, and train -> zero-shot eval -> metrics in the card
+        demo.run_downstream_dags(env)
+        train_subset = settings.train.subset
+        model_dir = storage.join(layout.models_dir(root, snap), train_subset)
+        assert storage.exists(storage.join(model_dir, "epoch_latest.pt"))
+        assert storage.exists(storage.join(model_dir, "eval", "zeroshot.json"))
+        card_text = storage.read_text(storage.join(layout.card_dir(root, snap), "README.md"))
+        assert f"Zero-shot evaluation of CLIP trained on `{train_subset}`" in card_text
+        index_files = storage.list_uris(layout.index_dir(root, snap, settings.index.subsets[0]))
+        assert any(u.endswith("index.json") for u in index_files)
+        stages_done = {r["stage"] for r in lineage.runs(snap) if r["status"] == "done"}
+        assert {"index", "train", "eval"} <= stages_done
     finally:
         env.stop()
