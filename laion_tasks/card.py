@@ -333,7 +333,7 @@ def _write_subset_card(db: SnapshotDB, info: SubsetInfo, config: CurateConfig) -
                 + ".",
                 "",
                 "```",
-                f"python -m open_clip_train.main --dataset-type webdataset \\",
+                "python -m open_clip_train.main --dataset-type webdataset \\",
                 f"  --train-data '{storage.join(out_dir, wds['train_data'])}' \\",
                 f"  --train-num-samples {int(wds['samples'])} --model ViT-B-32 ...",
                 "```",

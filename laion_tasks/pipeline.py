@@ -172,7 +172,7 @@ def per_shard_jobs(
 
 
 def clip_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
-    from laion_tasks.stages.clip_score import clip_score_shard
+    from laion_tasks.stages.clip_score import clip_config_digest, clip_score_shard
 
     lineage = open_lineage(settings, snapshot)
     root = settings.storage.root
@@ -190,7 +190,7 @@ def clip_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool =
         )
 
     jobs = per_shard_jobs(batch, lambda shard: layout.images_parquet_uri(root, snapshot, shard), call)
-    return run_shards(lineage, snapshot, "clip", settings.digest("clip"), jobs, force=force).to_dict()
+    return run_shards(lineage, snapshot, "clip", clip_config_digest(settings), jobs, force=force).to_dict()
 
 
 # -- tag -----------------------------------------------------------------------

@@ -133,7 +133,6 @@ def generate(
 
 def tiny_encoder():  # type: ignore[no-untyped-def]
     """The tiny CLIP text encoder as the serve app will load it (same cache, same seed)."""
-    from laion_tasks.config import Settings
     from laion_tasks.models.clip import cached_clip, encode_texts
 
     settings = tiny_settings()

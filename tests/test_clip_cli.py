@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from typer.testing import CliRunner
 
 from clip_fixtures import FixtureSample, encode_image, synthetic_image, write_shard

@@ -92,6 +92,9 @@ def test_pod_env_rebuilds_the_same_clip_settings_and_digest(gpu_pod) -> None:  #
     inside = load_settings(environ=gpu_pod.pod_env(settings))
     assert inside.clip == settings.clip
     assert inside.digest("clip") == settings.digest("clip")
+    from laion_tasks.stages.clip_score import clip_config_digest
+
+    assert clip_config_digest(inside) == clip_config_digest(settings)
     assert inside.storage.root == settings.storage.root
     assert inside.storage.s3_endpoint_url == settings.storage.s3_endpoint_url
     assert inside.lineage.url == settings.lineage.url
@@ -121,3 +124,14 @@ def test_templated_shard_ids_and_overrides(gpu_pod) -> None:  # type: ignore[no-
     assert pod.spec.tolerations[0].key == "nvidia.com/gpu"
     assert op.pool == "gpu"
     assert not container.env_from
+
+
+def test_clip_digest_follows_language_routing() -> None:
+    """A changed language threshold re-routes pairs between models, so CLIP must re-run."""
+    from laion_tasks.config import Settings
+    from laion_tasks.stages.clip_score import clip_config_digest
+
+    base = Settings()
+    moved = Settings.model_validate({"tag": {"language_threshold": 0.7}})
+    assert clip_config_digest(base) != clip_config_digest(moved)
+    assert clip_config_digest(base) == clip_config_digest(Settings.model_validate({"tag": {"nudenet": True}}))

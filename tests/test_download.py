@@ -29,7 +29,6 @@ from tests.download_fixtures import (
     make_jpeg,
     make_png_bomb,
     redirect,
-    send,
     slow_body,
     warc_images,
     write_shard,

@@ -4,8 +4,6 @@ no half-written output under a final name, and one done lineage record per shard
 from __future__ import annotations
 
 import http.server
-import io
-import json
 import os
 import signal
 import subprocess

@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         from laion_tasks import layout, storage
         from laion_tasks.commands._common import lineage_from
         from laion_tasks.lineage import StageRun, run_stage
-        from laion_tasks.stages.clip_score import clip_score_shard
+        from laion_tasks.stages.clip_score import clip_config_digest, clip_score_shard
 
         settings = settings_from(config)
         root = settings.storage.root
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         db = lineage_from(settings, lineage)
         if db is not None:
             db.ensure_snapshot(snapshot, layout.snapshot_root(root, snapshot))
-        digest = settings.digest("clip")
+        digest = clip_config_digest(settings)
         results = {}
         for shard_id in shard_ids:
             images_parquet = layout.images_parquet_uri(root, snapshot, shard_id)

@@ -38,9 +38,9 @@ import pyarrow.parquet as pq
 import torch
 
 from laion_tasks import storage
-from laion_tasks.config import ClipConfig, ClipModelConfig
+from laion_tasks.config import ClipConfig, ClipModelConfig, Settings
 from laion_tasks.langid import detect_languages, language_group
-from laion_tasks.models.clip import LoadedClip, cached_clip, resolve_device
+from laion_tasks.models.clip import LoadedClip, cached_clip
 from laion_tasks.stage import ShardStats, StageError
 
 log = logging.getLogger(__name__)
@@ -431,6 +431,15 @@ def _write_npy(uri: str, array: np.ndarray) -> tuple[int, str]:
         with open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
         return tmp.stat().st_size, storage.file_sha256(tmp)
+
+
+def clip_config_digest(settings: Settings) -> str:
+    """Lineage digest of the CLIP stage: the clip section plus the language-ID knobs that route
+    each pair to the English or the multilingual model (a change in either re-scores)."""
+    import hashlib
+
+    routing = f"{settings.digest('clip')}|{settings.tag.language_threshold!r}|{settings.tag.langid_model_path}"
+    return hashlib.sha256(routing.encode()).hexdigest()[:16]
 
 
 def clip_score_shard(
