@@ -408,6 +408,12 @@ def evaluate_checkpoint(settings: Settings, snapshot: str, subset: str, checkpoi
     return {**result.to_dict(), "subset": subset, "report": storage.join(out, "zeroshot.md"), "metrics": metrics}
 
 
+def _metric(value: Any) -> str:
+    if value is None:
+        return "n/a (undefined for this eval set, e.g. top-5 with fewer than 5 classes)"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def post_eval_to_card(settings: Settings, snapshot: str, subset: str, evaluation: dict[str, Any]) -> dict[str, Any]:
     """Append the zero-shot metrics of the model trained on a subset to the snapshot's and subset's cards."""
     metrics = evaluation.get("metrics") or {}
@@ -422,7 +428,7 @@ def post_eval_to_card(settings: Settings, snapshot: str, subset: str, evaluation
         "",
         "| metric | value |",
         "|---|---:|",
-        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())],
+        *[f"| {k} | {_metric(v)} |" for k, v in sorted(metrics.items())],
         "",
     ]
     root = settings.storage.root
