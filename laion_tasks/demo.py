@@ -198,26 +198,33 @@ def run_snapshot_dag(env: DemoEnv, run_conf: dict[str, Any] | None = None) -> su
     airflow(env, "pools", "set", "gpu", "1", "GPU pods")
     conf = {"wat_paths_uri": f"{env.base_url}crawl-data/{DEMO_CRAWL}/wat.paths.gz", **(run_conf or {})}
     dag_id = "laion_snapshot_" + DEMO_CRAWL.replace("-", "_")
-    proc = airflow(env, "dags", "test", dag_id, "--conf", json.dumps(conf), check=False)
-    if proc.returncode != 0 or "failed" in _final_state(proc.stdout + proc.stderr):
-        raise RuntimeError(f"airflow dags test {dag_id} failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}")
+    return dags_test(env, dag_id, conf)
+
+
+def dags_test(env: DemoEnv, dag_id: str, conf: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+    """``airflow dags test``, then the run's state from Airflow's own database (not from its logs)."""
+    args = ["dags", "test", dag_id] + (["--conf", json.dumps(conf)] if conf else [])
+    proc = airflow(env, *args, check=False)
+    runs = json.loads(_json_tail(airflow(env, "dags", "list-runs", dag_id, "-o", "json").stdout))
+    state = max(runs, key=lambda r: r["run_after"])["state"] if runs else "missing"
+    if proc.returncode != 0 or state != "success":
+        raise RuntimeError(f"airflow dags test {dag_id}: run state {state}:\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def _json_tail(output: str) -> str:
+    """The JSON document at the end of a CLI output that may start with warnings."""
+    for line in output.splitlines():
+        if line.startswith("[{") or line.strip() == "[]":  # structlog lines start with "[warning  ]"
+            return line
+    return "[]"
 
 
 def run_downstream_dags(env: DemoEnv) -> None:
     """The Asset-triggered DAGs, run directly: kNN index, and train -> zero-shot eval -> card."""
     safe = DEMO_CRAWL.replace("-", "_")
     for dag_id in (f"laion_index_{safe}", f"laion_train_eval_{safe}"):
-        proc = airflow(env, "dags", "test", dag_id, check=False)
-        if proc.returncode != 0 or "failed" in _final_state(proc.stdout + proc.stderr):
-            raise RuntimeError(f"airflow dags test {dag_id} failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}")
-
-
-def _final_state(output: str) -> str:
-    for line in reversed(output.splitlines()):
-        if "state=" in line.lower() or "dagrun" in line.lower():
-            return line.lower()
-    return ""
+        dags_test(env, dag_id)
 
 
 def print_report(env: DemoEnv) -> None:
