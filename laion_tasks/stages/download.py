@@ -706,6 +706,12 @@ def _tar_writer(handle: Any) -> Any:
     return webdataset.TarWriter(handle, mtime=TAR_MTIME)
 
 
+def _write_sample(sink: Any, ext: str, key: str, row: dict[str, Any], caption: str | None, result: SampleResult) -> None:
+    """One WebDataset sample: KEY.<ext> image, KEY.txt caption, KEY.json metadata."""
+    assert result.image is not None and result.image.data is not None
+    sink.write({"__key__": key, ext: result.image.data, "txt": caption or "", "json": _sample_json(key, row, caption, result)})
+
+
 def _read_table(uri: str, what: str) -> pa.Table:
     try:
         with storage.local_copy(uri) as path:
@@ -828,15 +834,7 @@ def download_shard(
         with open(tmp_tar, "wb") as handle, _tar_writer(handle) as sink:
 
             def on_success(i: int, result: SampleResult) -> None:
-                assert result.image is not None and result.image.data is not None
-                sink.write(
-                    {
-                        "__key__": keys[i],
-                        ext: result.image.data,
-                        "txt": captions[i] or "",
-                        "json": _sample_json(keys[i], rows[i], captions[i], result),
-                    }
-                )
+                _write_sample(sink, ext, keys[i], rows[i], captions[i], result)
 
             outcome = _download_rows(urls, on_success, config, blocklist)
         tar_bytes = os.path.getsize(tmp_tar)
@@ -891,15 +889,7 @@ def retry_failed(
 
             def on_success(j: int, result: SampleResult) -> None:
                 i = todo[j]
-                assert result.image is not None and result.image.data is not None
-                sink.write(
-                    {
-                        "__key__": keys[i],
-                        ext: result.image.data,
-                        "txt": captions[i] or "",
-                        "json": _sample_json(keys[i], rows[i], captions[i], result),
-                    }
-                )
+                _write_sample(sink, ext, keys[i], rows[i], captions[i], result)
 
             outcome = _download_rows([urls[i] for i in todo], on_success, config, blocklist)
         tar_bytes = os.path.getsize(tmp_tar)
