@@ -47,3 +47,18 @@ def register(app: typer.Typer) -> None:
             ]
         )
         typer.echo(f"summary: {lineage.shard_summary(snapshot)}")
+
+    @app.command("serve-lineage")
+    def serve_lineage(
+        host: str = typer.Option("127.0.0.1", help="Bind address."),
+        port: int = typer.Option(8766, help="Port."),
+        config: Optional[Path] = ConfigOption,
+    ) -> None:
+        """Serve the lineage views (snapshots, funnel, failed shards, dataset cards) without Airflow."""
+        import uvicorn
+
+        from laion_tasks.serve.lineage_app import create_lineage_app
+
+        settings = settings_from(config)
+        typer.echo(f"lineage UI: http://{host}:{port}/")
+        uvicorn.run(create_lineage_app(settings), host=host, port=port, log_level="warning")
