@@ -102,8 +102,13 @@ def engine_for(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+_migrated: set[str] = set()
+
+
 def migrate(url: str) -> None:
-    """Bring the lineage schema to the newest Alembic revision."""
+    """Bring the lineage schema to the newest Alembic revision (once per process per database)."""
+    if url in _migrated:
+        return
     from alembic import command
     from alembic.config import Config
 
@@ -113,6 +118,7 @@ def migrate(url: str) -> None:
     with engine_for(url).begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+    _migrated.add(url)
 
 
 class Lineage:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from laion_tasks import layout, storage
 from laion_tasks.config import Settings
@@ -25,13 +25,14 @@ from laion_tasks.stage import ShardStats, StageError
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+T = TypeVar("T")
 
 
 class BatchError(StageError):
     """Some shards of a batch failed; the others are recorded done."""
 
 
-def make_batches(items: Sequence[str], max_batches: int) -> list[list[str]]:
+def make_batches(items: Sequence[T], max_batches: int) -> list[list[T]]:
     """Split items into at most ``max_batches`` contiguous, near-equal batches (stable order)."""
     if not items:
         return []
@@ -48,13 +49,13 @@ def open_lineage(settings: Settings, snapshot: str) -> Lineage:
 
 @dataclass
 class BatchResult:
-    counts: Counter[str]
+    counts: Counter[str] = field(default_factory=Counter)
     done: int = 0
     skipped: int = 0
-    failed: list[str] | None = None
+    failed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "done": self.done, "skipped": self.skipped, "failed": self.failed or []}
+        return {"counts": dict(self.counts), "done": self.done, "skipped": self.skipped, "failed": self.failed}
 
 
 def run_shards(
@@ -67,7 +68,7 @@ def run_shards(
     force: bool = False,
 ) -> BatchResult:
     """Run ``(shard_id, input_uri, fn)`` jobs with lineage; raise BatchError listing failures at the end."""
-    result = BatchResult(Counter(), failed=[])
+    result = BatchResult()
     errors: list[str] = []
     for shard_id, input_uri, fn in jobs:
         try:
@@ -76,7 +77,6 @@ def run_shards(
             )
         except Exception as exc:  # noqa: BLE001 - recorded in lineage, reported below
             log.error("%s failed on shard %s (%s): %s", stage, shard_id, input_uri, exc)
-            assert result.failed is not None
             result.failed.append(shard_id)
             errors.append(f"{shard_id} ({input_uri}): {type(exc).__name__}: {exc}")
             continue
@@ -107,8 +107,8 @@ def plan_extract(settings: Settings, snapshot: str, paths_uri: str | None = None
     wats = list_wat_files(snapshot, settings.extract, paths_uri=paths_uri)
     manifest = wat_manifest_uri(settings, snapshot)
     storage.write_text(manifest, "".join(f"{w}\n" for w in wats))
-    batches = make_batches([str(i) for i in range(len(wats))], settings.orchestration.max_mapped_tasks)
-    return [{"manifest": manifest, "start": int(b[0]), "stop": int(b[-1]) + 1} for b in batches]
+    batches = make_batches(range(len(wats)), settings.orchestration.max_mapped_tasks)
+    return [{"manifest": manifest, "start": b[0], "stop": b[-1] + 1} for b in batches]
 
 
 def extract_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
@@ -120,13 +120,27 @@ def extract_batch(settings: Settings, snapshot: str, batch: Batch, *, force: boo
 
     def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
         for wat in wats:
-            out = layout.candidates_uri(root, snapshot, layout.wat_id(wat))
-            yield layout.wat_id(wat), wat, (lambda wat=wat, out=out: extract_wat(wat, out, settings.extract))
+            wat_id = layout.wat_id(wat)
+            out = layout.candidates_uri(root, snapshot, wat_id)
+            yield wat_id, wat, (lambda wat=wat, out=out: extract_wat(wat, out, settings.extract))
 
     return run_shards(lineage, snapshot, "extract", settings.digest("extract"), jobs(), force=force).to_dict()
 
 
 # -- download ------------------------------------------------------------------
+
+
+def per_shard_jobs(
+    batch: Batch, input_uri: Callable[[str], str], call: Callable[[str], ShardStats]
+) -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
+    """``(shard_id, input_uri, fn)`` jobs for a batch of download shards."""
+    for shard in batch["shards"]:
+        yield shard, input_uri(shard), (lambda shard=shard: call(shard))
+
+
+def _shard_ids(shard_uris: list[str]) -> list[str]:
+    """``.../shards/000123.parquet`` -> ``000123``."""
+    return [uri.rsplit("/", 1)[-1].removesuffix(".parquet") for uri in shard_uris]
 
 
 def plan_download(settings: Settings, snapshot: str) -> list[Batch]:
@@ -136,8 +150,7 @@ def plan_download(settings: Settings, snapshot: str) -> list[Batch]:
     root = settings.storage.root
     candidates = storage.list_uris(layout.candidates_dir(root, snapshot), ".parquet")
     shard_uris = make_download_shards(candidates, layout.shards_dir(root, snapshot), settings.download.shard_size)
-    shard_ids = [uri.rsplit("/", 1)[-1].removesuffix(".parquet") for uri in shard_uris]
-    return [{"shards": b} for b in make_batches(shard_ids, settings.orchestration.max_mapped_tasks)]
+    return [{"shards": b} for b in make_batches(_shard_ids(shard_uris), settings.orchestration.max_mapped_tasks)]
 
 
 def download_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False, retry_failed: bool = False) -> dict[str, Any]:
@@ -149,32 +162,27 @@ def download_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bo
     blocklist = HashLists.from_config(settings.tag)
     fn = dl.retry_failed if retry_failed else dl.download_shard
 
-    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
-        for shard in batch["shards"]:
-            src = layout.shard_input_uri(root, snapshot, shard)
-            tar = layout.images_tar_uri(root, snapshot, shard)
-            meta = layout.images_parquet_uri(root, snapshot, shard)
-            yield shard, src, (lambda src=src, tar=tar, meta=meta: fn(src, tar, meta, settings.download, blocklist))
+    def call(shard: str) -> ShardStats:
+        return fn(
+            layout.shard_input_uri(root, snapshot, shard),
+            layout.images_tar_uri(root, snapshot, shard),
+            layout.images_parquet_uri(root, snapshot, shard),
+            settings.download,
+            blocklist,
+        )
 
+    jobs = per_shard_jobs(batch, lambda shard: layout.shard_input_uri(root, snapshot, shard), call)
     digest = settings.digest("download", "tag") + ("-retry" if retry_failed else "")
-    return run_shards(lineage, snapshot, "download", digest, jobs(), force=force or retry_failed).to_dict()
+    return run_shards(lineage, snapshot, "download", digest, jobs, force=force or retry_failed).to_dict()
 
 
 # -- clip ----------------------------------------------------------------------
 
 
-def per_shard_jobs(
-    batch: Batch, input_uri: Callable[[str], str], call: Callable[[str], ShardStats]
-) -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
-    """``(shard_id, input_uri, fn)`` jobs for a batch of download shards."""
-    for shard in batch["shards"]:
-        yield shard, input_uri(shard), (lambda shard=shard: call(shard))
+def clip_shard_call(settings: Settings, snapshot: str) -> Callable[[str], ShardStats]:
+    """Shard id -> the CLIP stage on that shard's layout URIs (shared by the DAG driver and the pod CLI)."""
+    from laion_tasks.stages.clip_score import clip_score_shard
 
-
-def clip_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
-    from laion_tasks.stages.clip_score import clip_config_digest, clip_score_shard
-
-    lineage = open_lineage(settings, snapshot)
     root = settings.storage.root
 
     def call(shard: str) -> ShardStats:
@@ -189,7 +197,15 @@ def clip_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool =
             langid_model_path=settings.tag.langid_model_path,
         )
 
-    jobs = per_shard_jobs(batch, lambda shard: layout.images_parquet_uri(root, snapshot, shard), call)
+    return call
+
+
+def clip_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
+    from laion_tasks.stages.clip_score import clip_config_digest
+
+    lineage = open_lineage(settings, snapshot)
+    root = settings.storage.root
+    jobs = per_shard_jobs(batch, lambda shard: layout.images_parquet_uri(root, snapshot, shard), clip_shard_call(settings, snapshot))
     return run_shards(lineage, snapshot, "clip", clip_config_digest(settings), jobs, force=force).to_dict()
 
 
@@ -197,10 +213,12 @@ def clip_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool =
 
 
 def tag_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
+    from laion_tasks.hashlists import HashLists
     from laion_tasks.stages.tag import tag_shard
 
     lineage = open_lineage(settings, snapshot)
     root = settings.storage.root
+    hashlists = HashLists.from_config(settings.tag)  # once per batch, not per shard
 
     def call(shard: str) -> ShardStats:
         return tag_shard(
@@ -211,6 +229,7 @@ def tag_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = 
             layout.tags_parquet_uri(root, snapshot, shard),
             settings.tag,
             settings.clip,
+            hashlists,
         )
 
     jobs = per_shard_jobs(batch, lambda shard: layout.images_parquet_uri(root, snapshot, shard), call)
@@ -260,8 +279,7 @@ def dedup_work_dir(settings: Settings, snapshot: str) -> str:
 
 
 def _all_shards(settings: Settings, snapshot: str) -> list[str]:
-    uris = storage.list_uris(layout.shards_dir(settings.storage.root, snapshot), ".parquet")
-    return [uri.rsplit("/", 1)[-1].removesuffix(".parquet") for uri in uris]
+    return _shard_ids(storage.list_uris(layout.shards_dir(settings.storage.root, snapshot), ".parquet"))
 
 
 def _centroids_uri(settings: Settings, snapshot: str) -> str:
@@ -294,27 +312,23 @@ def dedup_partition_batch(settings: Settings, snapshot: str, batch: Batch, *, fo
     work = dedup_work_dir(settings, snapshot)
     centroids = _centroids_uri(settings, snapshot) if settings.dedup.near_dup else None
 
-    def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
-        for shard in batch["shards"]:
-            images = layout.images_parquet_uri(root, snapshot, shard)
-            yield shard, images, (
-                lambda shard=shard, images=images: dedup_partition(
-                    images,
-                    layout.clip_parquet_uri(root, snapshot, shard),
-                    layout.clip_image_emb_uri(root, snapshot, shard),
-                    shard,
-                    work,
-                    settings.dedup,
-                    centroids,
-                )
-            )
+    def call(shard: str) -> ShardStats:
+        return dedup_partition(
+            layout.images_parquet_uri(root, snapshot, shard),
+            layout.clip_parquet_uri(root, snapshot, shard),
+            layout.clip_image_emb_uri(root, snapshot, shard),
+            shard,
+            work,
+            settings.dedup,
+            centroids,
+        )
 
-    return run_shards(lineage, snapshot, "dedup_partition", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs(), force=force).to_dict()
+    jobs = per_shard_jobs(batch, lambda shard: layout.images_parquet_uri(root, snapshot, shard), call)
+    return run_shards(lineage, snapshot, "dedup_partition", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=force).to_dict()
 
 
 def plan_dedup(settings: Settings, snapshot: str) -> list[Batch]:
-    buckets = [str(b) for b in range(settings.dedup.buckets)]
-    return [{"buckets": [int(b) for b in batch]} for batch in make_batches(buckets, settings.orchestration.max_mapped_tasks)]
+    return [{"buckets": batch} for batch in make_batches(range(settings.dedup.buckets), settings.orchestration.max_mapped_tasks)]
 
 
 def _decision_uri(settings: Settings, snapshot: str, bucket: int) -> str:

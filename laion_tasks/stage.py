@@ -15,7 +15,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass
@@ -62,3 +65,16 @@ class ShardStats:
 
 class StageError(RuntimeError):
     """A shard could not be processed at all. The message names the input and the reason."""
+
+
+def read_parquet(uri: str, what: str, columns: list[str] | None = None) -> "pa.Table":
+    """A stage's Parquet input (local or s3://); a failure names what it is, the URI and the reason."""
+    import pyarrow.parquet as pq
+
+    from laion_tasks import storage
+
+    try:
+        with storage.local_copy(uri) as path:
+            return pq.read_table(path, columns=columns)
+    except Exception as exc:  # noqa: BLE001 - storage and pyarrow errors alike
+        raise StageError(f"{what} {uri}: cannot read parquet: {type(exc).__name__}: {exc}") from exc

@@ -56,10 +56,10 @@ def register(app: typer.Typer) -> None:
         lineage: bool = typer.Option(True, "--lineage/--no-lineage", help="Record the runs in the lineage database."),
     ) -> None:
         """Score shards found by snapshot + shard id under storage.root, recording lineage (what GPU pods run)."""
-        from laion_tasks import layout, storage
+        from laion_tasks import layout, pipeline, storage
         from laion_tasks.commands._common import lineage_from
         from laion_tasks.lineage import StageRun, run_stage
-        from laion_tasks.stages.clip_score import clip_config_digest, clip_score_shard
+        from laion_tasks.stages.clip_score import clip_config_digest
 
         settings = settings_from(config)
         root = settings.storage.root
@@ -70,27 +70,13 @@ def register(app: typer.Typer) -> None:
         if db is not None:
             db.ensure_snapshot(snapshot, layout.snapshot_root(root, snapshot))
         digest = clip_config_digest(settings)
+        score = pipeline.clip_shard_call(settings, snapshot)
         results = {}
         for shard_id in shard_ids:
-            images_parquet = layout.images_parquet_uri(root, snapshot, shard_id)
-            out_parquet = layout.clip_parquet_uri(root, snapshot, shard_id)
-
-            def work(shard_id: str = shard_id, images_parquet: str = images_parquet, out_parquet: str = out_parquet):
-                return clip_score_shard(
-                    images_parquet,
-                    layout.images_tar_uri(root, snapshot, shard_id),
-                    out_parquet,
-                    layout.clip_image_emb_uri(root, snapshot, shard_id),
-                    layout.clip_text_emb_uri(root, snapshot, shard_id),
-                    settings.clip,
-                    language_threshold=settings.tag.language_threshold,
-                    langid_model_path=settings.tag.langid_model_path,
-                )
-
             stats, skipped = run_stage(
                 db,
-                StageRun(snapshot, "clip", shard_id, images_parquet, digest),
-                work,
+                StageRun(snapshot, "clip", shard_id, layout.images_parquet_uri(root, snapshot, shard_id), digest),
+                lambda shard_id=shard_id: score(shard_id),
                 force=force,
                 output_exists=storage.exists,
             )

@@ -23,19 +23,18 @@ def register(app: typer.Typer) -> None:
         """Serve kNN search (text, image upload, embedding) with a web UI at http://HOST:PORT/."""
         import uvicorn
 
-        from laion_tasks import layout
-        from laion_tasks.serve import IndexNotReady, KnnIndex, create_app
+        from laion_tasks import layout, storage
+        from laion_tasks.serve import create_app
+        from laion_tasks.stages.index import MANIFEST_FILE
 
         settings = settings_from(config)
         if index_dir is None:
             if snapshot is None:
                 raise typer.BadParameter("give --index-dir, or --snapshot (and --subset)")
             index_dir = layout.index_dir(settings.storage.root, snapshot, subset or settings.serve.subset)
-        try:
-            KnnIndex(index_dir)  # fail fast with a clear message; the app re-opens it lazily
-        except IndexNotReady as exc:
-            typer.echo(f"error: {exc}. Build it with `laion index` first.", err=True)
-            raise typer.Exit(1) from exc
+        if not storage.exists(storage.join(index_dir, MANIFEST_FILE)):  # fail fast; the app opens it lazily
+            typer.echo(f"error: no index at {index_dir} yet ({MANIFEST_FILE} missing). Build it with `laion index` first.", err=True)
+            raise typer.Exit(1)
         bind_host, bind_port = host or settings.serve.host, port or settings.serve.port
         typer.echo(f"search UI: http://{bind_host}:{bind_port}/")
         uvicorn.run(create_app(index_dir, settings), host=bind_host, port=bind_port, log_level="info")

@@ -41,6 +41,9 @@ class SSRFBlocked(OSError):
     propagate it from their resolver as a connection error we can recognise."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+"""Well-known NAT64 prefix: its last 32 bits are an IPv4 address."""
+
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address tunnels to (mapped, compatible, 6to4, Teredo, NAT64)."""
     if ip.ipv4_mapped is not None:
@@ -52,7 +55,7 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     packed = ip.packed
     if packed[:12] == b"\x00" * 12 and packed[12:] not in (b"\x00\x00\x00\x00", b"\x00\x00\x00\x01"):
         return ipaddress.IPv4Address(packed[12:])  # deprecated IPv4-compatible ::a.b.c.d
-    if ip in ipaddress.ip_network("64:ff9b::/96"):
+    if ip in _NAT64:
         return ipaddress.IPv4Address(packed[12:])
     return None
 

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from laion_tasks import storage
 from laion_tasks.config import DedupConfig
-from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.stage import read_parquet, ShardStats, StageError
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,6 @@ def rows_uri(work_dir: str, shard: str) -> str:
     return storage.join(work_dir, "rows", f"{shard}.parquet")
 
 
-def _read(uri: str, what: str, columns: list[str] | None = None) -> pa.Table:
-    try:
-        with storage.local_copy(uri) as path:
-            return pq.read_table(path, columns=columns)
-    except Exception as exc:
-        raise StageError(f"{what} {uri}: cannot read parquet: {type(exc).__name__}: {exc}") from exc
-
-
 def _write_parquet(uri: str, table: pa.Table) -> int:
     with storage.atomic_local_path(uri, suffix=".parquet") as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -119,7 +111,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def _embedding_table(clip_parquet_uri: str, img_emb_uri: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Keys, has_embedding mask and fp32 normalised embeddings (only rows that have one) of a clip shard."""
-    clip = _read(clip_parquet_uri, "clip parquet", None)
+    clip = read_parquet(clip_parquet_uri, "clip parquet", None)
     keys = [str(k) for k in clip.column("key").to_pylist()]
     has = (
         np.asarray(clip.column("has_embedding").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
@@ -198,7 +190,7 @@ def dedup_partition(
     """Route one shard's rows into bucket files (one entry per criterion that applies to the row)."""
     stats = ShardStats(output_uri=storage.join(work_dir, "buckets"))
     n_buckets = config.buckets
-    table = _read(images_parquet_uri, "download parquet")
+    table = read_parquet(images_parquet_uri, "download parquet")
     cols = table.column_names
     keys = [str(k) for k in table.column("key").to_pylist()]
     n = len(keys)
@@ -361,7 +353,7 @@ def near_duplicate_pointers(vectors: np.ndarray, order_rank: np.ndarray, thresho
 def dedup_bucket(bucket_uris: list[str], out_uri: str, config: DedupConfig) -> ShardStats:
     """Decide duplicates within one bucket; write only the removed entries with their representative."""
     stats = ShardStats(output_uri=out_uri)
-    parts = [_read(u, "dedup bucket piece") for u in bucket_uris]
+    parts = [read_parquet(u, "dedup bucket piece") for u in bucket_uris]
     parts = [p for p in parts if p.num_rows]
     table = pa.concat_tables(parts, promote_options="permissive") if parts else None
     decisions = [DECISION_SCHEMA.empty_table()]
@@ -453,7 +445,7 @@ def dedup_resolve(decision_uris: list[str], work_dir: str, shards: list[str], ou
         stats.extra["hops"] = hop
         reasons = "CASE kind " + " ".join(f"WHEN {i} THEN '{r}'" for i, r in enumerate(REASONS)) + " END"
         for shard in shards:
-            rows = _read(rows_uri(work_dir, shard), "dedup rows")
+            rows = read_parquet(rows_uri(work_dir, shard), "dedup rows")
             rows = rows.append_column("pos", pa.array(np.arange(rows.num_rows, dtype=np.int64)))
             con.register("r", rows)
             table = con.sql(

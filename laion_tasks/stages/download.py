@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from laion_tasks import storage
 from laion_tasks.config import DownloadConfig
 from laion_tasks.net import ssrf
-from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.stage import read_parquet, ShardStats, StageError
 from laion_tasks.stages.image_ops import ImageOptions, ImageResult, process_image
 from laion_tasks.stages.regroup import sample_key
 
@@ -190,8 +190,6 @@ def _classify_client_error(exc: BaseException) -> tuple[str, str]:
         return "ssl_error", text
     if isinstance(exc, aiohttp.InvalidURL):
         return "invalid_url", text
-    if isinstance(exc, (aiohttp.ClientError, OSError)):
-        return "connection_error", text
     return "connection_error", text
 
 
@@ -504,8 +502,6 @@ async def _fetch_rows(
             image = process_image(data, options)
         else:
             image = await loop.run_in_executor(executor, process_image, data, options)
-        if image.status != SUCCESS:
-            image.data = None
         return SampleResult(image.status, image.error_message, final_url, image)
 
     async def one(i: int, url: str | None) -> None:
@@ -712,14 +708,6 @@ def _write_sample(sink: Any, ext: str, key: str, row: dict[str, Any], caption: s
     sink.write({"__key__": key, ext: result.image.data, "txt": caption or "", "json": _sample_json(key, row, caption, result)})
 
 
-def _read_table(uri: str, what: str) -> pa.Table:
-    try:
-        with storage.local_copy(uri) as path:
-            return pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - storage and pyarrow errors alike
-        raise StageError(f"{what} {uri}: cannot read Parquet: {exc}") from exc
-
-
 def _shard_keys(table: pa.Table, shard_uri: str) -> list[str]:
     if "key" in table.column_names:
         keys = table.column("key").to_pylist()
@@ -822,7 +810,7 @@ def download_shard(
     so its presence means the shard finished.
     """
     started = time.time()
-    table = _read_table(shard_uri, "shard")
+    table = read_parquet(shard_uri, "shard")
     if "url" not in table.column_names:
         raise StageError(f"shard {shard_uri}: no 'url' column")
     keys = _shard_keys(table, shard_uri)
@@ -865,7 +853,7 @@ def retry_failed(
     """
     if not storage.exists(parquet_uri):
         return download_shard(shard_uri, tar_uri, parquet_uri, config, blocklist)
-    table = _read_table(parquet_uri, "download results")
+    table = read_parquet(parquet_uri, "download results")
     for name in ("key", "url", "status"):
         if name not in table.column_names:
             raise StageError(f"download results {parquet_uri}: no '{name}' column")
@@ -908,10 +896,11 @@ def retry_failed(
 
 def _results_from_table(table: pa.Table) -> list[SampleResult]:
     """Rebuild per-row results from a results Parquet (for merging a retry)."""
-    cols = {name: table.column(name).to_pylist() for name in RESULT_SCHEMA.names if name in table.column_names}
+    missing = [None] * table.num_rows
+    cols = {name: table.column(name).to_pylist() if name in table.column_names else missing for name in RESULT_SCHEMA.names}
     out: list[SampleResult] = []
     for i in range(table.num_rows):
-        get = lambda name: cols.get(name, [None] * table.num_rows)[i]  # noqa: E731
+        get = lambda name: cols[name][i]  # noqa: E731
         image = None
         if get("sha256") is not None or get("original_width") is not None or get("width") is not None:
             image = ImageResult(

@@ -63,11 +63,6 @@ def candidate_uid(url: str, alt: str) -> str:
     return hashlib.sha256(f"{url}\x00{alt}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def normalize_alt(alt: str) -> str:
-    """Collapse every run of Unicode whitespace to one space and strip the ends."""
-    return " ".join(alt.split())
-
-
 class _StreamReader:
     """Wraps the raw input for fastwarc: counts bytes, keeps the tail, remembers I/O errors.
 
@@ -504,12 +499,8 @@ def _write_parquet(extractor: _Extractor, output_uri: str, stats: ShardStats) ->
     )
     with storage.atomic_local_path(output_uri, suffix=".parquet") as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        digest = hashlib.sha256()
-        with open(tmp, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
         stats.bytes_written = tmp.stat().st_size
-        stats.checksum = digest.hexdigest()
+        stats.checksum = storage.file_sha256(tmp)
 
 
 def extract_wat(wat_uri: str, output_uri: str, config: ExtractConfig) -> ShardStats:

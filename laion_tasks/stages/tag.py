@@ -30,6 +30,8 @@ Scores:
 
 from __future__ import annotations
 
+from collections import Counter
+
 import functools
 import io
 import logging
@@ -47,7 +49,7 @@ from laion_tasks import storage
 from laion_tasks.config import ClipConfig, TagConfig
 from laion_tasks.hashlists import HashLists, pdq_hash
 from laion_tasks.langid import detect_languages, language_group
-from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.stage import read_parquet, ShardStats, StageError
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +142,6 @@ def _device(clip_config: ClipConfig) -> str:
 # ---------------------------------------------------------------- inputs
 
 
-def _read_table(uri: str, what: str) -> pa.Table:
-    try:
-        with storage.local_copy(uri) as path:
-            return pq.read_table(path)
-    except Exception as exc:
-        raise StageError(f"{what} {uri}: cannot read parquet: {type(exc).__name__}: {exc}") from exc
-
-
 def _embedding_rows(clip_table: pa.Table, emb: np.ndarray, emb_uri: str) -> np.ndarray:
     """Row of ``emb`` for each clip row (-1: none). Accepts aligned or compacted (has_embedding only) arrays."""
     n = clip_table.num_rows
@@ -206,7 +200,7 @@ def _previously_blocked(out_parquet_uri: str) -> set[str]:
             return set()
     except storage.StorageError:
         return set()
-    table = _read_table(out_parquet_uri, "previous tag output")
+    table = read_parquet(out_parquet_uri, "previous tag output")
     if "tag_status" not in table.column_names:
         return set()
     keys = table.column("key").to_pylist()
@@ -253,10 +247,14 @@ def tag_shard(
     out_parquet_uri: str,
     config: TagConfig,
     clip_config: ClipConfig,
+    loaded_hashlists: HashLists | None = None,
 ) -> ShardStats:
-    """Tag every sample of one shard; write ``out_parquet_uri``; strip hash-list matches from the tar."""
+    """Tag every sample of one shard; write ``out_parquet_uri``; strip hash-list matches from the tar.
+
+    ``loaded_hashlists``: the lists already loaded for a batch of shards (else loaded from ``config``).
+    """
     stats = ShardStats(output_uri=out_parquet_uri)
-    images = _read_table(images_parquet_uri, "download parquet")
+    images = read_parquet(images_parquet_uri, "download parquet")
     for col in ("key", "uid", "status"):
         if col not in images.column_names:
             raise StageError(f"{images_parquet_uri}: missing column {col!r}")
@@ -272,7 +270,8 @@ def tag_shard(
         raise StageError(f"{images_parquet_uri}: duplicate keys in the download parquet")
 
     cols = _Columns(n)
-    hashlists = HashLists.from_config(config)
+    hashlists = loaded_hashlists or HashLists.from_config(config)
+    matches_before = Counter(hashlists.matches) if hashlists else Counter()
     sticky = _previously_blocked(out_parquet_uri)
 
     # ---- language and alt-text keywords (every row)
@@ -294,7 +293,7 @@ def tag_shard(
             block(i)
 
     # ---- embeddings aligned to download rows
-    clip_table = _read_table(clip_parquet_uri, "clip parquet")
+    clip_table = read_parquet(clip_parquet_uri, "clip parquet")
     with storage.local_copy(img_emb_uri) as emb_path:
         try:
             emb_all = np.load(emb_path, mmap_mode="r")
@@ -445,7 +444,7 @@ def tag_shard(
             "aesthetic_available": bool(config.aesthetic_weights),
             "nsfw_method": "laion_detector" if config.nsfw_weights else "zero_shot",
             "watermark_method": "laion_detector" if config.watermark_weights else "zero_shot",
-            "hashlist_matches": dict(hashlists.matches) if hashlists else {},
+            "hashlist_matches": dict(Counter(hashlists.matches) - matches_before) if hashlists else {},
             "blocked_removed_from_tar": len(blocked_in_tar),
             "tar_members_removed": removed,
             "nsfw_text_hits": int(sum(nsfw_text)),
