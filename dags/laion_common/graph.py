@@ -75,12 +75,26 @@ def plan_extract(snapshot: str) -> list[dict[str, Any]]:
     return pipeline.plan_extract(settings, snapshot, paths_uri=params.get("wat_paths_uri"))
 
 
-@task(map_index_template="{{ task.op_kwargs['batch']['start'] }}-{{ task.op_kwargs['batch']['stop'] }}")
-def extract(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
-    from laion_tasks import pipeline
+def batch_task(task_id: str, driver: str, **task_kwargs: Any):  # type: ignore[no-untyped-def]
+    """A mapped task that runs ``pipeline.<driver>(settings, snapshot, batch, force=...)`` on one batch."""
 
-    settings, params = run_settings()
-    return pipeline.extract_batch(settings, snapshot, batch, force=params.get("force", False))
+    @task(task_id=task_id, **task_kwargs)
+    def run_batch(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
+        from laion_tasks import pipeline
+
+        settings, params = run_settings()
+        return getattr(pipeline, driver)(settings, snapshot, batch, force=params.get("force", False))
+
+    return run_batch
+
+
+extract = batch_task(
+    "extract", "extract_batch", map_index_template="{{ task.op_kwargs['batch']['start'] }}-{{ task.op_kwargs['batch']['stop'] }}"
+)
+clip_score = batch_task("clip_score", "clip_batch")
+tag = batch_task("tag", "tag_batch")
+dedup_partition = batch_task("dedup_partition", "dedup_partition_batch")
+dedup_buckets = batch_task("dedup_buckets", "dedup_bucket_batch")
 
 
 @task
@@ -102,22 +116,6 @@ def download(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
 
 
 @task
-def clip_score(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
-    from laion_tasks import pipeline
-
-    settings, params = run_settings()
-    return pipeline.clip_batch(settings, snapshot, batch, force=params.get("force", False))
-
-
-@task
-def tag(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
-    from laion_tasks import pipeline
-
-    settings, params = run_settings()
-    return pipeline.tag_batch(settings, snapshot, batch, force=params.get("force", False))
-
-
-@task
 def dedup_centroids(snapshot: str) -> dict[str, Any]:
     from laion_tasks import pipeline
 
@@ -126,27 +124,11 @@ def dedup_centroids(snapshot: str) -> dict[str, Any]:
 
 
 @task
-def dedup_partition(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
-    from laion_tasks import pipeline
-
-    settings, params = run_settings()
-    return pipeline.dedup_partition_batch(settings, snapshot, batch, force=params.get("force", False))
-
-
-@task
 def plan_dedup(snapshot: str) -> list[dict[str, Any]]:
     from laion_tasks import pipeline
 
     settings, _ = run_settings()
     return pipeline.plan_dedup(settings, snapshot)
-
-
-@task
-def dedup_buckets(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
-    from laion_tasks import pipeline
-
-    settings, params = run_settings()
-    return pipeline.dedup_bucket_batch(settings, snapshot, batch, force=params.get("force", False))
 
 
 @task
@@ -161,7 +143,7 @@ def dedup_resolve(snapshot: str) -> dict[str, Any]:
 def curate(snapshot: str, subset: str) -> dict[str, Any]:
     from laion_tasks import pipeline
 
-    settings, params = run_settings()
+    settings, _ = run_settings()
     return pipeline.curate_one(settings, snapshot, subset)
 
 

@@ -179,7 +179,7 @@ def _write_metadata(
 
 
 def _iter_vectors(
-    metadata_path: Path, embedding_uris: list[str], batch_size: int, ids: np.ndarray | None = None
+    metadata_path: Path, embedding_paths: list[str], batch_size: int, ids: np.ndarray | None = None
 ) -> Iterator[np.ndarray]:
     """fp32, L2-normalised vectors in id order (all ids, or the sorted subset ``ids``)."""
     import pyarrow.parquet as pq
@@ -195,16 +195,14 @@ def _iter_vectors(
     for seg_start, seg_end in zip(np.r_[0, bounds], np.r_[bounds, len(shards)]):
         if seg_start == seg_end:
             continue
-        shard = int(shards[seg_start])
-        with storage.local_copy(embedding_uris[shard]) as path:
-            emb = np.load(path, mmap_mode="r")
-            for start in range(seg_start, seg_end, batch_size):
-                stop = min(start + batch_size, seg_end)
-                pending.append(np.asarray(emb[rows[start:stop]], dtype=np.float32))
-                pending_n += stop - start
-                if pending_n >= batch_size:
-                    yield _normalised(np.concatenate(pending))
-                    pending, pending_n = [], 0
+        emb = np.load(embedding_paths[int(shards[seg_start])], mmap_mode="r")
+        for start in range(seg_start, seg_end, batch_size):
+            stop = min(start + batch_size, seg_end)
+            pending.append(np.asarray(emb[rows[start:stop]], dtype=np.float32))
+            pending_n += stop - start
+            if pending_n >= batch_size:
+                yield _normalised(np.concatenate(pending))
+                pending, pending_n = [], 0
     if pending:
         yield _normalised(np.concatenate(pending))
 
@@ -258,9 +256,10 @@ def build_index(
         raise StageError(f"no CLIP shards given for index {out_dir}")
     stats = ShardStats(output_uri=out_dir)
     timings: dict[str, float] = {}
+    # One local copy of each input (a no-op for local roots), reused by every pass below.
     with tempfile.TemporaryDirectory(prefix="laion-index-") as tmp_name, _local_copies(clip_uris) as clip_paths, _local_copies(
         subset_uris or []
-    ) as subset_paths:
+    ) as subset_paths, _local_copies(embedding_uris) as embedding_paths:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
         con = duckdb.connect()
@@ -270,13 +269,12 @@ def build_index(
         n = _write_metadata(
             con, clip_paths, subset_paths if subset_uris is not None else None, meta_path, config.metadata_row_group_size, stats
         )
-        _check_alignment(con, clip_paths, embedding_uris)
+        _check_alignment(con, clip_paths, embedding_paths, embedding_uris)
         con.close()
         timings["metadata_s"] = time.perf_counter() - t0
         if n == 0:
             raise StageError(f"index {out_dir}: no sample with an embedding to index ({dict(stats.counts)})")
-        with storage.local_copy(embedding_uris[0]) as first:
-            dim = _count_embedding_rows(str(first))[1]
+        dim = _count_embedding_rows(embedding_paths[0])[1]
         plan = plan_index(n, dim, config)
         log.info("index %s: %d vectors of %d dims -> %s (%s)", out_dir, n, dim, plan.key, plan.reason)
 
@@ -286,13 +284,13 @@ def build_index(
         if not index.is_trained:
             n_train = min(n, config.max_train_vectors)
             sample_ids = np.sort(np.random.default_rng(0).choice(n, n_train, replace=False))
-            sample = np.concatenate(list(_iter_vectors(meta_path, embedding_uris, config.add_batch_size, sample_ids)))
+            sample = np.concatenate(list(_iter_vectors(meta_path, embedding_paths, config.add_batch_size, sample_ids)))
             index, on_gpu = _to_gpu_if_available(index)
             index.train(sample)
             del sample
         timings["train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for batch in _iter_vectors(meta_path, embedding_uris, config.add_batch_size):
+        for batch in _iter_vectors(meta_path, embedding_paths, config.add_batch_size):
             index.add(batch)
         if on_gpu:
             index = faiss.index_gpu_to_cpu(index)
@@ -343,15 +341,14 @@ def _write_lookup(parquet_path: Path, arrow_path: Path, batch_rows: int = 65_536
             writer.write_batch(batch)
 
 
-def _check_alignment(con, clip_paths: list[str], embedding_uris: list[str]) -> None:  # type: ignore[no-untyped-def]
+def _check_alignment(con, clip_paths: list[str], embedding_paths: list[str], embedding_uris: list[str]) -> None:  # type: ignore[no-untyped-def]
     """Each ``.img.npy`` must have exactly as many rows as its CLIP parquet."""
     rows = dict(
         con.execute(
             "SELECT _shard, count(*) FROM clip GROUP BY _shard"
         ).fetchall()
     )
-    for shard, uri in enumerate(embedding_uris):
-        with storage.local_copy(uri) as path:
-            n_emb, _ = _count_embedding_rows(str(path))
+    for shard, (path, uri) in enumerate(zip(embedding_paths, embedding_uris)):
+        n_emb, _ = _count_embedding_rows(path)
         if n_emb != rows.get(shard, 0):
             raise StageError(f"{uri}: {n_emb} embedding rows but {clip_paths[shard]} has {rows.get(shard, 0)} rows")
