@@ -1,0 +1,377 @@
+"""The HTTP client of the download stage: one polite, guarded fetch per URL.
+
+Per event loop, a global concurrency limit and a per-host one, a total deadline per
+attempt (redirects and body included, waiting for the first slot excluded), retries with
+exponential backoff and jitter on timeouts, connection errors, 429 (Retry-After honoured
+up to ``backoff_max_s``) and 5xx. Redirects are followed by hand so every hop is re-checked
+(SSRF guard, hash list, robots.txt); opt-outs (``X-Robots-Tag``, ``tdm-reservation``) are
+read from the headers before the body; the body size is capped while streaming. Every
+failure becomes one status string (see :func:`is_retryable` for which ones are retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+import urllib.robotparser
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+from urllib.parse import urljoin, urlsplit
+
+from laion_tasks.config import DownloadConfig
+from laion_tasks.net import ssrf
+from laion_tasks.stages.image_ops import ImageResult
+
+SUCCESS = "success"
+RETRYABLE_STATUSES = frozenset({"timeout", "connection_error", "http_429", "robots_txt_unavailable"})
+"""Plus every ``http_5xx``: see :func:`is_retryable`."""
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+ROBOTS_MAX_BYTES = 500 * 1024
+"""RFC 9309: crawlers must parse at least 500 KiB; we read no more."""
+KNOWN_DIRECTIVES_WITH_COLON = ("unavailable_after", "max-snippet", "max-image-preview", "max-video-preview")
+
+
+class Blocklist(Protocol):
+    """Safety hash lists (implemented by ``laion_tasks.hashlists.HashLists``).
+
+    ``url_blocked`` is asked BEFORE any request to a URL (every redirect hop too), so a
+    listed URL is never fetched; ``image_blocked`` is asked on the original bytes right
+    after the fetch, and a listed image is never decoded nor written anywhere.
+    """
+
+    def url_blocked(self, url: str) -> bool: ...
+
+    def image_blocked(self, data: bytes) -> bool: ...
+
+
+def is_retryable(status: str | None) -> bool:
+    return bool(status) and (status in RETRYABLE_STATUSES or (status.startswith("http_5") and len(status) == 8))
+
+
+@dataclass
+class SampleResult:
+    status: str
+    error_message: str | None = None
+    final_url: str | None = None
+    image: ImageResult | None = None
+
+
+class _Failure(Exception):
+    """One attempt failed with a status; ``retry_after`` comes from a 429/503 header."""
+
+    def __init__(self, status: str, message: str, url: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.url = url
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def user_agent_token(user_agent: str) -> str:
+    """The product token robots rules and ``X-Robots-Tag: <ua>:`` prefixes refer to."""
+    return user_agent.split("/", 1)[0].strip().lower()
+
+
+def x_robots_opt_out(values: Iterable[str], ua_token: str, disallowed: Iterable[str]) -> str | None:
+    """The disallowed directive found in X-Robots-Tag headers meant for us, else None.
+
+    Handles ``noai, noimageai`` and the ``useragent: noai`` form; a directive addressed
+    to another agent does not apply.
+    """
+    disallowed = {d.lower() for d in disallowed}
+    if not disallowed:
+        return None
+    for value in values:
+        target: str | None = None
+        body = value
+        head, sep, rest = value.partition(":")
+        head = head.strip().lower()
+        if sep and "," not in head and head not in KNOWN_DIRECTIVES_WITH_COLON:
+            target, body = head, rest
+        if target is not None and target not in (ua_token, "*"):
+            continue
+        for directive in body.split(","):
+            directive = directive.strip().lower()
+            if directive in disallowed:
+                return directive
+    return None
+
+
+def _cause_chain(exc: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__ or getattr(current, "os_error", None)
+
+
+def _classify_client_error(exc: BaseException) -> tuple[str, str]:
+    """Map an aiohttp/OS exception to (status, message)."""
+    import aiohttp
+
+    for inner in _cause_chain(exc):
+        if isinstance(inner, ssrf.SSRFBlocked):
+            return "blocked_ssrf", str(inner)
+    text = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "dns_error", text
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
+        return "ssl_error", text
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid_url", text
+    return "connection_error", text
+
+
+class Fetcher:
+    """Polite, guarded fetching on one aiohttp session; shared state per event loop."""
+
+    def __init__(self, config: DownloadConfig, blocklist: Blocklist | None = None) -> None:
+        import aiohttp
+
+        self.config = config
+        self.blocklist = blocklist
+        self.ua_token = user_agent_token(config.user_agent)
+        self.slots = asyncio.Semaphore(config.max_concurrency)
+        self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self._robots: dict[str, asyncio.Task[urllib.robotparser.RobotFileParser | _Failure]] = {}
+        self.retries = 0
+        self.bytes_downloaded = 0
+        connector = aiohttp.TCPConnector(
+            limit=config.max_concurrency + 32,  # the semaphores limit requests; head-room for robots.txt
+            limit_per_host=0,
+            resolver=ssrf.GuardedResolver(allow_private=config.allow_private_networks),
+            ttl_dns_cache=300,
+            enable_cleanup_closed=True,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s),
+            headers={"User-Agent": config.user_agent, "Accept": "image/avif,image/webp,image/*,*/*;q=0.8"},
+            trust_env=False,  # never route through environment proxies
+            auto_decompress=True,  # the size cap below then applies to decoded bytes (gzip bombs)
+        )
+
+    async def close(self) -> None:
+        for task in self._robots.values():
+            task.cancel()
+        await self.session.close()
+
+    def _host_slot(self, host: str) -> asyncio.Semaphore:
+        slot = self._host_slots.get(host)
+        if slot is None:
+            slot = self._host_slots[host] = asyncio.Semaphore(self.config.max_per_host)
+        return slot
+
+    def _check_hop(self, url: str) -> None:
+        """Checks every URL must pass before we send it a byte."""
+        if self.blocklist is not None and self.blocklist.url_blocked(url):
+            raise _Failure("blocked_hashlist", "URL is on a safety hash list; not fetched")
+        try:
+            ssrf.check_url(url, self.config.allow_private_networks)
+        except ssrf.SSRFBlocked as exc:
+            raise _Failure("blocked_ssrf", str(exc), url) from None
+        except ValueError as exc:
+            raise _Failure("invalid_url", str(exc), url) from None
+
+    # -- robots.txt -------------------------------------------------------------------
+    async def _robots_allows(self, url: str) -> None:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+        task = self._robots.get(origin)
+        if task is None:
+            task = self._robots[origin] = asyncio.ensure_future(self._load_robots(origin))
+        parser = await asyncio.shield(task)
+        if isinstance(parser, _Failure):
+            raise _Failure(parser.status, parser.message, url)
+        if not parser.can_fetch(self.config.user_agent, url):
+            raise _Failure("opted_out_robots_txt", f"robots.txt disallows {parts.path or '/'} for {self.ua_token}", url)
+
+    async def _load_robots(self, origin: str) -> urllib.robotparser.RobotFileParser | _Failure:
+        """Fetch and parse robots.txt once per origin (RFC 9309 error handling)."""
+        parser = urllib.robotparser.RobotFileParser()
+        url = f"{origin}/robots.txt"
+        try:
+            async with asyncio.timeout(self.config.request_deadline_s):
+                for _hop in range(5):
+                    self._check_hop(url)
+                    async with self.session.get(url, allow_redirects=False) as resp:
+                        if resp.status in REDIRECT_CODES and resp.headers.get("Location"):
+                            url = urljoin(url, resp.headers["Location"])
+                            continue
+                        if resp.status >= 500 or resp.status == 429:
+                            return _Failure("robots_txt_unavailable", f"robots.txt answered HTTP {resp.status}")
+                        if resp.status in (401, 403):
+                            parser.disallow_all = True  # robotparser's convention
+                            return parser
+                        if resp.status >= 400:
+                            parser.allow_all = True  # RFC 9309: 4xx means no rules
+                            return parser
+                        body = await resp.content.read(ROBOTS_MAX_BYTES)
+                        parser.parse(body.decode("utf-8", errors="replace").splitlines())
+                        return parser
+                parser.allow_all = True  # RFC 9309: more than 5 redirects -> no rules
+                return parser
+        except _Failure as exc:
+            return _Failure("robots_txt_unavailable", f"robots.txt not fetched: {exc.status}: {exc.message}")
+        except TimeoutError:
+            return _Failure("robots_txt_unavailable", "robots.txt fetch timed out")
+        except Exception as exc:  # noqa: BLE001 - any network failure means "unreachable"
+            status, message = _classify_client_error(exc)
+            if status == "blocked_ssrf":
+                return _Failure(status, message)
+            return _Failure("robots_txt_unavailable", f"robots.txt unreachable: {message}")
+
+    # -- one URL ----------------------------------------------------------------------
+    async def fetch(self, url: str, process: Any, on_body: Any = None) -> SampleResult:
+        """Fetch ``url`` with retries and hand the bytes to ``process`` (async callable).
+
+        ``on_body()`` is called once the body is in, before any work on the bytes.
+        """
+        attempt = 0
+        while True:
+            async with self.slots:
+                try:
+                    data, final_url = await self._attempt(url)
+                except _Failure as failure:
+                    # robots.txt results are cached per run: retrying now cannot change them.
+                    final = failure.status == "robots_txt_unavailable" or not is_retryable(failure.status)
+                    if final or attempt >= self.config.retries:
+                        return SampleResult(failure.status, failure.message, failure.url)
+                    delay = self._backoff(attempt, failure)
+                    if delay is None:
+                        return SampleResult(
+                            failure.status, f"{failure.message}; Retry-After exceeds backoff_max_s", failure.url
+                        )
+                else:
+                    if on_body is not None:
+                        on_body()
+                    if self.blocklist is not None and self.blocklist.image_blocked(data):
+                        return SampleResult("blocked_hashlist", "image bytes are on a safety hash list; not stored")
+                    return await process(data, final_url)
+            attempt += 1
+            self.retries += 1
+            await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int, failure: _Failure) -> float | None:
+        cap = self.config.backoff_max_s
+        base = min(cap, self.config.backoff_base_s * (2**attempt))
+        delay = random.uniform(base / 2, base)  # "equal jitter": spread retries, keep a floor
+        if failure.retry_after is not None:
+            if failure.retry_after > cap:
+                return None
+            delay = max(delay, failure.retry_after)
+        return delay
+
+    async def _attempt(self, url: str) -> tuple[bytes, str]:
+        config = self.config
+        seen = {url}
+        current = url
+        deadline: float | None = None
+        loop = asyncio.get_running_loop()
+        for hop in range(config.max_redirects + 1):
+            self._check_hop(current)
+            if config.respect_robots_txt:
+                await self._robots_allows(current)
+            host_slot = self._host_slot(urlsplit(current).netloc.lower())
+            if deadline is None:
+                await host_slot.acquire()  # queueing for a busy host is not the server's fault
+                deadline = loop.time() + config.request_deadline_s
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await host_slot.acquire()
+                except TimeoutError:
+                    raise _Failure("timeout", f"deadline {config.request_deadline_s}s passed at hop {hop}", current) from None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    location = await self._request(current)
+            except TimeoutError:
+                raise _Failure("timeout", f"no complete response within {config.request_deadline_s}s", current) from None
+            except _Failure:
+                raise
+            except Exception as exc:  # noqa: BLE001 - aiohttp raises many types
+                status, message = _classify_client_error(exc)
+                raise _Failure(status, message, current) from None
+            finally:
+                host_slot.release()
+            if isinstance(location, bytes):
+                return location, current
+            if location in seen:
+                raise _Failure("redirect_loop", f"redirect loop after {hop + 1} hops", location)
+            seen.add(location)
+            current = location
+        raise _Failure("too_many_redirects", f"more than max_redirects={config.max_redirects} redirects", current)
+
+    async def _request(self, url: str) -> bytes | str:
+        """One GET: the body bytes, or the absolute URL a redirect points to."""
+        config = self.config
+        async with self.session.get(url, allow_redirects=False) as resp:
+            status = resp.status
+            if not 200 <= status < 300:
+                await _drain_small_body(resp)
+            if status in REDIRECT_CODES:
+                location = resp.headers.get("Location")
+                if not location:
+                    raise _Failure(f"http_{status}", f"HTTP {status} redirect without Location", url)
+                return urljoin(url, location.strip())
+            if status == 429 or status >= 500:
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raise _Failure(f"http_{status}", f"HTTP {status} {resp.reason or ''}".strip(), url, retry_after)
+            if not 200 <= status < 300:
+                raise _Failure(f"http_{status}", f"HTTP {status} {resp.reason or ''}".strip(), url)
+            # Opt-outs are read from the headers, before a byte of the body.
+            directive = x_robots_opt_out(
+                resp.headers.getall("X-Robots-Tag", []), self.ua_token, config.disallowed_header_directives
+            )
+            if directive:
+                raise _Failure("opted_out_x_robots_tag", f"X-Robots-Tag: {directive}", url)
+            if config.respect_tdm_reservation and resp.headers.get("tdm-reservation", "").strip() == "1":
+                raise _Failure("opted_out_tdm_reservation", "tdm-reservation: 1", url)
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > config.max_response_bytes:
+                raise _Failure("too_large", f"Content-Length {length} > max_response_bytes {config.max_response_bytes}", url)
+            if length and length.isdigit() and not resp.headers.get("Content-Encoding"):
+                body = await resp.read()  # framed by the announced length, already within the cap
+                chunks, size = [body], len(body)
+            else:  # unknown or encoded length: count decoded bytes as they stream in
+                chunks, size = [], 0
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > config.max_response_bytes:
+                        raise _Failure("too_large", f"body exceeds max_response_bytes {config.max_response_bytes}", url)
+                    chunks.append(chunk)
+            self.bytes_downloaded += size
+            if size == 0:
+                raise _Failure("empty_body", f"HTTP {status} with an empty body", url)
+            return b"".join(chunks)
+
+
+ERROR_BODY_DRAIN_BYTES = 64 * 1024
+
+
+async def _drain_small_body(resp: Any) -> None:
+    """Read a small non-2xx body (announced length <= 64 KiB) so the connection closes or is
+    reused cleanly; an unread body makes the close a TCP reset on the server's side."""
+    length = resp.headers.get("Content-Length")
+    if length and length.isdigit() and 0 < int(length) <= ERROR_BODY_DRAIN_BYTES:
+        try:
+            await resp.content.read(ERROR_BODY_DRAIN_BYTES)
+        except Exception:  # noqa: BLE001 - the status is what counts; the body is discarded
+            pass
