@@ -211,6 +211,23 @@ def _previously_blocked(out_parquet_uri: str) -> set[str]:
 
 
 @dataclass
+class _DownloadRows:
+    """The download parquet's columns that tagging reads, one entry per row, in its order."""
+
+    keys: list[str]
+    uids: list[Any]
+    statuses: list[Any]
+    urls: list[Any]
+    captions: list[Any]
+    sha256s: list[Any]
+    row_of: dict[str, int]
+
+    @property
+    def n(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
 class _Columns:
     n: int
     punsafe: np.ndarray = field(init=False)
@@ -234,9 +251,245 @@ class _Columns:
         self.blocked = np.zeros(self.n, dtype=bool)
         self.status = ["no_image"] * self.n
 
+    def block(self, i: int) -> None:
+        self.blocked[i] = True
+        self.status[i] = BLOCKED
+
 
 def _float_column(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.float32(), mask=np.isnan(values))
+
+
+def _read_download_rows(images_parquet_uri: str) -> _DownloadRows:
+    images = read_parquet(images_parquet_uri, "download parquet")
+    for col in ("key", "uid", "status"):
+        if col not in images.column_names:
+            raise StageError(f"{images_parquet_uri}: missing column {col!r}")
+    n = images.num_rows
+    keys: list[str] = [str(k) for k in images.column("key").to_pylist()]
+
+    def optional(name: str) -> list[Any]:
+        return images.column(name).to_pylist() if name in images.column_names else [None] * n
+
+    rows = _DownloadRows(
+        keys=keys,
+        uids=images.column("uid").to_pylist(),
+        statuses=images.column("status").to_pylist(),
+        urls=optional("url"),
+        captions=optional("caption"),
+        sha256s=optional("sha256"),
+        row_of={k: i for i, k in enumerate(keys)},
+    )
+    if len(rows.row_of) != n:
+        raise StageError(f"{images_parquet_uri}: duplicate keys in the download parquet")
+    return rows
+
+
+def _block_without_image(
+    rows: _DownloadRows, cols: _Columns, hashlists: HashLists | None, sticky: set[str]
+) -> None:
+    """Hash-list checks that need no image: previous blocks, download's own blocks, URL, original sha256."""
+    for i in range(rows.n):
+        if rows.keys[i] in sticky or rows.statuses[i] == BLOCKED:
+            cols.block(i)
+        elif hashlists is not None and (
+            (rows.urls[i] and hashlists.url_blocked(rows.urls[i])) or hashlists.digest_blocked("sha256", rows.sha256s[i])
+        ):
+            cols.block(i)
+
+
+def _load_embeddings(rows: _DownloadRows, clip_parquet_uri: str, img_emb_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised image embeddings aligned to the download rows (zeros where none), and which rows have one."""
+    n = rows.n
+    clip_table = read_parquet(clip_parquet_uri, "clip parquet")
+    with storage.local_copy(img_emb_uri) as emb_path:
+        try:
+            emb_all = np.load(emb_path, mmap_mode="r")
+        except Exception as exc:
+            raise StageError(f"{img_emb_uri}: cannot load embeddings: {type(exc).__name__}: {exc}") from exc
+        emb_rows_clip = _embedding_rows(clip_table, emb_all, img_emb_uri)
+        emb_row = np.full(n, -1, dtype=np.int64)
+        clip_keys = [str(k) for k in clip_table.column("key").to_pylist()]
+        for j, k in enumerate(clip_keys):
+            i = rows.row_of.get(k)
+            if i is not None:
+                emb_row[i] = emb_rows_clip[j]
+        has_emb = emb_row >= 0
+        emb = np.zeros((n, emb_all.shape[1] if emb_all.ndim == 2 else 0), dtype=np.float32)
+        if has_emb.any():
+            emb[has_emb] = np.asarray(emb_all[emb_row[has_emb]], dtype=np.float32)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.maximum(norms, 1e-12), has_emb
+
+
+@dataclass
+class _ImageModels:
+    """The models that need pixels (watermark detector, NudeNet), fed in batches of ``tag.image_batch_size``."""
+
+    watermark: Any
+    nudenet: bool
+    device: str
+    batch_size: int
+    pending: list[tuple[int, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, config: TagConfig, clip_config: ClipConfig) -> _ImageModels:
+        device = _device(clip_config)
+        watermark = _watermark_model(config.watermark_weights, device) if config.watermark_weights else None
+        if config.nudenet:
+            from laion_tasks.models.heads import nudenet_available
+
+            if not nudenet_available():
+                raise StageError("tag.nudenet is on but the 'nudenet' package is not installed (pip install nudenet)")
+        return cls(watermark, config.nudenet, device, config.image_batch_size)
+
+    @property
+    def wanted(self) -> bool:
+        return self.watermark is not None or self.nudenet
+
+    def add(self, i: int, image: Any, cols: _Columns) -> None:
+        self.pending.append((i, image))
+        if len(self.pending) >= self.batch_size:
+            self.flush(cols)
+
+    def flush(self, cols: _Columns) -> None:
+        if not self.pending:
+            return
+        idx = [i for i, _ in self.pending]
+        ims = [im for _, im in self.pending]
+        if self.watermark is not None:
+            from laion_tasks.models.heads import watermark_probabilities
+
+            cols.pwatermark[idx] = watermark_probabilities(self.watermark, ims, self.device)
+            for i in idx:
+                cols.watermark_method[i] = "laion_detector"
+        if self.nudenet:
+            from laion_tasks.models.heads import nudenet_unsafe
+
+            cols.nudenet[idx] = nudenet_unsafe(ims)
+        self.pending.clear()
+
+
+def _check_sample(
+    i: int, files: dict[str, bytes], cols: _Columns, hashlists: HashLists | None, has_emb: np.ndarray
+) -> Any:
+    """Hash-list checks on one sample's bytes, then its PDQ hash and status. Returns the decoded image, or None."""
+    from PIL import Image
+
+    if cols.blocked[i]:
+        return None
+    data = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    if data is None:
+        cols.status[i] = "missing_from_tar"
+        return None
+    if hashlists is not None and hashlists.image_blocked(data):
+        cols.block(i)
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception:
+        cols.status[i] = "image_unreadable"
+        return None
+    digest, _quality = pdq_hash(image)
+    cols.pdq[i] = digest.hex()
+    if hashlists is not None and hashlists.pdq is not None and hashlists.pdq_hash_blocked(digest)[0]:
+        cols.block(i)
+        return None
+    cols.status[i] = "tagged" if has_emb[i] else "no_embedding"
+    return image
+
+
+def _image_pass(
+    tar_path: Path,
+    tar_uri: str,
+    rows: _DownloadRows,
+    cols: _Columns,
+    has_emb: np.ndarray,
+    hashlists: HashLists | None,
+    models: _ImageModels,
+    stats: ShardStats,
+) -> set[str]:
+    """Read the tar once: hash checks, PDQ and the image models per sample. Returns the blocked keys found in it."""
+    seen_in_tar: set[str] = set()
+    blocked_in_tar: set[str] = set()
+    try:
+        for key, files in _iter_tar_samples(tar_path):
+            i = rows.row_of.get(key)
+            if i is None:
+                stats.add("bad:tar_key_not_in_parquet")
+                continue
+            seen_in_tar.add(key)
+            image = _check_sample(i, files, cols, hashlists, has_emb)
+            if cols.blocked[i]:
+                blocked_in_tar.add(key)
+            elif image is not None and models.wanted:
+                models.add(i, image, cols)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise StageError(f"{tar_uri}: unreadable tar: {type(exc).__name__}: {exc}") from exc
+    models.flush(cols)
+    for i in range(rows.n):
+        if rows.statuses[i] == "success" and rows.keys[i] not in seen_in_tar and cols.status[i] == "no_image":
+            cols.status[i] = "missing_from_tar"
+    return blocked_in_tar
+
+
+def _embedding_heads(
+    cols: _Columns, emb: np.ndarray, config: TagConfig, clip_config: ClipConfig, watermark_done: bool
+) -> None:
+    """NSFW, watermark (unless the image detector ran) and aesthetics on rows with an image and an embedding."""
+    scored = np.array([s == "tagged" for s in cols.status], dtype=bool)
+    if not scored.any():
+        return
+    from laion_tasks.models.heads import score_embeddings
+
+    x = emb[scored]
+    if config.nsfw_weights:
+        cols.punsafe[scored] = score_embeddings(_nsfw_head(config.nsfw_weights), x)
+        method = "laion_detector"
+    else:
+        cols.punsafe[scored] = _zero_shot_for(clip_config, config.nsfw_prompts, config.safe_prompts).score(x)
+        method = "zero_shot"
+    for i in np.flatnonzero(scored):
+        cols.nsfw_method[i] = method
+    if not watermark_done:
+        cols.pwatermark[scored] = _zero_shot_for(clip_config, config.watermark_prompts, config.clean_prompts).score(x)
+        for i in np.flatnonzero(scored):
+            cols.watermark_method[i] = "zero_shot"
+    if config.aesthetic_weights:
+        cols.aesthetic[scored] = score_embeddings(_aesthetic_head(config.aesthetic_weights), x)
+
+
+def _tag_table(
+    rows: _DownloadRows, detections: list[Any], nsfw_text: list[bool], cols: _Columns, threshold: float
+) -> pa.Table:
+    return pa.table(
+        {
+            "key": pa.array(rows.keys, pa.string()),
+            "uid": pa.array([None if u is None else str(u) for u in rows.uids], pa.string()),
+            "language": pa.array([d.language or None for d in detections], pa.string()),
+            "language_score": pa.array([d.confidence for d in detections], pa.float32()),
+            "language_group": pa.array([language_group(d, threshold) for d in detections]),
+            "punsafe": _float_column(cols.punsafe),
+            "nsfw_method": pa.array(cols.nsfw_method, pa.string()),
+            "nsfw_text": pa.array(nsfw_text, pa.bool_()),
+            "nudenet_unsafe": _float_column(cols.nudenet),
+            "pwatermark": _float_column(cols.pwatermark),
+            "watermark_method": pa.array(cols.watermark_method, pa.string()),
+            "aesthetic_score": _float_column(cols.aesthetic),
+            "pdq": pa.array(cols.pdq, pa.string()),
+            "hashlist_blocked": pa.array(cols.blocked, pa.bool_()),
+            "tag_status": pa.array(cols.status, pa.string()),
+        },
+        schema=OUTPUT_SCHEMA,
+    )
+
+
+def _write_parquet(table: pa.Table, uri: str) -> int:
+    """Write atomically; returns the bytes written."""
+    with storage.atomic_local_path(uri, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+        return tmp.stat().st_size
 
 
 def tag_shard(
@@ -254,187 +507,25 @@ def tag_shard(
     ``loaded_hashlists``: the lists already loaded for a batch of shards (else loaded from ``config``).
     """
     stats = ShardStats(output_uri=out_parquet_uri)
-    images = read_parquet(images_parquet_uri, "download parquet")
-    for col in ("key", "uid", "status"):
-        if col not in images.column_names:
-            raise StageError(f"{images_parquet_uri}: missing column {col!r}")
-    n = images.num_rows
-    keys: list[str] = [str(k) for k in images.column("key").to_pylist()]
-    uids = images.column("uid").to_pylist()
-    statuses = images.column("status").to_pylist()
-    urls = images.column("url").to_pylist() if "url" in images.column_names else [None] * n
-    captions = images.column("caption").to_pylist() if "caption" in images.column_names else [None] * n
-    sha256s = images.column("sha256").to_pylist() if "sha256" in images.column_names else [None] * n
-    row_of = {k: i for i, k in enumerate(keys)}
-    if len(row_of) != n:
-        raise StageError(f"{images_parquet_uri}: duplicate keys in the download parquet")
-
-    cols = _Columns(n)
+    rows = _read_download_rows(images_parquet_uri)
+    cols = _Columns(rows.n)
     hashlists = loaded_hashlists or HashLists.from_config(config)
     matches_before = Counter(hashlists.matches) if hashlists else Counter()
     sticky = _previously_blocked(out_parquet_uri)
 
-    # ---- language and alt-text keywords (every row)
-    detections = detect_languages([c or "" for c in captions], config.langid_model_path)
+    detections = detect_languages([c or "" for c in rows.captions], config.langid_model_path)
     pattern = keyword_pattern(config.nsfw_keywords)
-    nsfw_text = [bool(pattern and c and pattern.search(c)) for c in captions]
-
-    # ---- hash-list checks that need no image: URL, original sha256, previous blocks, download's own blocks
-    def block(i: int) -> None:
-        cols.blocked[i] = True
-        cols.status[i] = BLOCKED
-
-    for i in range(n):
-        if keys[i] in sticky or statuses[i] == BLOCKED:
-            block(i)
-        elif hashlists is not None and (
-            (urls[i] and hashlists.url_blocked(urls[i])) or hashlists.digest_blocked("sha256", sha256s[i])
-        ):
-            block(i)
-
-    # ---- embeddings aligned to download rows
-    clip_table = read_parquet(clip_parquet_uri, "clip parquet")
-    with storage.local_copy(img_emb_uri) as emb_path:
-        try:
-            emb_all = np.load(emb_path, mmap_mode="r")
-        except Exception as exc:
-            raise StageError(f"{img_emb_uri}: cannot load embeddings: {type(exc).__name__}: {exc}") from exc
-        emb_rows_clip = _embedding_rows(clip_table, emb_all, img_emb_uri)
-        emb_row = np.full(n, -1, dtype=np.int64)
-        clip_keys = [str(k) for k in clip_table.column("key").to_pylist()]
-        for j, k in enumerate(clip_keys):
-            i = row_of.get(k)
-            if i is not None:
-                emb_row[i] = emb_rows_clip[j]
-        has_emb = emb_row >= 0
-        emb = np.zeros((n, emb_all.shape[1] if emb_all.ndim == 2 else 0), dtype=np.float32)
-        if has_emb.any():
-            emb[has_emb] = np.asarray(emb_all[emb_row[has_emb]], dtype=np.float32)
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    emb = emb / np.maximum(norms, 1e-12)
-
-    # ---- image pass: tar bytes -> hash checks, PDQ, image models
-    device = _device(clip_config)
-    watermark_model = _watermark_model(config.watermark_weights, device) if config.watermark_weights else None
-    if config.nudenet:
-        from laion_tasks.models.heads import nudenet_available
-
-        if not nudenet_available():
-            raise StageError("tag.nudenet is on but the 'nudenet' package is not installed (pip install nudenet)")
-    seen_in_tar: set[str] = set()
-    blocked_in_tar: set[str] = set()
-    pending: list[tuple[int, Any]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        idx = [i for i, _ in pending]
-        ims = [im for _, im in pending]
-        if watermark_model is not None:
-            from laion_tasks.models.heads import watermark_probabilities
-
-            cols.pwatermark[idx] = watermark_probabilities(watermark_model, ims, device)
-            for i in idx:
-                cols.watermark_method[i] = "laion_detector"
-        if config.nudenet:
-            from laion_tasks.models.heads import nudenet_unsafe
-
-            cols.nudenet[idx] = nudenet_unsafe(ims)
-        pending.clear()
-
-    from PIL import Image
+    nsfw_text = [bool(pattern and c and pattern.search(c)) for c in rows.captions]
+    _block_without_image(rows, cols, hashlists, sticky)
+    emb, has_emb = _load_embeddings(rows, clip_parquet_uri, img_emb_uri)
+    models = _ImageModels.load(config, clip_config)
 
     with storage.local_copy(tar_uri) as tar_path:
-        try:
-            for key, files in _iter_tar_samples(tar_path):
-                i = row_of.get(key)
-                if i is None:
-                    stats.add("bad:tar_key_not_in_parquet")
-                    continue
-                seen_in_tar.add(key)
-                data = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-                if cols.blocked[i]:
-                    blocked_in_tar.add(key)
-                    continue
-                if data is None:
-                    cols.status[i] = "missing_from_tar"
-                    continue
-                if hashlists is not None and hashlists.image_blocked(data):
-                    block(i)
-                    blocked_in_tar.add(key)
-                    continue
-                try:
-                    image = Image.open(io.BytesIO(data))
-                    image.load()
-                except Exception:
-                    cols.status[i] = "image_unreadable"
-                    continue
-                digest, _quality = pdq_hash(image)
-                cols.pdq[i] = digest.hex()
-                if hashlists is not None and hashlists.pdq is not None and hashlists.pdq_hash_blocked(digest)[0]:
-                    block(i)
-                    blocked_in_tar.add(key)
-                    continue
-                cols.status[i] = "tagged" if has_emb[i] else "no_embedding"
-                if watermark_model is not None or config.nudenet:
-                    pending.append((i, image))
-                    if len(pending) >= config.image_batch_size:
-                        flush()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise StageError(f"{tar_uri}: unreadable tar: {type(exc).__name__}: {exc}") from exc
-        flush()
-
-        for i in range(n):
-            if statuses[i] == "success" and keys[i] not in seen_in_tar and cols.status[i] == "no_image":
-                cols.status[i] = "missing_from_tar"
-
-        # ---- embedding heads (rows with an image and an embedding, not blocked)
-        scored = np.array([s == "tagged" for s in cols.status], dtype=bool)
-        if scored.any():
-            from laion_tasks.models.heads import score_embeddings
-
-            x = emb[scored]
-            if config.nsfw_weights:
-                cols.punsafe[scored] = score_embeddings(_nsfw_head(config.nsfw_weights), x)
-                method = "laion_detector"
-            else:
-                cols.punsafe[scored] = _zero_shot_for(clip_config, config.nsfw_prompts, config.safe_prompts).score(x)
-                method = "zero_shot"
-            for i in np.flatnonzero(scored):
-                cols.nsfw_method[i] = method
-            if watermark_model is None:
-                cols.pwatermark[scored] = _zero_shot_for(
-                    clip_config, config.watermark_prompts, config.clean_prompts
-                ).score(x)
-                for i in np.flatnonzero(scored):
-                    cols.watermark_method[i] = "zero_shot"
-            if config.aesthetic_weights:
-                cols.aesthetic[scored] = score_embeddings(_aesthetic_head(config.aesthetic_weights), x)
-
-        # ---- write the tags, then strip blocked samples from the tar
-        table = pa.table(
-            {
-                "key": pa.array(keys, pa.string()),
-                "uid": pa.array([None if u is None else str(u) for u in uids], pa.string()),
-                "language": pa.array([d.language or None for d in detections], pa.string()),
-                "language_score": pa.array([d.confidence for d in detections], pa.float32()),
-                "language_group": pa.array([language_group(d, config.language_threshold) for d in detections]),
-                "punsafe": _float_column(cols.punsafe),
-                "nsfw_method": pa.array(cols.nsfw_method, pa.string()),
-                "nsfw_text": pa.array(nsfw_text, pa.bool_()),
-                "nudenet_unsafe": _float_column(cols.nudenet),
-                "pwatermark": _float_column(cols.pwatermark),
-                "watermark_method": pa.array(cols.watermark_method, pa.string()),
-                "aesthetic_score": _float_column(cols.aesthetic),
-                "pdq": pa.array(cols.pdq, pa.string()),
-                "hashlist_blocked": pa.array(cols.blocked, pa.bool_()),
-                "tag_status": pa.array(cols.status, pa.string()),
-            },
-            schema=OUTPUT_SCHEMA,
-        )
-        with storage.atomic_local_path(out_parquet_uri, suffix=".parquet") as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-            stats.bytes_written = tmp.stat().st_size
+        blocked_in_tar = _image_pass(tar_path, tar_uri, rows, cols, has_emb, hashlists, models, stats)
+        _embedding_heads(cols, emb, config, clip_config, watermark_done=models.watermark is not None)
+        # The tags first, then the tar without the blocked samples: a re-run finds the same matches.
+        table = _tag_table(rows, detections, nsfw_text, cols, config.language_threshold)
+        stats.bytes_written = _write_parquet(table, out_parquet_uri)
         removed = _rewrite_tar_without(tar_path, tar_uri, blocked_in_tar) if blocked_in_tar else 0
 
     for s in cols.status:

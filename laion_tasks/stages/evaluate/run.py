@@ -24,7 +24,13 @@ from laion_tasks import storage
 from laion_tasks.config import EvalConfig
 from laion_tasks.models.clip import LoadedClip
 from laion_tasks.stage import ShardStats, StageError
-from laion_tasks.stages.evaluate.datasets import LabeledImage, LabeledImageSet, class_prompts, open_dataset, resolve_class_setup
+from laion_tasks.stages.evaluate.datasets import (
+    LabeledImage,
+    LabeledImageSet,
+    class_prompts,
+    open_dataset,
+    resolve_class_setup,
+)
 from laion_tasks.stages.evaluate.metrics import ZeroShotResult, mean_per_class_recall, per_class_recall, topk_accuracy
 
 log = logging.getLogger(__name__)
