@@ -7,8 +7,9 @@ shows), continues with the Parquet counts (download -> CLIP -> hash lists -> ded
 ends at each subset. Where lineage and Parquet both know a number, the card shows
 whether they agree.
 
-The thumbnail grids never show hash-list-blocked samples, nor samples flagged unsafe
-(``punsafe >= 0.5`` or ``nsfw_text``): the card is meant to be published.
+The thumbnail grids never show hash-list-blocked samples, samples flagged unsafe
+(``punsafe >= 0.5`` or ``nsfw_text``), nor samples with no safety score (``punsafe`` or
+``nsfw_text`` null: not known to be safe): the card is meant to be published.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ from laion_tasks.stages.curate import (
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SAFE_FOR_CARD = "NOT coalesce(hashlist_blocked, false) AND NOT coalesce(nsfw_text, false) AND coalesce(punsafe, 0) < 0.5"
+# Unknown is not safe: a null score (tag never ran, or could not score the image) keeps it off the card.
+SAFE_FOR_CARD = (
+    "NOT coalesce(hashlist_blocked, false) AND nsfw_text IS NOT NULL AND NOT nsfw_text "
+    "AND punsafe IS NOT NULL AND punsafe < 0.5"
+)
 PASS_OUTCOMES = ("kept", "success")
 BASE_LABELS = {
     "drop:not_downloaded": "download failed",
@@ -487,8 +492,8 @@ def write_dataset_card(
         "",
         "## Samples",
         "",
-        f"{n_kept} kept and {n_dropped} dropped samples, chosen by the MD5 of their key. Hash-list hits and samples "
-        "flagged unsafe (punsafe >= 0.5, unsafe caption) are never shown.",
+        f"{n_kept} kept and {n_dropped} dropped samples, chosen by the MD5 of their key. Hash-list hits, samples "
+        "flagged unsafe (punsafe >= 0.5, unsafe caption) and samples without a safety score are never shown.",
         "",
         "![kept](samples_kept.png)",
         "",

@@ -7,7 +7,7 @@ for a caption must find its own sample first: the tests can fail for real.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,8 @@ class Generated:
     missing_from_clip: int
     duplicate_pair: tuple[str, str]
     """Two keys with identical embeddings (the second a near-duplicate of the first)."""
+    unscored_keys: set[str] = field(default_factory=set)
+    """Subset rows with no safety score (punsafe null): search must never return them."""
 
 
 def caption_for(i: int) -> str:
@@ -53,6 +55,7 @@ def generate(
     subset_rows: list[dict] = []
     no_emb: list[str] = []
     not_in_subset: list[str] = []
+    unscored: set[str] = set()
     embedding_uris, clip_uris = [], []
     all_caps = [caption_for(i) for i in range(shards * rows_per_shard)]
     vectors = encode(all_caps).astype(np.float16)
@@ -84,6 +87,8 @@ def generate(
                 no_emb.append(key)
             else:
                 captions[key] = all_caps[i]
+            if r % 6 == 5:
+                unscored.add(key)
             subset_rows.append(
                 {
                     "URL": f"{url_base}/{key}.png",
@@ -92,7 +97,7 @@ def generate(
                     "HEIGHT": 48 + r,
                     "similarity": float(0.28 + 0.01 * (r % 5)),
                     "LANGUAGE": "en" if r % 4 else "de",
-                    "punsafe": float(rng.uniform(0, 1)) if r % 6 else None,
+                    "punsafe": None if key in unscored else float(rng.uniform(0, 1)),
                     "pwatermark": float(rng.uniform(0, 1)),
                     "aesthetic": float(rng.uniform(3, 8)),
                     "hash": hashlib.md5(f"{uid}".encode()).hexdigest(),
@@ -128,7 +133,7 @@ def generate(
     subset_uri = str(subset_dir / "part-0.parquet")
     pq.write_table(pa.Table.from_pylist(subset_rows), subset_uri)
     assert dup_pair is not None
-    return Generated(root, embedding_uris, clip_uris, [subset_uri], captions, no_emb, not_in_subset, 1, dup_pair)
+    return Generated(root, embedding_uris, clip_uris, [subset_uri], captions, no_emb, not_in_subset, 1, dup_pair, unscored)
 
 
 def tiny_encoder():  # type: ignore[no-untyped-def]

@@ -6,6 +6,8 @@ import io
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -102,10 +104,23 @@ def test_card_reports_unavailable_subset_and_writes_subset_cards(carded) -> None
             assert "part-00000.parquet" in body
 
 
-def test_sample_grids_never_show_blocked_or_unsafe_samples(tmp_path: Path) -> None:
+def test_sample_grids_never_show_blocked_unsafe_or_unscored_samples(tmp_path: Path) -> None:
     root = str(tmp_path)
     rows = make_snapshot(root, SNAP, shards=2, per_shard=80, seed=4)
-    blocked = {r["key"] for r in rows if r["hashlist_blocked"] or (r["punsafe"] or 0) >= 0.5}
+    # Tag could not score some downloaded images (punsafe / nsfw_text null): not known to be safe.
+    tags_uri = layout.tags_parquet_uri(root, SNAP, rows[0]["shard"])
+    tags = pq.read_table(tags_uri).to_pylist()
+    for i, tag in enumerate(tags):
+        if i % 5 == 0:
+            tag["punsafe" if i % 2 else "nsfw_text"] = None
+    pq.write_table(pa.Table.from_pylist(tags, schema=pq.read_schema(tags_uri)), tags_uri)
+    by_key = {t["key"]: t for t in tags}
+    for r in rows:
+        if r["key"] in by_key:
+            r["punsafe"], r["nsfw_text"] = by_key[r["key"]]["punsafe"], by_key[r["key"]]["nsfw_text"]
+    unscored = {r["key"] for r in rows if r["status"] == "success" and (r["punsafe"] is None or r["nsfw_text"] is None)}
+    assert unscored, "the fixture must contain downloaded images without a safety score"
+    blocked = {r["key"] for r in rows if r["hashlist_blocked"] or r["key"] in unscored or (r["punsafe"] or 0) >= 0.5}
     config = CurateConfig()
     with open_snapshot(root, SNAP, config) as db:
         kept = _sample_rows(db, eligible_sql(config), 10_000, config)

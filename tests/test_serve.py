@@ -47,7 +47,7 @@ def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: int = 48) -> by
 
 def test_text_query_returns_the_captioned_sample_first(client: TestClient, built: tuple[Generated, str]) -> None:
     generated, _ = built
-    for key, caption in list(generated.captions.items())[5:12]:
+    for key, caption in [kc for kc in generated.captions.items() if kc[0] not in generated.unscored_keys][5:12]:
         body = client.get("/api/search", params={"text": caption, "k": 5}).json()
         top = body["results"][0]
         assert top["key"] == key and top["TEXT"] == caption
@@ -61,7 +61,7 @@ def test_text_query_returns_the_captioned_sample_first(client: TestClient, built
 
 def test_embedding_and_post_queries(client: TestClient, built: tuple[Generated, str]) -> None:
     generated, out = built
-    key, caption = list(generated.captions.items())[20]
+    key, caption = [kc for kc in generated.captions.items() if kc[0] not in generated.unscored_keys][20]
     vec = tiny_encoder()([caption])[0]
     by_embedding = client.post("/api/search", json={"embedding": vec.tolist(), "k": 3}).json()
     by_text = client.post("/api/search", json={"text": caption, "k": 3}).json()
@@ -86,6 +86,20 @@ def test_filters_are_applied(client: TestClient) -> None:
     assert body["results"] and all(r["LANGUAGE"] == "de" for r in body["results"])
     unfiltered = client.post("/api/search", json={"text": text, "k": 20}).json()["results"]
     assert any(r["LANGUAGE"] != "de" for r in unfiltered)
+
+
+def test_unscored_images_are_never_shown(client: TestClient, built: tuple[Generated, str]) -> None:
+    generated, _ = built
+    unscored = [k for k in generated.captions if k in generated.unscored_keys]
+    assert unscored
+    for key in unscored[:4]:
+        caption = generated.captions[key]
+        for body in ({"text": caption, "k": 50}, {"text": caption, "k": 50, "dedup": False}):
+            results = client.post("/api/search", json=body).json()["results"]
+            assert results and all(r["punsafe"] is not None for r in results)
+            assert key not in {r["key"] for r in results}
+    exported = client.post("/api/export?format=json", json={"text": generated.captions[unscored[0]], "k": 50}).json()
+    assert exported and all(r["punsafe"] is not None for r in exported)
 
 
 def test_near_duplicates_are_removed(client: TestClient, built: tuple[Generated, str]) -> None:
@@ -156,6 +170,9 @@ def test_filter_on_missing_column_is_a_400(built: tuple[Generated, str], tmp_pat
     c = TestClient(create_app(out, tiny_settings()))
     resp = c.post("/api/search", json={"text": "cat", "max_punsafe": 0.3})
     assert resp.status_code == 400 and "no punsafe column" in resp.json()["detail"]
+    # Without any safety score, nothing is shown, filter or not.
+    resp = c.post("/api/search", json={"text": "cat"})
+    assert resp.status_code == 400 and "no safety scores" in resp.json()["detail"]
 
 
 @pytest.fixture

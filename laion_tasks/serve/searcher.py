@@ -25,6 +25,7 @@ INTERNAL_COLUMNS = ("_shard", "_row")
 LANGUAGE_COLUMNS = ("LANGUAGE", "language")
 AESTHETIC_COLUMNS = ("aesthetic", "AESTHETIC_SCORE", "aesthetic_score")
 DEDUP_COLUMNS = ("sha256", "hash", "URL", "url")
+SAFETY_COLUMN = "punsafe"
 
 
 class IndexNotReady(RuntimeError):
@@ -195,21 +196,25 @@ class KnnIndex:
         dedup: bool = True,
         dedup_threshold: float = 0.97,
         max_candidates: int = 10_000,
+        scored_only: bool = True,
     ) -> list[dict[str, Any]]:
         """The k best results after filters and near-duplicate removal, as JSON-ready dicts.
 
         ANN candidates are fetched in growing batches until k survive the filters (or
-        ``max_candidates`` were examined), as clip-retrieval does.
+        ``max_candidates`` were examined), as clip-retrieval does. With ``scored_only``
+        (the service always sets it) an image without a safety score is never returned:
+        an unscored image is not known to be safe to show.
         """
-        filter_cols = self._filter_columns(filters)
+        filter_cols = self._filter_columns(filters, scored_only)
         dedup_cols = [c for c in DEDUP_COLUMNS if c in self.metadata.columns] if dedup else []
-        fetch = k if not (filters.active or dedup) else min(max(2 * k, 64), max_candidates)
+        narrowing = filters.active or dedup or scored_only
+        fetch = k if not narrowing else min(max(2 * k, 64), max_candidates)
         while True:
             scores, ids = self.search(vector, fetch)
             scores, ids = scores[0], ids[0]
             valid = ids >= 0
             scores, ids = scores[valid], ids[valid]
-            keep = self._apply_filters(ids, filters, filter_cols)
+            keep = self._apply_filters(ids, filters, filter_cols, scored_only)
             cand_scores, cand_ids = scores[keep], ids[keep]
             if dedup:
                 cand_scores, cand_ids = self._dedup(cand_scores, cand_ids, dedup_cols, dedup_threshold, k)
@@ -225,10 +230,15 @@ class KnnIndex:
             out.append({"id": idx, "score": round(float(score), 6), **clean})
         return out
 
-    def _filter_columns(self, filters: Filters) -> dict[str, str]:
+    def _filter_columns(self, filters: Filters, scored_only: bool = False) -> dict[str, str]:
         cols: dict[str, str] = {}
+        if scored_only and SAFETY_COLUMN not in self.metadata.columns:
+            raise QueryError(
+                f"this index has no {SAFETY_COLUMN} column: its images have no safety scores, so none is shown "
+                "(index a tagged subset)"
+            )
         wanted = {
-            "punsafe": (filters.max_punsafe, ("punsafe",)),
+            "punsafe": (filters.max_punsafe, (SAFETY_COLUMN,)),
             "aesthetic": (filters.min_aesthetic, AESTHETIC_COLUMNS),
             "language": (filters.language or None, LANGUAGE_COLUMNS),
         }
@@ -241,12 +251,17 @@ class KnnIndex:
             cols[name] = found
         return cols
 
-    def _apply_filters(self, ids: np.ndarray, filters: Filters, cols: dict[str, str]) -> np.ndarray:
+    def _apply_filters(
+        self, ids: np.ndarray, filters: Filters, cols: dict[str, str], scored_only: bool = False
+    ) -> np.ndarray:
         """Boolean mask over ``ids``. Unknown (null) scores fail a filter: a filter is a promise."""
         keep = np.ones(len(ids), dtype=bool)
-        if not cols or len(ids) == 0:
+        if not (cols or scored_only) or len(ids) == 0:
             return keep
-        table = self.metadata.rows(ids, list(cols.values()))
+        table = self.metadata.rows(ids, sorted(set(cols.values()) | ({SAFETY_COLUMN} if scored_only else set())))
+        if scored_only:
+            v = table.column(SAFETY_COLUMN).to_numpy(zero_copy_only=False).astype(np.float64)
+            keep &= ~np.isnan(v)
         if "punsafe" in cols:
             v = table.column(cols["punsafe"]).to_numpy(zero_copy_only=False).astype(np.float64)
             keep &= np.nan_to_num(v, nan=np.inf) <= filters.max_punsafe
