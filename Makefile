@@ -27,7 +27,10 @@ test-fast: setup
 	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
 compose-config: system-deps
-	docker-compose -f docker-compose.yaml config -q && echo "docker-compose.yaml is valid"
+	docker-compose -f docker-compose.yaml --env-file .env.example config -q 2>/dev/null; \
+	  test $$? -ne 0 || { echo "docker-compose.yaml accepted empty secrets"; exit 1; }
+	POSTGRES_PASSWORD=x MINIO_ROOT_USER=x MINIO_ROOT_PASSWORD=x AIRFLOW_JWT_SECRET=x \
+	  docker-compose -f docker-compose.yaml --env-file .env.example config -q && echo "docker-compose.yaml is valid"
 
 bench: setup
 	@echo "Each benchmark is one command; see bench/README.md"
