@@ -323,7 +323,9 @@ class ServeConfig(Section):
     max_k: int = 200
     """Largest k a query may ask for."""
     max_upload_bytes: int = 10 * 1024 * 1024
-    """Largest image upload accepted."""
+    """Largest image accepted, uploaded (multipart) or fetched for a by-URL query; counted while it streams."""
+    max_request_bytes: int = 256 * 1024
+    """Largest non-multipart request body (JSON queries, embeddings); counted while it streams."""
     allow_url_queries: bool = False
     """Allow image-by-URL queries (fetched through the downloader's SSRF guard)."""
     default_k: int = 40

@@ -12,6 +12,16 @@ import re
 from laion_tasks.storage import join
 
 STAGES = ("extract", "download", "clip", "tag", "dedup", "curate", "index", "train", "eval")
+# One path segment a caller may name (snapshot, subset, card file): no separators, no "." or "..".
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """``value`` if it is one safe path segment, else ValueError: names from outside (a URL,
+    a form) must never climb out of ``<root>/<snapshot>/``."""
+    if not SAFE_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"invalid {what} {value!r}: use letters, digits, '.', '_', '-' (one path segment)")
+    return value
 
 
 def wat_id(wat_uri: str) -> str:

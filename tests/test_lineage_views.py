@@ -1,6 +1,7 @@
 """The lineage/card views served in the Airflow UI plugin."""
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -62,3 +63,37 @@ def test_plugin_imports_without_an_api_server() -> None:
     plugin = module.LaionLineagePlugin
     assert plugin.fastapi_apps[0]["url_prefix"] == "/laion-lineage"
     assert plugin.external_views[0]["destination"] == "nav"
+
+
+@pytest.fixture
+def traversal_root(tmp_path: Path) -> tuple[Path, Any]:
+    """Storage root one level down, with a secret file where ``..`` would lead."""
+    root = tmp_path / "root"
+    settings = load_settings(environ={}, overrides={"storage": {"root": str(root)}, "lineage": {"url": f"sqlite:///{tmp_path / 'l.db'}"}})
+    Lineage(settings.lineage.url).ensure_snapshot("CC-MAIN-2024-10", str(root))
+    storage.write_text(storage.join(layout.card_dir(str(root), "CC-MAIN-2024-10"), "README.md"), "# card\n")
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "README.md").write_text("SECRET outside the root\n")
+    return tmp_path, create_lineage_app(settings)
+
+
+@pytest.mark.parametrize("dots", ["..", "%2E%2E", "%2e%2e", ".%2E"])
+def test_dot_dot_in_every_path_parameter_is_refused(traversal_root, dots: str) -> None:
+    from tests.loopback import raw_request, serve_asgi
+
+    _, app = traversal_root
+    targets = [
+        f"/api/funnel/{dots}",
+        f"/api/shards/{dots}",
+        f"/snapshot/{dots}",
+        f"/card/{dots}/README.md",
+        f"/card/CC-MAIN-2024-10/{dots}/{dots}/l.db",
+        f"/card/CC-MAIN-2024-10/{dots}/CC-MAIN-2024-10/card/README.md",
+        f"/card/CC-MAIN-2024-10/sub/{dots}",
+    ]
+    with serve_asgi(app) as addr:
+        assert raw_request(addr, "GET", "/card/CC-MAIN-2024-10/README.md")[0] == 200
+        for target in targets:
+            status, body = raw_request(addr, "GET", target)
+            assert status == 400 and b"invalid" in body, (target, status, body[:200])
+            assert b"SECRET" not in body

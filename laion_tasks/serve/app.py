@@ -25,10 +25,11 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from laion_tasks.config import Settings
+from laion_tasks.serve.limits import BodyLimitMiddleware
 from laion_tasks.serve.searcher import Filters, IndexNotReady, KnnIndex, QueryError
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,7 @@ async def fetch_query_image(url: str, settings: Settings) -> bytes:
                         continue
                     if resp.status != 200:
                         raise HTTPException(400, f"fetching {url}: HTTP {resp.status}")
-                    data = await resp.content.read(limit + 1)
-                    if len(data) > limit:
-                        raise HTTPException(413, f"image at {url} is over {limit} bytes (serve.max_upload_bytes)")
-                    return data
+                    return await _read_capped(resp, url, limit)
             raise HTTPException(400, "too many redirects fetching the query image")
     except SSRFBlocked as exc:
         raise HTTPException(400, f"image URL refused: {exc}") from exc
@@ -178,6 +176,25 @@ async def fetch_query_image(url: str, settings: Settings) -> bytes:
         if isinstance(cause, SSRFBlocked):
             raise HTTPException(400, f"image URL refused: {cause}") from exc
         raise HTTPException(400, f"fetching {url} failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _read_capped(resp: Any, url: str, limit: int) -> bytes:
+    """The whole body, read chunk by chunk up to ``limit``; 413 (naming the limit) when it is larger.
+
+    ``StreamReader.read(n)`` returns what is buffered, not n bytes, so one read would
+    silently truncate an image that arrives in several segments.
+    """
+    too_big = HTTPException(413, f"image at {url} is over {limit} bytes (serve.max_upload_bytes)")
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_big
+    data = bytearray()
+    while True:
+        chunk = await resp.content.read(min(1 << 16, limit + 1 - len(data)))
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > limit:
+            raise too_big
 
 
 def _export_response(results: list[dict[str, Any]], fmt: str) -> Response:
@@ -214,6 +231,10 @@ def create_app(index_dir: str, settings: Settings, dependencies: Sequence[Any] =
         dependencies=[d if hasattr(d, "dependency") else Depends(d) for d in dependencies],
     )
     app.state.search = state
+    # Counted while streaming: a chunked or lying body is cut off at the limit (413).
+    app.add_middleware(
+        BodyLimitMiddleware, upload_bytes=settings.serve.max_upload_bytes, other_bytes=settings.serve.max_request_bytes
+    )
 
     async def vector_for(req: SearchRequest) -> np.ndarray:
         given = [name for name in ("text", "embedding", "image_url") if getattr(req, name) is not None]
@@ -299,16 +320,5 @@ def create_app(index_dir: str, settings: Settings, dependencies: Sequence[Any] =
         vector = await vector_for(req)
         results = await run_in_threadpool(state.run, vector, req)
         return _export_response(results, format)
-
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):  # type: ignore[no-untyped-def]
-        # Refuse before the multipart parser spools a huge upload to disk.
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.serve.max_upload_bytes + 65_536:
-            return JSONResponse(
-                {"detail": f"request body is over {settings.serve.max_upload_bytes} bytes (serve.max_upload_bytes)"},
-                status_code=413,
-            )
-        return await call_next(request)
 
     return app

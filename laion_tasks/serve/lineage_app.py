@@ -37,7 +37,15 @@ def create_lineage_app(settings: Settings, dependencies: Sequence[Any] = ()) -> 
     def lineage() -> Lineage:
         return Lineage(settings.lineage.url)
 
+    def valid(value: str, what: str) -> str:
+        """Every path parameter is checked before it reaches lineage or storage (400 if unsafe)."""
+        try:
+            return layout.check_name(value, what)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
+
     def known_snapshot(snapshot: str) -> None:
+        valid(snapshot, "snapshot")
         if snapshot not in {s["id"] for s in lineage().snapshots()}:
             raise HTTPException(404, f"snapshot {snapshot!r} has no lineage records")
 
@@ -114,8 +122,9 @@ def create_lineage_app(settings: Settings, dependencies: Sequence[Any] = ()) -> 
     @app.get("/card/{snapshot}/{name:path}")
     def card_file(snapshot: str, name: str) -> Response:
         """The dataset card's files: README.md rendered as a page with its charts, PNGs as images."""
-        if ".." in name.split("/") or name.startswith("/"):
-            raise HTTPException(400, "invalid card path")
+        valid(snapshot, "snapshot")
+        for segment in name.split("/"):
+            valid(segment, "card path")
         uri = storage.join(layout.card_dir(root, snapshot), name)
         if not storage.exists(uri):
             raise HTTPException(404, f"no card file {name!r} for snapshot {snapshot!r}")
