@@ -103,17 +103,8 @@ def make_train_eval_dag(snapshot: str):  # type: ignore[no-untyped-def]
     def train_eval_dag() -> None:
         if SETTINGS.clip.execution == "kubernetes":
             from laion_common.train_pod import train_pod_operator
-            from laion_tasks import layout, storage
 
-            root = SETTINGS.storage.root
-            pod = train_pod_operator(
-                "train",
-                SETTINGS,
-                layout.subset_dir(root, snapshot, SETTINGS.train.subset),
-                storage.join(layout.models_dir(root, snapshot), SETTINGS.train.subset),
-                snapshot=snapshot,
-                pool=SETTINGS.clip.gpu_pool,
-            )
+            pod = train_pod_operator("train", SETTINGS, snapshot, SETTINGS.train.subset, pool=SETTINGS.clip.gpu_pool)
             checkpoint = checkpoint_uri(snapshot)
             pod >> checkpoint
         else:

@@ -173,8 +173,8 @@ class ClipConfig(Section):
     """``nvidia.com/gpu`` per CLIP pod."""
     k8s_deferrable: bool = True
     """Run the pod operator deferrably (frees worker slots while pods run)."""
-    k8s_env_secret: str | None = None
-    """Kubernetes Secret whose keys become the pod's env vars (AWS credentials, a lineage URL with a password)."""
+    k8s_env_secret: str | None = "laion-credentials"
+    """Kubernetes Secret the pod's credentials come from: key LAION_LINEAGE__URL (required), plus any others (AWS keys) as env vars."""
     k8s_shm_size: str = "8Gi"
     """In-memory /dev/shm for DataLoader workers (the container default of 64 MiB stalls them)."""
     gpu_pool: str = "gpu"
@@ -398,8 +398,8 @@ class TrainConfig(Section):
     """Memory request and limit of the training pod."""
     k8s_shm_size: str = "16Gi"
     """/dev/shm for DataLoader workers in the training pod."""
-    k8s_env_secret: str | None = None
-    """Kubernetes Secret whose keys become env vars in the training pod (S3 / lineage credentials)."""
+    k8s_env_secret: str | None = "laion-credentials"
+    """Kubernetes Secret the training pod's credentials come from: key LAION_LINEAGE__URL (required), plus any others (AWS keys)."""
     k8s_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
     """Node selector of the training pod."""
     k8s_tolerations: list[dict[str, str]] = [

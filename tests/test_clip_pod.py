@@ -12,6 +12,22 @@ import pytest
 from laion_tasks.config import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "pg-s3cr3t-value"
+
+
+def assert_no_secret_in_env(pod, secret_name: str) -> None:  # type: ignore[no-untyped-def]
+    """Credentials come only by reference to the Secret: no value in env, nothing in the serialised pod."""
+    from kubernetes.client import ApiClient
+
+    (container,) = pod.spec.containers
+    by_name = {e.name: e for e in container.env}
+    lineage = by_name["LAION_LINEAGE__URL"]
+    assert lineage.value is None
+    assert (lineage.value_from.secret_key_ref.name, lineage.value_from.secret_key_ref.key) == (secret_name, "LAION_LINEAGE__URL")
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(by_name)
+    assert [e.secret_ref.name for e in container.env_from] == [secret_name]
+    raw = json.dumps(ApiClient().sanitize_for_serialization(pod))
+    assert PASSWORD not in raw and "postgresql" not in raw
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +46,7 @@ def deployment_settings():  # type: ignore[no-untyped-def]
         environ={},
         overrides={
             "storage": {"root": "s3://laion-bucket/runs", "s3_endpoint_url": "http://minio.data:9000"},
-            "lineage": {"url": "postgresql+psycopg2://laion@pg.data:5432/lineage"},
+            "lineage": {"url": f"postgresql+psycopg2://laion:{PASSWORD}@pg.data:5432/lineage"},
             "clip": {
                 "execution": "kubernetes",
                 "k8s_image": "registry.example/laion-tasks:1.2.3",
@@ -54,6 +70,8 @@ def deployment_settings():  # type: ignore[no-untyped-def]
 def test_pod_spec_renders_without_a_cluster(gpu_pod) -> None:  # type: ignore[no-untyped-def]
     settings = deployment_settings()
     op = gpu_pod.clip_pod_operator("clip_batch", settings, "CC-MAIN-2024-10", ["000001", "000002"])
+    assert PASSWORD not in json.dumps([str(e) for e in op.env_vars])  # nothing for the UI to show
+    op.render_template_fields({"params": {}})
     assert op.pool == "h100-pool"
     assert op.deferrable is True
     assert op.do_xcom_push is False
@@ -67,16 +85,15 @@ def test_pod_spec_renders_without_a_cluster(gpu_pod) -> None:  # type: ignore[no
     (container,) = spec.containers
     assert container.image == "registry.example/laion-tasks:1.2.3"
     assert container.command == ["laion"]
-    assert container.args == ["clip-score-shard", "--snapshot", "CC-MAIN-2024-10", "--shard", "000001,000002"]
+    assert container.args == ["clip-score-shard", "--snapshot", "CC-MAIN-2024-10", "--shard", "000001,000002", "--no-force"]
     res = container.resources
     assert res.requests == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"}
     assert res.limits == {"memory": "64Gi", "nvidia.com/gpu": "2"}
     env = {e.name: e.value for e in container.env}
     assert env["LAION_STORAGE__ROOT"] == "s3://laion-bucket/runs"
     assert env["LAION_STORAGE__S3_ENDPOINT_URL"] == "http://minio.data:9000"
-    assert env["LAION_LINEAGE__URL"] == "postgresql+psycopg2://laion@pg.data:5432/lineage"
     assert json.loads(env["LAION_CLIP"])["english"]["checkpoint"] == "s3://w/vitb32.pt"
-    assert [e.secret_ref.name for e in container.env_from] == ["laion-credentials"]
+    assert_no_secret_in_env(pod, "laion-credentials")
     assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("dshm", "/dev/shm")]
     assert spec.volumes[0].empty_dir.medium == "Memory"
     # The serialised pod is valid Kubernetes JSON with the GPU request in it.
@@ -89,7 +106,9 @@ def test_pod_spec_renders_without_a_cluster(gpu_pod) -> None:  # type: ignore[no
 def test_pod_env_rebuilds_the_same_clip_settings_and_digest(gpu_pod) -> None:  # type: ignore[no-untyped-def]
     """What the pod loads from its env equals the scheduler's settings, so lineage digests match."""
     settings = deployment_settings()
-    inside = load_settings(environ=gpu_pod.pod_env(settings))
+    env = {k: v.replace(gpu_pod.storage_root_template(settings), settings.storage.root) for k, v in gpu_pod.pod_env(settings).items()}
+    env["LAION_LINEAGE__URL"] = settings.lineage.url  # what the Secret holds
+    inside = load_settings(environ=env)
     assert inside.clip == settings.clip
     assert inside.digest("clip") == settings.digest("clip")
     from laion_tasks.stages.clip_score import clip_config_digest
@@ -107,14 +126,14 @@ def test_templated_shard_ids_and_overrides(gpu_pod) -> None:  # type: ignore[no-
     op = gpu_pod.clip_pod_operator(
         "clip_templated", settings, "CC-MAIN-2024-10", template, deferrable=False, image_pull_policy="Always"
     )
-    assert op.arguments[-1] == template
+    assert op.arguments[-2] == template
     assert "arguments" in op.template_fields
     op.render_template_fields({"params": {"shards": "000007,000008"}})
-    assert op.arguments == ["clip-score-shard", "--snapshot", "CC-MAIN-2024-10", "--shard", "000007,000008"]
+    assert op.arguments == ["clip-score-shard", "--snapshot", "CC-MAIN-2024-10", "--shard", "000007,000008", "--no-force"]
     pod = op.build_pod_request_obj(dry_run=True)
     (container,) = pod.spec.containers
-    assert container.args[-1] == "000007,000008"
-    rendered_env = {e.name: e.value for e in container.env}
+    assert container.args[-2] == "000007,000008"
+    rendered_env = {e.name: e.value for e in container.env if e.value is not None}
     assert load_settings(environ=rendered_env).clip == settings.clip  # rendering leaves the JSON config intact
     assert container.image_pull_policy == "Always"
     assert op.deferrable is False
@@ -123,7 +142,31 @@ def test_templated_shard_ids_and_overrides(gpu_pod) -> None:  # type: ignore[no-
     assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
     assert pod.spec.tolerations[0].key == "nvidia.com/gpu"
     assert op.pool == "gpu"
-    assert not container.env_from
+    assert [e.secret_ref.name for e in container.env_from] == ["laion-credentials"]  # the default Secret
+
+
+def test_pod_honours_the_runs_params(gpu_pod) -> None:  # type: ignore[no-untyped-def]
+    """storage_root and force, as triggered, reach the pod as they reach the CPU tasks."""
+    settings = deployment_settings()
+    op = gpu_pod.clip_pod_operator("clip_batch", settings, "CC-MAIN-2024-10", ["000001"])
+    op.render_template_fields({"params": {"storage_root": "s3://other-bucket/rerun", "force": True}})
+    pod = op.build_pod_request_obj(dry_run=True)
+    (container,) = pod.spec.containers
+    env = {e.name: e.value for e in container.env}
+    assert env["LAION_STORAGE__ROOT"] == "s3://other-bucket/rerun"
+    assert container.args[-1] == "--force"
+    assert_no_secret_in_env(pod, "laion-credentials")
+    inside = load_settings(environ={k: v for k, v in env.items() if v is not None})
+    assert inside.storage.root == "s3://other-bucket/rerun" and inside.clip == settings.clip
+    # The mapped pods' arguments are built by a task at run time from the same Params.
+    assert gpu_pod.clip_pod_arguments("S", "000001", gpu_pod.force_flag({"force": True}))[-1] == "--force"
+    assert gpu_pod.clip_pod_arguments("S", "000001", gpu_pod.force_flag({}))[-1] == "--no-force"
+
+
+def test_pod_without_a_secret_is_refused(gpu_pod) -> None:  # type: ignore[no-untyped-def]
+    settings = load_settings(environ={}, overrides={"clip": {"k8s_env_secret": None}})
+    with pytest.raises(ValueError, match="k8s_env_secret"):
+        gpu_pod.clip_pod_operator("clip_batch", settings, "CC-MAIN-2024-10", ["000001"])
 
 
 def test_clip_digest_follows_language_routing() -> None:

@@ -147,30 +147,37 @@ def test_train_pod_spec_renders_without_a_cluster(tmp_path_factory: pytest.TempP
         environ={},
         overrides={
             "storage": {"root": "s3://laion/runs", "s3_endpoint_url": "http://minio:9000"},
-            "lineage": {"url": "postgresql+psycopg2://laion@pg:5432/lineage"},
+            "lineage": {"url": "postgresql+psycopg2://laion:train-pw-123@pg:5432/lineage"},
             "train": {"gpus": 8, "k8s_image": "registry.example/laion-tasks:1", "k8s_namespace": "train",
                       "k8s_env_secret": "laion-credentials", "epochs": 32},
         },
     )  # fmt: skip
-    op = train_pod_operator(
-        "train_subset", settings, "s3://laion/runs/S/subsets/laion400m", "s3://laion/runs/S/models/laion400m",
-        snapshot="S", pool="gpu-train",
-    )  # fmt: skip
+    op = train_pod_operator("train_subset", settings, "S", "laion400m", pool="gpu-train")
     assert op.pool == "gpu-train"
+    # The run's Params (as the CPU tasks read them) reach the pod: a new root, force.
+    op.render_template_fields({"params": {"storage_root": "s3://laion/rerun", "force": True}})
     pod = op.build_pod_request_obj(dry_run=True)
     container = pod.spec.containers[0]
     assert container.image == "registry.example/laion-tasks:1" and pod.metadata.namespace == "train"
     assert container.command == ["laion"]
-    assert container.args == [
-        "train", "--subset-dir", "s3://laion/runs/S/subsets/laion400m", "--out", "s3://laion/runs/S/models/laion400m",
-        "--snapshot", "S",
-    ]  # fmt: skip
+    assert container.args == ["train", "--snapshot", "S", "--subset", "laion400m", "--force"]
     assert container.resources.limits["nvidia.com/gpu"] == "8" == container.resources.requests["nvidia.com/gpu"]
     env = {e.name: e.value for e in container.env}
     assert json.loads(env["LAION_TRAIN"])["epochs"] == 32
     assert env["LAION_STORAGE__S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["LAION_STORAGE__ROOT"] == "s3://laion/rerun"
+    # No credential in env: the lineage URL by secretKeyRef, the rest by envFrom, both from the Secret.
+    lineage = next(e for e in container.env if e.name == "LAION_LINEAGE__URL")
+    assert lineage.value is None and lineage.value_from.secret_key_ref.name == "laion-credentials"
     assert container.env_from[0].secret_ref.name == "laion-credentials"
+    from kubernetes.client import ApiClient
+
+    assert "train-pw-123" not in json.dumps(ApiClient().sanitize_for_serialization(pod))
+    default = train_pod_operator("train_default", settings, "S", "laion400m")
+    default.render_template_fields({"params": {}})
+    assert {e.name: e.value for e in default.env_vars}["LAION_STORAGE__ROOT"] == "s3://laion/runs"
+    assert default.arguments[-1] == "--no-force"
     assert any(v.name == "dshm" for v in pod.spec.volumes)
     # the env JSON rebuilds the same train section (same lineage digest) inside the pod
-    rebuilt = load_settings(environ={k: v for k, v in env.items() if k.startswith("LAION_")})
+    rebuilt = load_settings(environ={k: v for k, v in env.items() if k.startswith("LAION_") and v is not None})
     assert rebuilt.digest("train") == settings.digest("train")

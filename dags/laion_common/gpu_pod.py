@@ -4,6 +4,12 @@ The pod runs the same CLI (``laion clip-score-shard``) on the same storage URIs 
 in-process path. It gets its configuration through ``LAION_*`` env vars: the whole
 ``clip`` section as one JSON value, so the pod computes the same config digest as the
 scheduler, and it records lineage itself. XCom carries nothing but the shard ids.
+
+Credentials never go into ``env_vars`` (a templated field the UI shows): the lineage URL
+(``LAION_LINEAGE__URL``, required, by ``secretKeyRef``) and the S3 keys (by ``envFrom``)
+come from the Kubernetes Secret named by ``k8s_env_secret``. The run's Params reach the pod
+as they reach the CPU tasks: ``storage_root`` through a template rendered per run, ``force``
+through the pod's arguments.
 """
 
 from __future__ import annotations
@@ -16,14 +22,33 @@ from kubernetes.client import models as k8s
 from laion_tasks.config import Settings
 
 
+LINEAGE_SECRET_KEY = "LAION_LINEAGE__URL"
+"""The key of the pod Secret that holds the lineage URL (with its password)."""
+
+
+def storage_root_template(settings: Settings) -> str:
+    """The run's ``storage_root`` Param, else the configured root: rendered per run, as the CPU tasks read it."""
+    return "{{ params.get('storage_root') or %s }}" % json.dumps(settings.storage.root)
+
+
+def force_template() -> str:
+    """``--force`` when the run's ``force`` Param is set (``--no-force`` keeps the argument list fixed)."""
+    return "{{ '--force' if params.get('force') else '--no-force' }}"
+
+
+def force_flag(params: dict) -> str:  # type: ignore[type-arg]
+    """The same choice at run time, for argument lists built by a task."""
+    return "--force" if params.get("force") else "--no-force"
+
+
 def base_pod_env(settings: Settings, *sections: str) -> dict[str, str]:
-    """LAION_* variables that rebuild, inside a pod, the storage and lineage settings plus whole
-    config sections (one JSON value each, parsed by load_settings), so no knob can be forgotten
-    and the pod computes the same config digest as the scheduler."""
+    """LAION_* variables that rebuild, inside a pod, the storage settings plus whole config
+    sections (one JSON value each, parsed by load_settings), so no knob can be forgotten and
+    the pod computes the same config digest as the scheduler. No credentials: see
+    :func:`secret_env`."""
     env = {
-        "LAION_STORAGE__ROOT": settings.storage.root,
+        "LAION_STORAGE__ROOT": storage_root_template(settings),
         "LAION_STORAGE__S3_REGION": settings.storage.s3_region,
-        "LAION_LINEAGE__URL": settings.lineage.url,
         "PYTHONUNBUFFERED": "1",
     }
     for section in sections:
@@ -40,6 +65,26 @@ def pod_env(settings: Settings) -> dict[str, str]:
     if settings.tag.langid_model_path:
         env["LAION_TAG__LANGID_MODEL_PATH"] = settings.tag.langid_model_path
     return env
+
+
+def secret_env(secret: str | None, owner: str) -> tuple[list[k8s.V1EnvVar], list[k8s.V1EnvFromSource]]:
+    """(env, env_from) taking the pod's credentials from Secret ``secret``: the lineage URL by
+    ``secretKeyRef`` (the pod does not start without it), every other key (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, ...) by ``envFrom``. Only the Secret's name is in the spec."""
+    if not secret:
+        raise ValueError(
+            f"{owner}.k8s_env_secret is not set: a pod takes its lineage URL ({LINEAGE_SECRET_KEY}) and S3 keys "
+            "from a Kubernetes Secret, never from the DAG's env"
+        )
+    ref = k8s.V1SecretKeySelector(name=secret, key=LINEAGE_SECRET_KEY)
+    env = [k8s.V1EnvVar(name=LINEAGE_SECRET_KEY, value_from=k8s.V1EnvVarSource(secret_key_ref=ref))]
+    return env, [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))]
+
+
+def pod_env_vars(plain: dict[str, str], secret: str | None, owner: str) -> tuple[list[k8s.V1EnvVar], list[k8s.V1EnvFromSource]]:
+    """The pod's env: the plain (templated, non-secret) values, then the Secret references."""
+    refs, env_from = secret_env(secret, owner)
+    return [k8s.V1EnvVar(name=k, value=v) for k, v in plain.items()] + refs, env_from
 
 
 def gpu_resources(cpu: str, memory: str, gpus: int) -> k8s.V1ResourceRequirements:
@@ -75,8 +120,9 @@ def clip_pod_operator(
     return KubernetesPodOperator(**options)
 
 
-def clip_pod_arguments(snapshot: str, shards: str) -> list[str]:
-    return ["clip-score-shard", "--snapshot", snapshot, "--shard", shards]
+def clip_pod_arguments(snapshot: str, shards: str, force: str | None = None) -> list[str]:
+    """``force``: ``--force`` / ``--no-force`` (default: a template of the run's ``force`` Param)."""
+    return ["clip-score-shard", "--snapshot", snapshot, "--shard", shards, force or force_template()]
 
 
 def clip_pod_partial(task_id: str, settings: Settings, **kwargs):  # type: ignore[no-untyped-def]
@@ -93,15 +139,13 @@ def clip_pod_options(task_id: str, settings: Settings) -> dict:
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=cfg.k8s_shm_size))
     ]
     mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
-    env_from = (
-        [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=cfg.k8s_env_secret))] if cfg.k8s_env_secret else []
-    )
+    env, env_from = pod_env_vars(pod_env(settings), cfg.k8s_env_secret, "clip")
     options = dict(
         task_id=task_id,
         image=cfg.k8s_image,
         namespace=cfg.k8s_namespace,
         cmds=["laion"],
-        env_vars=pod_env(settings),
+        env_vars=env,
         env_from=env_from,
         container_resources=clip_pod_resources(settings),
         node_selector=dict(cfg.k8s_node_selector),

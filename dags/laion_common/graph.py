@@ -198,7 +198,9 @@ def _task_safe(name: str) -> str:
 
 @task
 def clip_pod_args(snapshot: str, plan: list[dict[str, Any]]) -> list[list[str]]:
-    """One pod per download batch; the pod reads and writes storage and lineage itself."""
-    from laion_common.gpu_pod import clip_pod_arguments
+    """One pod per download batch; the pod reads and writes storage and lineage itself. The
+    run's ``force`` Param becomes ``--force`` here (``storage_root`` travels in the pod env)."""
+    from laion_common.gpu_pod import clip_pod_arguments, force_flag
 
-    return [clip_pod_arguments(snapshot, ",".join(batch["shards"])) for batch in plan]
+    force = force_flag(dict(get_current_context()["params"]))
+    return [clip_pod_arguments(snapshot, ",".join(batch["shards"]), force) for batch in plan]

@@ -4,7 +4,9 @@ The pod runs ``laion train`` on the same storage URIs as the local demo; with
 ``train.gpus > 1`` and CUDA present, ``laion_tasks.stages.train`` launches
 ``torchrun --nproc_per_node=N`` itself. Settings travel as ``LAION_*`` env vars (the whole
 ``train`` section as one JSON value, so the pod computes the same config digest), and the
-pod records the run in lineage (stage ``train``) when a snapshot is given.
+pod records the run in lineage (stage ``train``). As for the CLIP pod, credentials come from
+the Secret ``train.k8s_env_secret`` and the run's ``storage_root`` / ``force`` Params reach
+the pod: the subset and output paths are derived inside it from the rendered root.
 """
 
 from __future__ import annotations
@@ -31,30 +33,29 @@ def train_pod_resources(settings: Settings) -> k8s.V1ResourceRequirements:
 def train_pod_operator(
     task_id: str,
     settings: Settings,
-    subset_uri: str,
-    output_uri: str,
-    snapshot: str | None = None,
+    snapshot: str,
+    subset: str | None = None,
     **kwargs,
 ) -> KubernetesPodOperator:
-    """A pod that trains ``settings.train.model`` on the shards under ``subset_uri``, writing to ``output_uri``.
+    """A pod that trains ``settings.train.model`` on ``<root>/<snapshot>/subsets/<subset>``,
+    writing to ``<root>/<snapshot>/models/<subset>`` (root: the run's ``storage_root`` Param,
+    else the config's).
 
     ``kwargs`` go to the operator and win over the defaults built here (e.g. ``pool``,
-    ``env_from``, ``deferrable``).
+    ``deferrable``).
     """
+    from laion_common.gpu_pod import force_template, pod_env_vars
+
     cfg = settings.train
-    arguments = ["train", "--subset-dir", subset_uri, "--out", output_uri]
-    if snapshot:
-        arguments += ["--snapshot", snapshot]
-    env_from = (
-        [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=cfg.k8s_env_secret))] if cfg.k8s_env_secret else []
-    )
+    arguments = ["train", "--snapshot", snapshot, "--subset", subset or cfg.subset, force_template()]
+    env, env_from = pod_env_vars(train_pod_env(settings), cfg.k8s_env_secret, "train")
     options = dict(
         task_id=task_id,
         image=cfg.k8s_image,
         namespace=cfg.k8s_namespace,
         cmds=["laion"],
         arguments=arguments,
-        env_vars=train_pod_env(settings),
+        env_vars=env,
         env_from=env_from,
         container_resources=train_pod_resources(settings),
         node_selector=dict(cfg.k8s_node_selector),

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         snapshot: str = typer.Option(..., "--snapshot", help="Snapshot id, e.g. CC-MAIN-2024-10."),
         shard: List[str] = typer.Option(..., "--shard", help="Shard id(s); repeat or separate with commas."),
         config: Optional[Path] = ConfigOption,
-        force: bool = typer.Option(False, "--force", help="Re-run shards that lineage says are done."),
+        force: bool = typer.Option(False, "--force/--no-force", help="Re-run shards that lineage says are done."),
         lineage: bool = typer.Option(True, "--lineage/--no-lineage", help="Record the runs in the lineage database."),
     ) -> None:
         """Score shards found by snapshot + shard id under storage.root, recording lineage (what GPU pods run)."""

@@ -13,7 +13,12 @@ from laion_tasks.commands._common import ConfigOption, echo_json, lineage_from, 
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
-        subset_dir: str = typer.Option(..., "--subset-dir", help="Curated subset directory/prefix holding WebDataset .tar shards."),
+        subset_dir: Optional[str] = typer.Option(
+            None, "--subset-dir", help="Curated subset directory/prefix holding WebDataset .tar shards."
+        ),
+        subset: Optional[str] = typer.Option(
+            None, "--subset", help="With --snapshot instead of --subset-dir: <root>/<snapshot>/subsets/<name>."
+        ),
         out: Optional[str] = typer.Option(
             None, "--out", help="Where the checkpoint goes (default with --snapshot: <root>/<snapshot>/models/<subset>)."
         ),
@@ -23,6 +28,7 @@ def register(app: typer.Typer) -> None:
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
         gpus: Optional[int] = typer.Option(None, "--gpus", help="Override train.gpus (torchrun workers when > 1 and CUDA)."),
+        force: bool = typer.Option(False, "--force/--no-force", help="Train again although lineage has a done run."),
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Launch open_clip_train on the subset's shards; write epoch_latest.pt + logs to storage."""
@@ -33,6 +39,10 @@ def register(app: typer.Typer) -> None:
         settings = settings_from(config)
         overrides = {"model": model, "epochs": epochs, "batch_size": batch_size, "gpus": gpus}
         train_config = settings.train.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        if (subset_dir is None) == (subset is None) or (subset is not None and snapshot is None):
+            raise typer.BadParameter("give --subset-dir, or --subset with --snapshot")
+        if subset_dir is None:
+            subset_dir = layout.subset_dir(settings.storage.root, snapshot, layout.check_name(subset, "subset"))  # type: ignore[arg-type]
         subset_name = subset_dir.rstrip("/").rsplit("/", 1)[-1]
         if out is None:
             if snapshot is None:
@@ -47,6 +57,7 @@ def register(app: typer.Typer) -> None:
             lineage,
             StageRun(snapshot or "-", "train", subset_name, subset_dir, digest),
             lambda: train_clip(shards, out, train_config, num_samples, run_name=f"{subset_name}-{digest[:8]}"),
+            force=force,
             output_exists=storage.exists,
         )
         if skipped or stats is None:
