@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import operator
 import random
@@ -41,6 +42,8 @@ from laion_tasks.stage import ShardStats, StageError
 log = logging.getLogger(__name__)
 
 IMG_PATH = "IMG@/src"
+RECORD_END = b"\r\n\r\n"
+"""The blank line after a record; a JSON body holds no CRLF, so inside one it marks an overrun."""
 IMG_MARKER = b'"IMG@/src"'
 _PATH_OF = operator.attrgetter("path")
 _ALT_OF = operator.attrgetter("alt")
@@ -69,7 +72,9 @@ class _StreamReader:
     fastwarc needs ``tell()``, which HTTP and S3 bodies lack. I/O errors of the source
     (network, S3) are remembered so they fail the task instead of passing as bad data,
     and the last few MB are kept to check that the final gzip member is complete:
-    fastwarc silently ends at a gzip member cut inside its header.
+    fastwarc silently ends at a gzip member cut inside its header. The kept tail is also
+    what a resync after a damaged gzip member replays from (:meth:`rewind`), so a
+    non-seekable source is still read once.
     """
 
     def __init__(self, raw: IO[bytes], keep: int = TAIL_CHECK_BYTES) -> None:
@@ -77,24 +82,40 @@ class _StreamReader:
         self._keep = keep
         self._tail: deque[bytes] = deque()
         self._tail_len = 0
+        self._replay = b""
         self.pos = 0
+        """Position of the next byte handed to fastwarc (absolute, so record stream_pos are too)."""
+        self.raw_pos = 0
+        """Bytes read from the source so far."""
+        self.eof = False
         self.head = b""
         self.io_error: BaseException | None = None
 
-    def read(self, size: int = -1) -> bytes:
+    def _pull(self, size: int) -> bytes:
         try:
             data = self._raw.read(size) if size is not None and size >= 0 else self._raw.read()
         except Exception as exc:  # noqa: BLE001 - remembered, then re-raised into fastwarc
             self.io_error = exc
             raise
-        if data:
-            if self.pos == 0:
-                self.head = data[:4]
-            self.pos += len(data)
-            self._tail.append(data)
-            self._tail_len += len(data)
-            while self._tail_len - len(self._tail[0]) >= self._keep:
-                self._tail_len -= len(self._tail.popleft())
+        if not data:
+            self.eof = self.eof or size != 0
+            return data
+        if self.raw_pos == 0:
+            self.head = data[:4]
+        self.raw_pos += len(data)
+        self._tail.append(data)
+        self._tail_len += len(data)
+        while self._tail_len - len(self._tail[0]) >= self._keep:
+            self._tail_len -= len(self._tail.popleft())
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        if self._replay:
+            n = len(self._replay) if size is None or size < 0 else size
+            data, self._replay = self._replay[:n], self._replay[n:]
+        else:
+            data = self._pull(size)
+        self.pos += len(data)
         return data
 
     def tell(self) -> int:
@@ -112,16 +133,36 @@ class _StreamReader:
     def is_gzip(self) -> bool:
         return self.head[:2] == b"\x1f\x8b"
 
+    @property
+    def tail_start(self) -> int:
+        return self.raw_pos - self._tail_len
+
+    def kept(self, start: int) -> bytes | None:
+        """The source bytes from ``start`` to what has been read, or None if no longer kept."""
+        if start < self.tail_start or start > self.raw_pos:
+            return None
+        return b"".join(self._tail)[start - self.tail_start :]
+
+    def fill(self, size: int = 1 << 20) -> bool:
+        """Read ahead into the kept tail without handing the bytes out; False at the end of the source."""
+        return bool(self._pull(size))
+
+    def rewind(self, position: int) -> None:
+        """Hand out the source again from ``position`` (which must still be kept)."""
+        data = self.kept(position)
+        if data is None:
+            raise ValueError(f"byte {position} is no longer kept")
+        self._replay, self.pos = data, position
+
     def gzip_tail_problem(self, member_start: int) -> str | None:
         """Why the gzip members from ``member_start`` to the end are not complete, or None.
 
         Returns None as well when the check cannot be made (the tail is no longer in
         memory, or ``member_start`` is not a member boundary, as in a single-member file).
         """
-        tail_start = self.pos - self._tail_len
-        if member_start < tail_start or member_start >= self.pos:
+        if member_start < self.tail_start or member_start >= self.raw_pos:
             return None
-        data = b"".join(self._tail)[member_start - tail_start :]
+        data = b"".join(self._tail)[member_start - self.tail_start :]
         if data[:2] != b"\x1f\x8b":
             return None
         while data:
@@ -134,6 +175,79 @@ class _StreamReader:
                 return f"the last gzip member ends early ({len(data)} bytes, stream cut)"
             data = decomp.unused_data
         return None
+
+
+GZIP_MEMBER_MAGIC = b"\x1f\x8b\x08"
+RESYNC_CHUNK = 64 * 1024
+
+
+def _member_end(data: memoryview, start: int) -> int | None:
+    """End offset of the gzip member at ``start`` in ``data``; None if it runs past the data.
+    Raises zlib.error when the member is damaged (bad deflate data or CRC)."""
+    decomp = zlib.decompressobj(31)
+    pos = start
+    while pos < len(data):
+        decomp.decompress(data[pos : pos + RESYNC_CHUNK])
+        pos = min(pos + RESYNC_CHUNK, len(data))
+        if decomp.eof:
+            return pos - len(decomp.unused_data)
+    return None
+
+
+def _starts_warc_member(data: memoryview, start: int) -> bool:
+    """Whether a gzip member that decompresses to a WARC record header begins at ``start``."""
+    try:
+        out = zlib.decompressobj(31).decompress(data[start : start + 4096], 16)
+    except zlib.error:
+        return False
+    return out.startswith(b"WARC/")
+
+
+def _resync_point(reader: _StreamReader, start: int, after_good: bool) -> tuple[int, int | None] | None:
+    """(damaged span start, where the next readable gzip member starts or None) after a read error.
+
+    ``start`` is a member boundary: where the last fully handled record's member starts
+    (``after_good``), or where reading (re)started. Members from there are walked with zlib:
+    the first one that does not decompress is the damaged one (if it does, the damage is in
+    the WARC framing of that member, which is then skipped whole). The next member is then the first later offset that holds
+    a gzip header decompressing to ``WARC/``. Common Crawl writes one member per record,
+    so this skips exactly the damaged records. None when the kept bytes do not reach back.
+    """
+    if reader.kept(start) is None:
+        return None
+    pos, skip, damaged, clean_end = start, after_good, None, None
+    while damaged is None:
+        data = memoryview(reader.kept(start) or b"")
+        try:
+            end = _member_end(data, pos - start)
+        except zlib.error:
+            damaged = pos
+            break
+        if end is None:  # the member runs past what has been read
+            if reader.fill():
+                continue
+            damaged = pos  # cut at the end of the file
+            break
+        if not skip:  # a member that decompresses but fastwarc could not parse
+            damaged, clean_end = pos, start + end
+            break
+        skip = False
+        pos = start + end
+    if clean_end is not None:
+        return damaged, clean_end
+    search = damaged + 1
+    while True:
+        base = max(search, reader.tail_start)
+        raw = reader.kept(base) or b""
+        data = memoryview(raw)
+        at = raw.find(GZIP_MEMBER_MAGIC)
+        while at >= 0:
+            if _starts_warc_member(data, at):
+                return damaged, base + at
+            at = raw.find(GZIP_MEMBER_MAGIC, at + 1)
+        search = base + max(len(raw) - 4096, 0)  # a member header may straddle the read boundary
+        if not reader.fill():
+            return damaged, None
 
 
 class _Link(msgspec.Struct, gc=False):
@@ -227,6 +341,7 @@ class _Extractor:
             "records_with_img_links": 0,
             "records_with_kept_links": 0,
             "img_links": 0,
+            "records_with_wrong_content_length": 0,
         }
         self.bad_logged = 0
 
@@ -243,15 +358,50 @@ class _Extractor:
 
     def record(self, record: Any) -> None:
         """Handle one metadata record."""
-        info = self.info
-        info["metadata_records"] += 1
-        body = record.reader.read()
+        self.info["metadata_records"] += 1
+        self.handle(record, record.reader.read())
+
+    def handle(self, record: Any, body: bytes, swallowed: bool = False) -> None:
+        """Check one record's framing, then extract its body's links."""
         if not body and record.headers.get("Content-Length") is None:
             self.bad("truncated_record", record, "no Content-Length: the record header is cut")
             return
-        if len(body) < record.content_length:
-            self.bad("truncated_record", record, f"body has {len(body)} of {record.content_length} bytes")
+        at = body.find(RECORD_END)
+        if at >= 0 and body[at + 4 : at + 9] and b"WARC/".startswith(body[at + 4 : at + 9]):
+            # JSON bodies hold no CRLF: a blank line then a WARC header is where the record really
+            # ended, and its Content-Length claimed the records after it. Those are read again.
+            self.info["records_with_wrong_content_length"] += 1
+            log.warning("%s: record %s at byte %s: Content-Length %s runs into the next record",
+                        self.wat_uri, record.record_id, record.stream_pos, record.content_length)  # fmt: skip
+            self.swallowed(body[at + 4 :])
+            body = body[:at]
+        elif len(body) < record.content_length:
+            reason = "cut_by_wrong_content_length" if swallowed else "truncated_record"
+            self.bad(reason, record, f"body has {len(body)} of {record.content_length} bytes")
             return
+        self.body(record, body)
+
+    def swallowed(self, data: bytes) -> None:
+        """The records a wrong Content-Length swallowed; the last, cut where that length ended,
+        gets ``bad:cut_by_wrong_content_length``."""
+        from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+        try:
+            found = 0
+            for inner in ArchiveIterator(io.BytesIO(data), record_types=WarcRecordType.metadata, parse_http=False, quirks_mode=True):
+                found += 1
+                self.info["metadata_records"] += 1
+                self.handle(inner, inner.reader.read(), swallowed=True)
+        except Exception as exc:  # noqa: BLE001 - fastwarc cannot parse what is left of a record
+            self.bad("cut_by_wrong_content_length", None, f"{type(exc).__name__}: {exc}")
+            return
+        if not found:  # only the start of the next record's header was swallowed
+            self.info["metadata_records"] += 1
+            self.bad("cut_by_wrong_content_length", None, f"{len(data)} bytes of a record header")
+
+    def body(self, record: Any, body: bytes) -> None:
+        """Extract the links of one metadata record's body."""
+        info = self.info
         if IMG_MARKER not in body:
             info["records_without_img_links"] += 1
             return
@@ -434,43 +584,66 @@ class _Resolver:
             return ""
 
 
+MAX_LISTED_SPANS = 100
+"""Per file, the damaged byte spans listed in ``extra["damaged_spans"]``; all are counted."""
+
+
 def _scan(extractor: _Extractor, reader: _StreamReader) -> str:
-    """Run fastwarc over the stream; returns how the stream ended ("complete" or a reason)."""
+    """Run fastwarc over the stream; returns how the stream ended ("complete" or a reason).
+
+    A damaged gzip member (or a record fastwarc cannot parse) does not end the file: its
+    span is counted as ``bad:corrupt_gzip`` (``bad:invalid_warc``), listed in
+    ``extra["damaged_spans"]``, and reading goes on at the next gzip member holding a WARC
+    record (see :func:`_resync_point`).
+    """
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     metadata = WarcRecordType.metadata
     info = extractor.info
     last = None
-    # quirks_mode reads records with LF-only line endings (hand-cut and older CC samples).
-    iterator = ArchiveIterator(
-        reader,
-        record_types=WarcRecordType.metadata | WarcRecordType.warcinfo,
-        parse_http=False,
-        quirks_mode=True,
-    )
-    try:
-        for record in iterator:
-            info["records_read"] += 1
-            last = record
-            if record.record_type == metadata:
-                extractor.record(record)
-            else:
-                info["warcinfo_records"] += 1
-    except Exception as exc:  # fastwarc raises OSError; a PanicException is not an OSError
-        if reader.io_error is not None:
-            raise StageError(
-                f"extract {extractor.wat_uri}: reading failed at byte {reader.pos}: "
-                f"{type(reader.io_error).__name__}: {reader.io_error}"
-            ) from exc
-        if info["records_read"] == 0:
-            raise StageError(f"extract {extractor.wat_uri}: not a WARC/WAT file: {type(exc).__name__}: {exc}") from exc
-        message = str(exc)
-        reason = "corrupt_gzip" if "zip" in message.lower() else "invalid_warc"
-        extractor.bad(reason, None, f"the rest of the file after byte ~{reader.pos} is unreadable: {message}")
-        return reason
+    start, after_good = 0, False
+    while True:
+        # quirks_mode reads records with LF-only line endings (hand-cut and older CC samples).
+        iterator = ArchiveIterator(
+            reader,
+            record_types=WarcRecordType.metadata | WarcRecordType.warcinfo,
+            parse_http=False,
+            quirks_mode=True,
+        )
+        try:
+            for record in iterator:
+                info["records_read"] += 1
+                last = record
+                if record.record_type == metadata:
+                    extractor.record(record)
+                else:
+                    info["warcinfo_records"] += 1
+                start, after_good = record.stream_pos, True
+            break
+        except Exception as exc:  # fastwarc raises OSError; a PanicException is not an OSError
+            if reader.io_error is not None:
+                raise StageError(
+                    f"extract {extractor.wat_uri}: reading failed at byte {reader.raw_pos}: "
+                    f"{type(reader.io_error).__name__}: {reader.io_error}"
+                ) from exc
+            message = str(exc)
+            reason = "corrupt_gzip" if "zip" in message.lower() else "invalid_warc"
+            point = _resync_point(reader, start, after_good) if reader.is_gzip else None
+            if info["records_read"] == 0 and (point is None or point[1] is None):
+                raise StageError(f"extract {extractor.wat_uri}: not a WARC/WAT file: {type(exc).__name__}: {exc}") from exc
+            damaged, restart = point if point is not None else (reader.raw_pos, None)
+            spans = extractor.info.setdefault("damaged_spans", [])
+            if len(spans) < MAX_LISTED_SPANS:
+                spans.append([damaged, restart])
+            if restart is None:
+                extractor.bad(reason, None, f"the rest of the file after byte ~{damaged} is unreadable: {message}")
+                return reason
+            extractor.bad(reason, None, f"bytes {damaged}-{restart} are unreadable ({message}); reading goes on at {restart}")
+            reader.rewind(restart)
+            start, after_good = restart, False
     if info["records_read"] == 0:
         raise StageError(
-            f"extract {extractor.wat_uri}: no warcinfo/metadata records in {reader.pos} bytes: not a WAT file"
+            f"extract {extractor.wat_uri}: no warcinfo/metadata records in {reader.raw_pos} bytes: not a WAT file"
         )
     if reader.is_gzip:
         problem = reader.gzip_tail_problem(last.stream_pos if last is not None else -1)
@@ -522,7 +695,7 @@ def extract_wat(wat_uri: str, output_uri: str, config: ExtractConfig) -> ShardSt
         if n:
             stats.add(outcome, n)
     _write_parquet(extractor, output_uri, stats)
-    stats.extra = {**extractor.info, "stream_end": stream_end, "input_bytes": reader.pos}
+    stats.extra = {**extractor.info, "stream_end": stream_end, "input_bytes": reader.raw_pos}
     bad = {k: v for k, v in stats.counts.items() if k.startswith("bad:")}
     summary = (
         f"extract {wat_uri}: {extractor.info['metadata_records']} metadata records, "
