@@ -66,7 +66,7 @@ class DownloadConfig(Section):
     shard_size: int = 10_000
     """Samples per download shard (one tar + one parquet)."""
     user_agent: str = "laion-tasks/0.1 (+https://github.com/laion-tasks/laion-tasks; image-text dataset research)"
-    """Sent with every request and matched against robots.txt; identifies the project."""
+    """Sent with every request; its product token (before the '/') is the one robots.txt groups and X-Robots-Tag prefixes are matched against. Keep a contact URL in it."""
     max_concurrency: int = 128
     """Requests in flight at once per shard."""
     max_per_host: int = 16
@@ -94,9 +94,22 @@ class DownloadConfig(Section):
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
     """X-Robots-Tag directives that opt an image out (img2dataset's defaults)."""
     respect_robots_txt: bool = True
-    """Fetch robots.txt per host and honour it for ``user_agent``."""
+    """Fetch robots.txt per origin and honour it (RFC 9309) for the user agent's token."""
     respect_tdm_reservation: bool = True
-    """Honour the TDM Reservation Protocol header ``tdm-reservation: 1``."""
+    """Honour TDMRep: the ``tdm-reservation: 1`` header and the origin's ``/.well-known/tdmrep.json`` rules."""
+    opt_out_cache_ttl_s: float = 86_400.0
+    """How long one origin's robots.txt and tdmrep.json are reused (RFC 9309: at most 24 hours)."""
+    respect_embedded_optouts: bool = True
+    """Refuse images whose own metadata prohibits AI training: IPTC PLUS Data Mining (XMP), C2PA/CAWG training-mining."""
+    embedded_optout_dmi_values: list[str] = [
+        "DMI-PROHIBITED",
+        "DMI-PROHIBITED-AIMLTRAINING",
+        "DMI-PROHIBITED-GENAIMLTRAINING",
+        "DMI-PROHIBITED-EXCEPTSEARCHENGINEINDEXING",
+        "DMI-PROHIBITED-SEECONSTRAINT",
+        "DMI-PROHIBITED-SEEEMBEDDEDRIGHTSEXPR",
+    ]
+    """IPTC PLUS Data Mining values (XMP ``plus:DataMining``) that opt an image out of our use."""
     image_size: int = 256
     """Target size in pixels for the resize mode."""
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"

@@ -1,7 +1,8 @@
 """Operator-supplied safety hash lists (IWF, NCMEC/C3P style): URL, image-byte and PDQ hashes.
 
 The lists are never shipped with the project. Matching happens twice: the download
-stage checks the URL *before* fetching and the bytes right after (so a listed image is
+stage checks the URL *before* fetching, the bytes right after, and the PDQ hash of the
+decoded image before it is resized (so a listed image, its thumbnail and its embedding are
 never written), and the tag stage re-checks every sample against the current lists
 (URL, original sha256, stored bytes, PDQ), because lists grow after a crawl.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIGEST_ALGOS = {"md5": 32, "sha1": 40, "sha256": 64}
+_LOCK = threading.Lock()
+"""The download stage checks PDQ in several decode threads: one index build, exact counts."""
 _BY_LENGTH = {length: algo for algo, length in DIGEST_ALGOS.items()}
 
 
@@ -100,6 +104,10 @@ class HashLists:
     matches: Counter[str] = field(default_factory=Counter)
     """Counts of matches by list kind (``url``, ``image``, ``pdq``): safe to log."""
     _pdq_index: object = None
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled for the download workers without the faiss index (rebuilt there on first use)."""
+        return {**self.__dict__, "_pdq_index": None}
 
     @classmethod
     def from_config(cls, config: TagConfig) -> "HashLists | None":
@@ -166,14 +174,18 @@ class HashLists:
         if self.pdq is None or query.shape[0] == 0:
             return np.zeros(query.shape[0], dtype=bool)
         if self._pdq_index is None:
-            import faiss
+            with _LOCK:
+                if self._pdq_index is None:
+                    import faiss
 
-            index = faiss.IndexBinaryFlat(256)
-            index.add(np.ascontiguousarray(self.pdq))
-            self._pdq_index = index
+                    index = faiss.IndexBinaryFlat(256)
+                    index.add(np.ascontiguousarray(self.pdq))
+                    self._pdq_index = index
         distances, _ = self._pdq_index.search(np.ascontiguousarray(query, dtype=np.uint8), 1)  # type: ignore[attr-defined]
         hit = distances[:, 0] <= self.pdq_max_distance
-        self.matches["pdq"] += int(hit.sum())
+        if hit.any():
+            with _LOCK:
+                self.matches["pdq"] += int(hit.sum())
         return hit
 
     def pdq_blocked(self, image: "Image.Image") -> bool:

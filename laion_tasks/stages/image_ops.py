@@ -16,7 +16,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -108,7 +108,11 @@ def _finish_geometry(img: Image.Image, opts: ImageOptions, resized: bool) -> Ima
     return img
 
 
-def process_image(data: bytes, opts: ImageOptions) -> ImageResult:
+Inspect = Callable[[Image.Image], "tuple[str, str] | None"]
+"""Looks at the decoded image before it is resized; (status, message) refuses it (e.g. a PDQ hash-list match)."""
+
+
+def process_image(data: bytes, opts: ImageOptions, inspect: Inspect | None = None) -> ImageResult:
     """Validate and transform one image; never raises for bad input."""
     result = ImageResult(status="success", original_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     if opts.min_image_bytes and len(data) < opts.min_image_bytes:
@@ -143,13 +147,13 @@ def process_image(data: bytes, opts: ImageOptions) -> ImageResult:
             result.status, result.error_message = "decode_error", f"invalid size {width}x{height}"
             return result
         try:
-            return _transform(img, opts, result)
+            return _transform(img, opts, result, inspect)
         except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces here
             result.status, result.error_message = "decode_error", f"{type(exc).__name__}: {str(exc)[:200]}"
             return result
 
 
-def _transform(img: Image.Image, opts: ImageOptions, result: ImageResult) -> ImageResult:
+def _transform(img: Image.Image, opts: ImageOptions, result: ImageResult, inspect: Inspect | None = None) -> ImageResult:
     # EXIF orientation can swap the axes: filter on the displayed size.
     orientation = img.getexif().get(0x0112, 1) if img.format in ("JPEG", "WEBP", "TIFF", "PNG") else 1
     swapped = orientation in (5, 6, 7, 8)
@@ -171,6 +175,11 @@ def _transform(img: Image.Image, opts: ImageOptions, result: ImageResult) -> Ima
         img.seek(0)
     img = ImageOps.exif_transpose(img) if orientation != 1 else img
     img = _flatten_to_rgb(img)
+    if inspect is not None:
+        verdict = inspect(img)
+        if verdict is not None:
+            result.status, result.error_message = verdict
+            return result
     resized = target != (width, height)
     img = _resize(img, target)
     img = _finish_geometry(img, opts, resized)

@@ -3,10 +3,15 @@
 Per event loop, a global concurrency limit and a per-host one, a total deadline per
 attempt (redirects and body included, waiting for the first slot excluded), retries with
 exponential backoff and jitter on timeouts, connection errors, 429 (Retry-After honoured
-up to ``backoff_max_s``) and 5xx. Redirects are followed by hand so every hop is re-checked
-(SSRF guard, hash list, robots.txt); opt-outs (``X-Robots-Tag``, ``tdm-reservation``) are
-read from the headers before the body; the body size is capped while streaming. Every
-failure becomes one status string (see :func:`is_retryable` for which ones are retried).
+up to ``backoff_max_s``) and 5xx. Redirects are followed by hand so every hop is re-checked.
+
+Checks, in order, for every hop: URL hash list, SSRF guard, origins that opted out
+host-wide (:class:`~.optout.HostOptOuts`, no request), robots.txt (RFC 9309,
+:mod:`laion_tasks.net.robots`), tdmrep.json (:mod:`laion_tasks.net.tdmrep`). Then, on the
+response: ``X-Robots-Tag`` and ``tdm-reservation`` headers before the body; the body size
+capped while streaming. On the bytes, before anything is decoded or written: the image
+hash list, then opt-outs embedded in the image (XMP / C2PA, :mod:`.optout`). Every failure
+becomes one status string (see :func:`is_retryable` for which ones are retried).
 """
 
 from __future__ import annotations
@@ -15,21 +20,21 @@ import asyncio
 import email.utils
 import random
 import time
-import urllib.robotparser
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 from urllib.parse import urljoin, urlsplit
 
 from laion_tasks.config import DownloadConfig
 from laion_tasks.net import ssrf
+from laion_tasks.net.robots import ROBOTS_MAX_BYTES, RobotsCache, user_agent_token  # noqa: F401 - re-exported
+from laion_tasks.net.tdmrep import TdmRepCache, header_reserved
+from laion_tasks.stages.download import optout
 from laion_tasks.stages.image_ops import ImageResult
 
 SUCCESS = "success"
 RETRYABLE_STATUSES = frozenset({"timeout", "connection_error", "http_429", "robots_txt_unavailable"})
 """Plus every ``http_5xx``: see :func:`is_retryable`."""
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
-ROBOTS_MAX_BYTES = 500 * 1024
-"""RFC 9309: crawlers must parse at least 500 KiB; we read no more."""
 KNOWN_DIRECTIVES_WITH_COLON = ("unavailable_after", "max-snippet", "max-image-preview", "max-video-preview")
 
 
@@ -81,11 +86,6 @@ def parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-def user_agent_token(user_agent: str) -> str:
-    """The product token robots rules and ``X-Robots-Tag: <ua>:`` prefixes refer to."""
-    return user_agent.split("/", 1)[0].strip().lower()
 
 
 def x_robots_opt_out(values: Iterable[str], ua_token: str, disallowed: Iterable[str]) -> str | None:
@@ -150,7 +150,7 @@ class Fetcher:
         self.ua_token = user_agent_token(config.user_agent)
         self.slots = asyncio.Semaphore(config.max_concurrency)
         self._host_slots: dict[str, asyncio.Semaphore] = {}
-        self._robots: dict[str, asyncio.Task[urllib.robotparser.RobotFileParser | _Failure]] = {}
+        self.host_opt_outs = optout.HostOptOuts()
         self.retries = 0
         self.bytes_downloaded = 0
         connector = aiohttp.TCPConnector(
@@ -167,10 +167,13 @@ class Fetcher:
             trust_env=False,  # never route through environment proxies
             auto_decompress=True,  # the size cap below then applies to decoded bytes (gzip bombs)
         )
+        deadline, ttl = config.request_deadline_s, config.opt_out_cache_ttl_s
+        self.robots = RobotsCache(self.session, self._check_hop, deadline, ttl, _classify_client_error)
+        self.tdmrep = TdmRepCache(self.session, self._check_hop, deadline, ttl)
 
     async def close(self) -> None:
-        for task in self._robots.values():
-            task.cancel()
+        self.robots.close()
+        self.tdmrep.close()
         await self.session.close()
 
     def _host_slot(self, host: str) -> asyncio.Semaphore:
@@ -190,53 +193,31 @@ class Fetcher:
         except ValueError as exc:
             raise _Failure("invalid_url", str(exc), url) from None
 
-    # -- robots.txt -------------------------------------------------------------------
-    async def _robots_allows(self, url: str) -> None:
-        parts = urlsplit(url)
-        origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
-        task = self._robots.get(origin)
-        if task is None:
-            task = self._robots[origin] = asyncio.ensure_future(self._load_robots(origin))
-        parser = await asyncio.shield(task)
-        if isinstance(parser, _Failure):
-            raise _Failure(parser.status, parser.message, url)
-        if not parser.can_fetch(self.config.user_agent, url):
-            raise _Failure("opted_out_robots_txt", f"robots.txt disallows {parts.path or '/'} for {self.ua_token}", url)
-
-    async def _load_robots(self, origin: str) -> urllib.robotparser.RobotFileParser | _Failure:
-        """Fetch and parse robots.txt once per origin (RFC 9309 error handling)."""
-        parser = urllib.robotparser.RobotFileParser()
-        url = f"{origin}/robots.txt"
-        try:
-            async with asyncio.timeout(self.config.request_deadline_s):
-                for _hop in range(5):
-                    self._check_hop(url)
-                    async with self.session.get(url, allow_redirects=False) as resp:
-                        if resp.status in REDIRECT_CODES and resp.headers.get("Location"):
-                            url = urljoin(url, resp.headers["Location"])
-                            continue
-                        if resp.status >= 500 or resp.status == 429:
-                            return _Failure("robots_txt_unavailable", f"robots.txt answered HTTP {resp.status}")
-                        if resp.status in (401, 403):
-                            parser.disallow_all = True  # robotparser's convention
-                            return parser
-                        if resp.status >= 400:
-                            parser.allow_all = True  # RFC 9309: 4xx means no rules
-                            return parser
-                        body = await resp.content.read(ROBOTS_MAX_BYTES)
-                        parser.parse(body.decode("utf-8", errors="replace").splitlines())
-                        return parser
-                parser.allow_all = True  # RFC 9309: more than 5 redirects -> no rules
-                return parser
-        except _Failure as exc:
-            return _Failure("robots_txt_unavailable", f"robots.txt not fetched: {exc.status}: {exc.message}")
-        except TimeoutError:
-            return _Failure("robots_txt_unavailable", "robots.txt fetch timed out")
-        except Exception as exc:  # noqa: BLE001 - any network failure means "unreachable"
-            status, message = _classify_client_error(exc)
-            if status == "blocked_ssrf":
-                return _Failure(status, message)
-            return _Failure("robots_txt_unavailable", f"robots.txt unreachable: {message}")
+    # -- opt-outs before a request -------------------------------------------------------
+    async def _check_opt_outs(self, url: str) -> None:
+        """Host-wide opt-outs already known, then robots.txt, then tdmrep.json (cached per origin)."""
+        config = self.config
+        known = self.host_opt_outs.check(url)
+        if known is not None:
+            raise _Failure(known[0], known[1], url)
+        if config.respect_robots_txt:
+            rules = await self.robots.rules(url)
+            if rules.unavailable is not None:
+                self.host_opt_outs.record(url, rules.status, rules.unavailable)
+                raise _Failure(rules.status, rules.unavailable, url)
+            if not rules.allows(url, self.ua_token):
+                reason = f"robots.txt disallows {urlsplit(url).path or '/'} for {self.ua_token}"
+                if rules.disallows_everything(self.ua_token):
+                    self.host_opt_outs.record(url, "opted_out_robots_txt", f"robots.txt disallows everything for {self.ua_token}")
+                raise _Failure("opted_out_robots_txt", reason, url)
+        if config.respect_tdm_reservation:
+            tdm = await self.tdmrep.rules(url)
+            rule = tdm.reserves(url)
+            if rule is not None:
+                reason = f"tdmrep.json reserves {rule.location!r}" + (f" (policy {rule.policy})" if rule.policy else "")
+                if tdm.reserves_everything():
+                    self.host_opt_outs.record(url, "opted_out_tdm_reservation", reason)
+                raise _Failure("opted_out_tdm_reservation", reason, url)
 
     # -- one URL ----------------------------------------------------------------------
     async def fetch(self, url: str, process: Any, on_body: Any = None) -> SampleResult:
@@ -250,7 +231,7 @@ class Fetcher:
                 try:
                     data, final_url = await self._attempt(url)
                 except _Failure as failure:
-                    # robots.txt results are cached per run: retrying now cannot change them.
+                    # robots.txt results are cached per origin: retrying now cannot change them.
                     final = failure.status == "robots_txt_unavailable" or not is_retryable(failure.status)
                     if final or attempt >= self.config.retries:
                         return SampleResult(failure.status, failure.message, failure.url)
@@ -264,6 +245,10 @@ class Fetcher:
                         on_body()
                     if self.blocklist is not None and self.blocklist.image_blocked(data):
                         return SampleResult("blocked_hashlist", "image bytes are on a safety hash list; not stored")
+                    if self.config.respect_embedded_optouts:
+                        refusal = optout.embedded_opt_out(data, self.config.embedded_optout_dmi_values)
+                        if refusal is not None:
+                            return SampleResult(optout.STATUS, refusal, final_url)
                     return await process(data, final_url)
             attempt += 1
             self.retries += 1
@@ -287,8 +272,7 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         for hop in range(config.max_redirects + 1):
             self._check_hop(current)
-            if config.respect_robots_txt:
-                await self._robots_allows(current)
+            await self._check_opt_outs(current)
             host_slot = self._host_slot(urlsplit(current).netloc.lower())
             if deadline is None:
                 await host_slot.acquire()  # queueing for a busy host is not the server's fault
@@ -342,7 +326,7 @@ class Fetcher:
             )
             if directive:
                 raise _Failure("opted_out_x_robots_tag", f"X-Robots-Tag: {directive}", url)
-            if config.respect_tdm_reservation and resp.headers.get("tdm-reservation", "").strip() == "1":
+            if config.respect_tdm_reservation and header_reserved(resp.headers.get("tdm-reservation")):
                 raise _Failure("opted_out_tdm_reservation", "tdm-reservation: 1", url)
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > config.max_response_bytes:

@@ -107,11 +107,15 @@ async def _fetch_rows(
         else None
     )
 
+    inspect = pdq_inspector(blocklist)
+
     async def process(data: bytes, final_url: str) -> SampleResult:
         if executor is None:  # decode_threads=0: inline, blocking this loop while it runs
-            image = process_image(data, options)
+            image = process_image(data, options, inspect)
         else:
-            image = await loop.run_in_executor(executor, process_image, data, options)
+            image = await loop.run_in_executor(executor, process_image, data, options, inspect)
+        if image.status == BLOCKED:  # nothing of a listed image leaves the worker: no size, no hash
+            return SampleResult(BLOCKED, image.error_message)
         return SampleResult(image.status, image.error_message, final_url, image)
 
     async def one(i: int, url: str | None) -> None:
@@ -132,6 +136,28 @@ async def _fetch_rows(
         if executor is not None:
             executor.shutdown(wait=True)
     return fetcher.retries, fetcher.bytes_downloaded
+
+
+BLOCKED = "blocked_hashlist"
+
+
+def pdq_inspector(blocklist: Blocklist | None) -> Any:
+    """The decoded-image check for PDQ hash lists, or None without one.
+
+    Runs in the decode threads on the decoded original, before the resize: a match is
+    refused before any thumbnail exists, so its bytes, thumbnail and embedding are never
+    written (the parent writes only successes).
+    """
+    pdq_blocked = getattr(blocklist, "pdq_blocked", None)
+    if pdq_blocked is None or getattr(blocklist, "pdq", None) is None:
+        return None
+
+    def inspect(image: Any) -> tuple[str, str] | None:
+        if pdq_blocked(image):
+            return BLOCKED, "image is within the PDQ distance of a safety hash list entry; not stored"
+        return None
+
+    return inspect
 
 
 def _worker_main(

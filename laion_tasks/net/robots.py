@@ -1,0 +1,153 @@
+"""robots.txt per RFC 9309, fetched once per origin and cached with a TTL.
+
+Matching is Scrapy's ``protego`` (RFC 9309: the group for our product token, else ``*``;
+``*`` and ``$`` in paths; the longest match wins, Allow over Disallow on a tie). Fetching
+follows the RFC's error handling:
+
+* 2xx: the rules in the body, read whole up to :data:`ROBOTS_MAX_BYTES` (500 KiB, the
+  minimum the RFC asks a crawler to parse), however many TCP segments it comes in;
+* up to 5 redirects are followed (each hop through the caller's SSRF / hash-list check);
+  more means "no rules";
+* 4xx, 401 and 403 included: no rules, everything is allowed;
+* 5xx, 429 and an unreachable server: everything is disallowed (``robots_txt_unavailable``).
+
+The product token is taken from the user agent string (``laion-tasks/0.1 (+URL)`` ->
+``laion-tasks``), as ``X-Robots-Tag: <token>:`` prefixes are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urljoin, urlsplit
+
+from laion_tasks.net.origin_cache import OriginCache
+
+ROBOTS_MAX_BYTES = 500 * 1024
+"""RFC 9309: crawlers must parse at least 500 KiB; we read no more."""
+MAX_ROBOTS_REDIRECTS = 5
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+
+
+def user_agent_token(user_agent: str) -> str:
+    """The product token robots rules and ``X-Robots-Tag: <ua>:`` prefixes refer to."""
+    return user_agent.split("/", 1)[0].strip().lower()
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+@dataclass(frozen=True)
+class RobotsRules:
+    """What one origin's robots.txt says to our token. ``parser`` None with ``allow_all``: no rules."""
+
+    parser: Any = None
+    allow_all: bool = False
+    unavailable: str | None = None
+    """Why robots.txt could not be had (5xx, 429, unreachable): then everything is disallowed."""
+    status: str = "robots_txt_unavailable"
+    """The status an unavailable robots.txt gives (``blocked_ssrf`` when the guard refused the host)."""
+
+    def allows(self, url: str, token: str) -> bool:
+        if self.unavailable is not None:
+            return False
+        if self.allow_all or self.parser is None:
+            return True
+        return bool(self.parser.can_fetch(url, token))
+
+    def disallows_everything(self, token: str) -> bool:
+        """True when no URL of the origin may be fetched by ``token``: unavailable, or a group
+        with ``Disallow: /`` (or ``/*``) and no Allow. Used to answer the origin's other URLs
+        without asking anything."""
+        if self.unavailable is not None:
+            return True
+        if self.allow_all or self.parser is None or self.parser.can_fetch("/", token):
+            return False
+        rule_set = self.parser._get_matching_rule_set(token)  # protego has no public view of a group
+        rules = getattr(rule_set, "_rules", None)
+        if rules is None:
+            return False
+        disallow_all = any(r.field == "disallow" and getattr(r.value, "_pattern", None) in ("/", "/*") for r in rules)
+        return disallow_all and not any(r.field == "allow" for r in rules)
+
+
+def parse_robots(body: bytes) -> RobotsRules:
+    from protego import Protego
+
+    return RobotsRules(parser=Protego.parse(body.decode("utf-8", errors="replace")))
+
+
+async def read_capped(resp: Any, limit: int) -> bytes:
+    """The whole body up to ``limit`` bytes: ``StreamReader.read(n)`` alone returns only what
+    is buffered, which loses the rules of a robots.txt that arrives in several segments."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        chunks.append(chunk[: limit - size])
+        size += len(chunks[-1])
+        if size >= limit:
+            break
+    return b"".join(chunks)
+
+
+class RobotsCache:
+    """One robots.txt fetch per origin (concurrent askers share it), kept ``ttl_s`` seconds.
+
+    ``check_hop(url)`` is the caller's guard for every URL sent a request (SSRF, hash
+    list); it raises to refuse one, and a refused robots.txt counts as unreachable.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        check_hop: Callable[[str], None],
+        deadline_s: float,
+        ttl_s: float,
+        classify: Callable[[BaseException], tuple[str, str]],
+    ) -> None:
+        self.session = session
+        self.check_hop = check_hop
+        self.deadline_s = deadline_s
+        self.classify = classify
+        self._cache: OriginCache[RobotsRules] = OriginCache(self._load, ttl_s)
+
+    def close(self) -> None:
+        self._cache.close()
+
+    async def rules(self, url: str) -> RobotsRules:
+        return await self._cache.get(origin_of(url))
+
+    async def _load(self, origin: str) -> RobotsRules:
+        url = f"{origin}/robots.txt"
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                for _hop in range(MAX_ROBOTS_REDIRECTS + 1):
+                    self.check_hop(url)
+                    async with self.session.get(url, allow_redirects=False) as resp:
+                        if resp.status in REDIRECT_CODES and resp.headers.get("Location"):
+                            url = urljoin(url, resp.headers["Location"])
+                            continue
+                        if resp.status >= 500 or resp.status == 429:
+                            return RobotsRules(unavailable=f"robots.txt answered HTTP {resp.status}")
+                        if resp.status >= 400:
+                            return RobotsRules(allow_all=True)  # RFC 9309 2.3.1.3: 4xx (401/403 too) = no rules
+                        if resp.status >= 300:
+                            return RobotsRules(allow_all=True)  # a redirect without Location leads nowhere
+                        return parse_robots(await read_capped(resp, ROBOTS_MAX_BYTES))
+                return RobotsRules(allow_all=True)  # RFC 9309 2.3.1.2: more than 5 redirects = no rules
+        except TimeoutError:
+            return RobotsRules(unavailable="robots.txt fetch timed out")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to get it means "unreachable": disallow all
+            refusal = getattr(exc, "status", None), getattr(exc, "message", None)
+            if refusal[0] and refusal[1]:
+                return RobotsRules(unavailable=f"robots.txt not fetched: {refusal[0]}: {refusal[1]}")
+            status, message = self.classify(exc)
+            if status == "blocked_ssrf":  # the host itself is refused: say so, as for the image
+                return RobotsRules(unavailable=message, status=status)
+            return RobotsRules(unavailable=f"robots.txt unreachable: {status}: {message}")
+
