@@ -289,3 +289,26 @@ def test_a_pdq_near_image_is_in_no_tar_parquet_or_embedding(tmp_path: Path) -> N
     embeddings = np.load(tmp_path / "c.img.npy")
     assert clip_rows[near_row["key"]]["clip_status"] == "no_image" and not clip_rows[near_row["key"]]["has_embedding"]
     assert int(np.count_nonzero(np.abs(embeddings).sum(axis=1))) == 1  # only the clean image has an embedding
+
+
+def test_origin_cache_shares_one_load_and_reloads_after_its_ttl() -> None:
+    import asyncio
+
+    from laion_tasks.net.origin_cache import OriginCache
+
+    loads: list[str] = []
+
+    async def load(origin: str) -> int:
+        loads.append(origin)
+        await asyncio.sleep(0)
+        return len(loads)
+
+    async def scenario() -> tuple[list[int], int]:
+        kept = OriginCache(load, ttl_s=3600)
+        shared = await asyncio.gather(*(kept.get("http://a") for _ in range(5)))
+        expiring = OriginCache(load, ttl_s=-1)  # every entry is already stale once loaded
+        await expiring.get("http://b")
+        return shared, await expiring.get("http://b")
+
+    shared, reloaded = asyncio.run(scenario())
+    assert shared == [1] * 5 and loads == ["http://a", "http://b", "http://b"] and reloaded == 3

@@ -2,8 +2,9 @@
 
 Split by role, as img2dataset is:
 
-- :mod:`.fetch`: the HTTP client (retries, redirects, robots.txt and header opt-outs, SSRF
-  guard, hash lists, error statuses);
+- :mod:`.fetch`: the HTTP client (retries, redirects, SSRF guard, hash lists, opt-outs:
+  robots.txt and TDMRep through :mod:`laion_tasks.net`, headers, error statuses);
+- :mod:`.optout`: opt-outs embedded in images (XMP, C2PA) and per-origin short-circuits;
 - :mod:`.workers`: the worker processes, each with its own event loop and decode threads;
 - :mod:`.shard`: reading a shard and writing its tar and Parquet (:func:`download_shard`,
   :func:`retry_failed`).

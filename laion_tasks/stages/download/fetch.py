@@ -43,7 +43,9 @@ class Blocklist(Protocol):
 
     ``url_blocked`` is asked BEFORE any request to a URL (every redirect hop too), so a
     listed URL is never fetched; ``image_blocked`` is asked on the original bytes right
-    after the fetch, and a listed image is never decoded nor written anywhere.
+    after the fetch, and a listed image is never decoded nor written anywhere. An optional
+    ``pdq_blocked(image)`` (with a ``pdq`` list) is asked on the decoded image before the
+    resize (see ``workers.pdq_inspector``).
     """
 
     def url_blocked(self, url: str) -> bool: ...
