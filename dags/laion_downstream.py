@@ -23,18 +23,18 @@ START = pendulum.datetime(2024, 1, 1, tz="UTC")
 
 @task
 def build_index(snapshot: str, subset: str) -> dict[str, Any]:
-    from laion_tasks import pipeline
+    from laion_tasks import runner
 
-    settings, _ = run_settings()
-    return pipeline.index_subset(settings, snapshot, subset)
+    settings, params = run_settings()
+    return runner.run(settings, snapshot, "index", {"shards": [subset]}, force=bool(params.get("force", False)))
 
 
 @task
 def train(snapshot: str) -> str | None:
-    from laion_tasks import pipeline
+    from laion_tasks import runner
 
-    settings, _ = run_settings()
-    return pipeline.train_subset(settings, snapshot)["checkpoint"]
+    settings, params = run_settings()
+    return runner.run(settings, snapshot, "train", force=bool(params.get("force", False)))["checkpoint"]
 
 
 @task
@@ -48,20 +48,20 @@ def checkpoint_uri(snapshot: str) -> str:
 
 @task
 def evaluate(snapshot: str, checkpoint: str | None) -> dict[str, Any]:
-    from laion_tasks import pipeline
+    from laion_tasks import runner
 
-    settings, _ = run_settings()
+    settings, params = run_settings()
     if not checkpoint:
         raise ValueError(f"no checkpoint was produced for {settings.train.subset} in {snapshot}")
-    return pipeline.evaluate_checkpoint(settings, snapshot, settings.train.subset, checkpoint)
+    return runner.run(settings, snapshot, "eval", force=bool(params.get("force", False)))
 
 
 @task
 def post_to_card(snapshot: str, evaluation: dict[str, Any]) -> dict[str, Any]:
-    from laion_tasks import pipeline
+    from laion_tasks.card import post_eval_to_card
 
     settings, _ = run_settings()
-    return pipeline.post_eval_to_card(settings, snapshot, settings.train.subset, evaluation)
+    return post_eval_to_card(settings, snapshot, settings.train.subset, evaluation)
 
 
 def _safe(snapshot: str) -> str:

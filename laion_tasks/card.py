@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from laion_tasks import layout, storage
-from laion_tasks.config import CurateConfig, SubsetConfig
+from laion_tasks.config import CurateConfig, Settings, SubsetConfig
 from laion_tasks.lineage import FunnelRow, Lineage
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot
 from laion_tasks.stage import ShardStats
@@ -516,3 +516,44 @@ def write_dataset_card(
     uri = storage.join(out_dir, "README.md")
     storage.write_text(uri, "\n".join(lines) + "\n")
     return uri
+
+
+def _metric(value: Any) -> str:
+    if value is None:
+        return "n/a (undefined for this eval set, e.g. top-5 with fewer than 5 classes)"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def post_eval_to_card(settings: Settings, snapshot: str, subset: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Append the zero-shot metrics of the model trained on a subset to the snapshot's and subset's cards."""
+    metrics = evaluation.get("metrics") or {}
+    if not metrics:
+        return {"posted": False, "reason": evaluation.get("skipped", "no metrics")}
+    lines = [
+        "",
+        f"## Zero-shot evaluation of CLIP trained on `{subset}`",
+        "",
+        f"Model `{settings.train.model}`, {settings.train.epochs} epoch(s); eval set `{settings.eval.dataset}`; "
+        f"report: `{evaluation.get('report')}`.",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        *[f"| {k} | {_metric(v)} |" for k, v in sorted(metrics.items())],
+        "",
+    ]
+    root = settings.storage.root
+    targets = [
+        storage.join(layout.card_dir(root, snapshot), "README.md"),
+        storage.join(layout.subset_dir(root, snapshot, subset), "README.md"),
+    ]
+    marker = f"## Zero-shot evaluation of CLIP trained on `{subset}`"
+    for uri in targets:
+        if not storage.exists(uri):
+            continue
+        text = storage.read_text(uri)
+        if marker in text:  # replace an earlier evaluation section
+            head, _, rest = text.partition(marker)
+            tail = rest.split("\n## ", 1)
+            text = head.rstrip("\n") + ("\n\n## " + tail[1] if len(tail) > 1 else "\n")
+        storage.write_text(uri, text.rstrip("\n") + "\n" + "\n".join(lines))
+    return {"posted": True, "cards": targets, "metrics": metrics}

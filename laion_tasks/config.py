@@ -2,12 +2,15 @@
 
 Loaded from a YAML file plus ``LAION_*`` environment overrides. Nested keys use a
 double underscore: ``LAION_DOWNLOAD__SHARD_SIZE=5000`` sets ``download.shard_size``.
-Each stage's lineage record stores :meth:`Settings.digest` of the sections it depends
-on, so changing a knob re-runs exactly the stages it affects.
+Each stage declares the fields that change its results (``StageSpec.result_fields`` in
+its module); its lineage record stores :meth:`Settings.knobs_digest` of those fields, so
+changing a knob re-runs exactly the stages it affects, and execution-only knobs
+(processes, batch sizes, pools, pod resources) re-run nothing.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -467,8 +470,42 @@ class Settings(Section):
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def knobs(self, fields: "tuple[str, ...] | list[str]") -> dict[str, Any]:
+        """The values of dotted config paths; a segment may be a glob (``clip.*.model``).
+
+        A path that names a section or a mapping yields the whole value. A path or glob
+        that matches nothing is an error, so a renamed knob cannot silently drop out of
+        a stage's digest.
+        """
+        data = self.model_dump(mode="json")
+        out: dict[str, Any] = {}
+        for path in fields:
+            found = _match_path(data, path.split("."), [])
+            if not found:
+                raise KeyError(f"config path {path!r} matches no setting")
+            out.update(found)
+        return dict(sorted(out.items()))
+
+    def knobs_digest(self, fields: "tuple[str, ...] | list[str]") -> str:
+        """A stable 16-hex digest of :meth:`knobs` (a stage's lineage config digest)."""
+        blob = json.dumps(self.knobs(fields), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _match_path(data: Any, parts: list[str], prefix: list[str]) -> dict[str, Any]:
+    if not parts:
+        return {".".join(prefix): data}
+    if not isinstance(data, dict):
+        return {}
+    head, rest = parts[0], parts[1:]
+    keys = [k for k in data if fnmatch.fnmatchcase(k, head)] if any(c in head for c in "*?[") else [head] if head in data else []
+    out: dict[str, Any] = {}
+    for key in keys:
+        out.update(_match_path(data[key], rest, [*prefix, key]))
+    return out
 
 
 def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:

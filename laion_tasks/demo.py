@@ -141,6 +141,7 @@ def prepare(
     extra_config: dict[str, Any] | None = None,
     n_wat: int = 3,
     pages_per_wat: int = 8,
+    cross_wat_duplicates: bool = False,
 ) -> DemoEnv:
     """Fixture crawl + loopback server + config + Airflow home; nothing is run yet."""
     from laion_tasks.fixtures.crawl import build_fixture_crawl
@@ -150,7 +151,9 @@ def prepare(
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/"
     crawl_dir = work / "crawl"
-    build_fixture_crawl(crawl_dir, base_url, DEMO_CRAWL, n_wat=n_wat, pages_per_wat=pages_per_wat)
+    build_fixture_crawl(
+        crawl_dir, base_url, DEMO_CRAWL, n_wat=n_wat, pages_per_wat=pages_per_wat, cross_wat_duplicates=cross_wat_duplicates
+    )
     server = subprocess.Popen(
         [sys.executable, "-m", "laion_tasks.fixtures.server", "--dir", str(crawl_dir), "--port", str(port)],
         stdout=subprocess.DEVNULL,

@@ -16,6 +16,10 @@ from typing import Literal, Sequence
 
 LanguageGroup = Literal["en", "multi", "nolang"]
 
+LANGID_FIELDS = ("tag.langid_model_path", "tag.language_threshold")
+"""The language-ID knobs, stated once: they route each pair to the English or the multilingual
+CLIP model, so they are result fields of every stage that uses the language (clip, tag)."""
+
 _WHITESPACE = re.compile(r"\s+")
 
 

@@ -11,7 +11,6 @@ import re
 
 from laion_tasks.storage import join
 
-STAGES = ("extract", "download", "clip", "tag", "dedup", "curate", "index", "train", "eval")
 # One path segment a caller may name (snapshot, subset, card file): no separators, no "." or "..".
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
@@ -38,6 +37,16 @@ def snapshot_root(root: str, snapshot: str) -> str:
 
 def candidates_uri(root: str, snapshot: str, wat: str) -> str:
     return join(root, snapshot, "candidates", f"{wat}.parquet")
+
+
+def wat_manifest_uri(root: str, snapshot: str) -> str:
+    """The extract plan: the WAT file URIs of this run, one per line."""
+    return join(root, snapshot, "manifests", "wat_files.txt")
+
+
+def shards_manifest_uri(root: str, snapshot: str) -> str:
+    """The download plan: which candidate files the shards were cut from, and each shard's checksum."""
+    return join(root, snapshot, "shards", "manifest.json")
 
 
 def candidates_dir(root: str, snapshot: str) -> str:

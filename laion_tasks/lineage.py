@@ -4,10 +4,15 @@ SQLAlchemy Core over SQLite (embedded default) or PostgreSQL (deployment); the s
 is created and upgraded by Alembic (``laion_tasks/migrations``). Re-runs consult it to
 skip finished work, and :func:`funnel` answers "where did my candidates go?".
 
-One row of ``shard_run`` is one attempt of one stage on one shard. At most one row per
-(snapshot, stage, shard, config digest) is ``done``; ``shard_outcome`` holds its counts.
-The done row and its counts are written in a single transaction, so a crash or a
-database restart never leaves a half-recorded shard.
+One row of ``shard_run`` is one attempt of one stage on one shard. A run's *skip key* is
+(stage, shard, ``config_digest`` of the knobs that change the stage's results,
+``inputs_digest`` of the exact upstream outputs it read). At most one row per
+(snapshot, stage, shard) is ``done``: the current generation. Finishing a run demotes
+the previous done row to ``superseded``, so every count (funnel, card, views) adds up
+the current generation only, each candidate once per stage. ``shard_outcome`` holds a
+run's counts by outcome, ``shard_diagnostic`` its diagnostics. The done row and its
+counts are written in a single transaction, so a crash or a database restart never
+leaves a half-recorded shard.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ shard_run_table = sa.Table(
     sa.Column("bytes_written", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("checksum", sa.String(64), nullable=True),
     sa.Column("config_digest", sa.String(32), nullable=False),
+    sa.Column("inputs_digest", sa.String(32), nullable=True),
     sa.Column("code_version", sa.String(64), nullable=False),
     sa.Column("host", sa.String(255), nullable=True),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
@@ -59,12 +65,21 @@ shard_run_table = sa.Table(
     sa.UniqueConstraint("snapshot_id", "stage", "shard_id", "config_digest", "attempt", name="uq_shard_attempt"),
 )
 sa.Index("ix_shard_run_lookup", shard_run_table.c.snapshot_id, shard_run_table.c.stage, shard_run_table.c.shard_id)
+sa.Index("ix_shard_run_status", shard_run_table.c.snapshot_id, shard_run_table.c.stage, shard_run_table.c.status)
 
 shard_outcome_table = sa.Table(
     "shard_outcome",
     metadata_obj,
     sa.Column("run_id", sa.Integer, sa.ForeignKey("shard_run.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("outcome", sa.String(128), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+shard_diagnostic_table = sa.Table(
+    "shard_diagnostic",
+    metadata_obj,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("shard_run.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("count", sa.BigInteger, nullable=False),
 )
 
@@ -144,24 +159,49 @@ class Lineage:
                 )
 
     # -- shard runs ------------------------------------------------------
-    def done_record(self, snapshot_id: str, stage: str, shard_id: str, config_digest: str) -> dict[str, Any] | None:
+    def current_record(self, snapshot_id: str, stage: str, shard_id: str) -> dict[str, Any] | None:
+        """The done run of the current generation of one shard, or None."""
         t = shard_run_table
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(t)
-                .where(
-                    t.c.snapshot_id == snapshot_id,
-                    t.c.stage == stage,
-                    t.c.shard_id == shard_id,
-                    t.c.config_digest == config_digest,
-                    t.c.status == "done",
-                )
+                .where(t.c.snapshot_id == snapshot_id, t.c.stage == stage, t.c.shard_id == shard_id, t.c.status == "done")
                 .order_by(t.c.id.desc())
                 .limit(1)
             ).mappings().first()
         return dict(row) if row else None
 
-    def start(self, snapshot_id: str, stage: str, shard_id: str, input_uri: str, config_digest: str) -> int:
+    def current_runs(self, snapshot_id: str, stages: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
+        """The done runs (current generation) of some stages: stage, shard_id, id, checksum, output_uri."""
+        t = shard_run_table
+        query = (
+            sa.select(t.c.stage, t.c.shard_id, t.c.id, t.c.checksum, t.c.output_uri)
+            .where(t.c.snapshot_id == snapshot_id, t.c.stage.in_(list(stages)), t.c.status == "done")
+            .order_by(t.c.stage, t.c.shard_id, t.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def supersede(self, snapshot_id: str, stages: tuple[str, ...] | list[str], keep: set[str]) -> int:
+        """Retire the done runs of shards that are no longer planned (e.g. after a re-plan); returns how many."""
+        t = shard_run_table
+        with self.engine.begin() as conn:
+            ids = [
+                r.id
+                for r in conn.execute(
+                    sa.select(t.c.id, t.c.shard_id).where(
+                        t.c.snapshot_id == snapshot_id, t.c.stage.in_(list(stages)), t.c.status == "done"
+                    )
+                )
+                if r.shard_id not in keep
+            ]
+            for i in range(0, len(ids), 500):
+                conn.execute(t.update().where(t.c.id.in_(ids[i : i + 500])).values(status="superseded"))
+        return len(ids)
+
+    def start(
+        self, snapshot_id: str, stage: str, shard_id: str, input_uri: str, config_digest: str, inputs_digest: str | None = None
+    ) -> int:
         t = shard_run_table
         with self.engine.begin() as conn:
             last = conn.execute(
@@ -181,6 +221,7 @@ class Lineage:
                     status="running",
                     attempt=(last or 0) + 1,
                     config_digest=config_digest,
+                    inputs_digest=inputs_digest,
                     code_version=code_version(),
                     host=socket.gethostname(),
                     started_at=_utcnow(),
@@ -191,8 +232,9 @@ class Lineage:
     def finish(self, run_id: int, stats: ShardStats) -> None:
         """Mark a run done and store its counts, atomically.
 
-        Any older ``done`` row of the same shard and digest is demoted to ``superseded``
-        so that lineage shows exactly one done record per shard.
+        The previous ``done`` row of the same shard (whatever its digests) is demoted to
+        ``superseded``: the shard's output now holds this run's result, and lineage shows
+        exactly one done record per (stage, shard).
         """
         t = shard_run_table
         with self.engine.begin() as conn:
@@ -203,7 +245,6 @@ class Lineage:
                     t.c.snapshot_id == row["snapshot_id"],
                     t.c.stage == row["stage"],
                     t.c.shard_id == row["shard_id"],
-                    t.c.config_digest == row["config_digest"],
                     t.c.status == "done",
                 )
                 .values(status="superseded")
@@ -224,6 +265,11 @@ class Lineage:
                 conn.execute(
                     shard_outcome_table.insert(),
                     [{"run_id": run_id, "outcome": k, "count": int(v)} for k, v in sorted(stats.counts.items())],
+                )
+            if stats.diagnostics:
+                conn.execute(
+                    shard_diagnostic_table.insert(),
+                    [{"run_id": run_id, "name": k, "count": int(v)} for k, v in sorted(stats.diagnostics.items())],
                 )
 
     def fail(self, run_id: int, error: str) -> None:
@@ -249,8 +295,17 @@ class Lineage:
             rows = conn.execute(sa.select(o.c.outcome, o.c.count).where(o.c.run_id == run_id))
             return {r.outcome: int(r.count) for r in rows}
 
+    def diagnostics(self, run_id: int) -> dict[str, int]:
+        d = shard_diagnostic_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(d.c.name, d.c.count).where(d.c.run_id == run_id))
+            return {r.name: int(r.count) for r in rows}
+
     def funnel(self, snapshot_id: str) -> list[FunnelRow]:
-        """Counts per (stage, outcome) over the done runs of a snapshot, in pipeline order.
+        """Counts per (stage, outcome) over the current generation of a snapshot, in pipeline order.
+
+        Only ``done`` runs count, and there is one per (stage, shard): superseded runs
+        (re-runs, retried downloads, shards dropped by a re-plan) never add up twice.
 
         Stages whose "shards" are alternative views of the same rows (each curated subset
         counts every sample once) are reported per shard, as ``curate/<subset>``.
@@ -266,15 +321,26 @@ class Lineage:
         )
         with self.engine.connect() as conn:
             rows = [FunnelRow(r.stage, r.outcome, int(r.n), int(r.shards)) for r in conn.execute(query)]
-        order = {name: i for i, name in enumerate(STAGE_ORDER)}
+        from laion_tasks.runner import STAGE_MODULES  # pipeline order
+
+        order = {name: i for i, name in enumerate(STAGE_MODULES)}
         return sorted(rows, key=lambda r: (order.get(r.stage.split("/")[0], 99), r.stage, -r.count, r.outcome))
 
     def shard_summary(self, snapshot_id: str) -> dict[str, dict[str, int]]:
-        """Per stage: how many shards are done / failed / running (latest attempt per shard)."""
+        """Per stage: how many shards are done / failed / running, by each shard's latest attempt.
+
+        Superseded runs are history, not state: they are not counted.
+        """
         t = shard_run_table
+        latest = (
+            sa.select(sa.func.max(t.c.id).label("id"))
+            .where(t.c.snapshot_id == snapshot_id, t.c.status != "superseded")
+            .group_by(t.c.stage, t.c.shard_id)
+            .subquery()
+        )
         query = (
-            sa.select(t.c.stage, t.c.status, sa.func.count(sa.distinct(t.c.shard_id)).label("n"))
-            .where(t.c.snapshot_id == snapshot_id)
+            sa.select(t.c.stage, t.c.status, sa.func.count().label("n"))
+            .select_from(t.join(latest, latest.c.id == t.c.id))
             .group_by(t.c.stage, t.c.status)
         )
         out: dict[str, dict[str, int]] = {}
@@ -288,21 +354,8 @@ class Lineage:
             return [dict(r) for r in conn.execute(sa.select(snapshot_table).order_by(snapshot_table.c.id)).mappings()]
 
 
-STAGE_ORDER = (
-    "extract",
-    "download",
-    "clip",
-    "tag",
-    "dedup_centroids",
-    "dedup_partition",
-    "dedup_bucket",
-    "dedup",
-    "curate",
-    "index",
-    "train",
-    "eval",
-)
 PER_SHARD_STAGES = ("curate", "index", "train", "eval")
+"""Stages whose shards are alternative views of the same rows (one per subset): counted per shard."""
 
 
 @dataclass(frozen=True)
@@ -315,13 +368,30 @@ class FunnelRow:
 
 @dataclass(frozen=True)
 class StageRun:
-    """Identity of one stage execution on one shard."""
+    """Identity of one stage execution on one shard: its skip key plus where it reads and writes."""
 
     snapshot: str
     stage: str
     shard_id: str
     input_uri: str
     config_digest: str
+    inputs_digest: str | None = None
+    """Digest of the exact upstream outputs read (their checksums or run ids); None: no upstream."""
+    output_uri: str | None = None
+    """The object that commits the output; checked to exist before a done run is reused."""
+
+
+def is_reusable(record: dict[str, Any] | None, run: StageRun, output_exists: Callable[[str], bool] | None) -> bool:
+    """A done run can stand for ``run``: same knobs, same inputs, and its output is still there.
+
+    A record without any output URI, or with no way to check it, is never trusted.
+    """
+    if record is None or record["config_digest"] != run.config_digest:
+        return False
+    if (record.get("inputs_digest") or None) != (run.inputs_digest or None):
+        return False
+    out = run.output_uri or record.get("output_uri")
+    return bool(out) and output_exists is not None and output_exists(out)
 
 
 def run_stage(
@@ -332,24 +402,22 @@ def run_stage(
     force: bool = False,
     output_exists: Callable[[str], bool] | None = None,
 ) -> tuple[ShardStats | None, bool]:
-    """Run ``fn`` for one shard unless lineage says it is done with the same config.
+    """Run ``fn`` for one shard unless its current done run has the same skip key and output.
 
     Returns ``(stats, skipped)``. A done record whose output has vanished is not
     trusted: the shard runs again. Failures are recorded with their error and re-raised.
     """
     if lineage is None:
         return fn().done(), False
-    if not force:
-        record = lineage.done_record(run.snapshot, run.stage, run.shard_id, run.config_digest)
-        if record is not None:
-            out = record.get("output_uri")
-            if not out or output_exists is None or output_exists(out):
-                return None, True
-    run_id = lineage.start(run.snapshot, run.stage, run.shard_id, run.input_uri, run.config_digest)
+    if not force and is_reusable(lineage.current_record(run.snapshot, run.stage, run.shard_id), run, output_exists):
+        return None, True
+    run_id = lineage.start(run.snapshot, run.stage, run.shard_id, run.input_uri, run.config_digest, run.inputs_digest)
     try:
         stats = fn().done()
     except BaseException as exc:
         lineage.fail(run_id, f"{type(exc).__name__}: {exc}")
         raise
+    if stats.output_uri is None:
+        stats.output_uri = run.output_uri
     lineage.finish(run_id, stats)
     return stats, False

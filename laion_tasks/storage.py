@@ -114,6 +114,17 @@ def exists(uri: str) -> bool:
     return local_path(uri).exists()
 
 
+def output_exists(uri: str) -> bool:
+    """A stage output is there: an object/file, or a directory/prefix holding at least one file.
+
+    An empty local directory, or an S3 prefix with no objects under it, is not an output:
+    a stage whose files are gone must run again.
+    """
+    if exists(uri) and not (not is_s3(uri) and local_path(uri).is_dir()):
+        return True
+    return bool(list_uris(uri))
+
+
 def size(uri: str) -> int:
     if is_s3(uri):
         loc = parse_s3(uri)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from clip_fixtures import FixtureSample, encode_image, synthetic_image, write_shard
 from laion_tasks import layout
 from laion_tasks.cli import app
-from laion_tasks.commands.clip_score import split_shard_ids
+from laion_tasks.commands.run import split_shard_ids
 from laion_tasks.lineage import Lineage
 
 SNAPSHOT = "CC-MAIN-2024-10"
@@ -84,8 +84,15 @@ def test_clip_score_shard_command_uses_layout_and_lineage(tmp_path: Path) -> Non
 
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output
-    assert json.loads(second.output[second.output.index("{"):]) == {"000000": {"skipped": True}, "000001": {"skipped": True}}
+    report = json.loads(second.output[second.output.index("{"):])
+    assert (report["done"], report["skipped"]) == (0, 2)
     assert len(lineage.runs(SNAPSHOT, "clip")) == 2
+
+    # An execution-only knob (batch size, device) re-runs nothing: the same `laion run clip` skips.
+    rerun = runner.invoke(app, ["run", "clip", "--snapshot", SNAPSHOT, "--shard", "000000,000001", "--config", str(cfg)],
+                          env={"LAION_CLIP__BATCH_SIZE": "3"})
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads(rerun.output[rerun.output.index("{"):])["clip"]["skipped"] == 2
 
     # A vanished output is not trusted: that shard runs again.
     Path(layout.clip_parquet_uri(str(root), SNAPSHOT, "000001")).unlink()

@@ -85,7 +85,7 @@ def test_pod_spec_renders_without_a_cluster(gpu_pod) -> None:  # type: ignore[no
     (container,) = spec.containers
     assert container.image == "registry.example/laion-tasks:1.2.3"
     assert container.command == ["laion"]
-    assert container.args == ["clip-score-shard", "--snapshot", "CC-MAIN-2024-10", "--shard", "000001,000002", "--no-force"]
+    assert container.args == ["run", "clip", "--snapshot", "CC-MAIN-2024-10", "--shard", "000001,000002", "--no-force"]
     res = container.resources
     assert res.requests == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"}
     assert res.limits == {"memory": "64Gi", "nvidia.com/gpu": "2"}
@@ -105,15 +105,15 @@ def test_pod_spec_renders_without_a_cluster(gpu_pod) -> None:  # type: ignore[no
 
 def test_pod_env_rebuilds_the_same_clip_settings_and_digest(gpu_pod) -> None:  # type: ignore[no-untyped-def]
     """What the pod loads from its env equals the scheduler's settings, so lineage digests match."""
+    from laion_tasks.stages.clip_score import SPEC
+
     settings = deployment_settings()
     env = {k: v.replace(gpu_pod.storage_root_template(settings), settings.storage.root) for k, v in gpu_pod.pod_env(settings).items()}
     env["LAION_LINEAGE__URL"] = settings.lineage.url  # what the Secret holds
     inside = load_settings(environ=env)
     assert inside.clip == settings.clip
-    assert inside.digest("clip") == settings.digest("clip")
-    from laion_tasks.stages.clip_score import clip_config_digest
-
-    assert clip_config_digest(inside) == clip_config_digest(settings)
+    assert SPEC.config_digest(inside, "000001") == SPEC.config_digest(settings, "000001")
+    assert SPEC.knobs(inside, "000001") == SPEC.knobs(settings, "000001")
     assert inside.storage.root == settings.storage.root
     assert inside.storage.s3_endpoint_url == settings.storage.s3_endpoint_url
     assert inside.lineage.url == settings.lineage.url
@@ -129,7 +129,7 @@ def test_templated_shard_ids_and_overrides(gpu_pod) -> None:  # type: ignore[no-
     assert op.arguments[-2] == template
     assert "arguments" in op.template_fields
     op.render_template_fields({"params": {"shards": "000007,000008"}})
-    assert op.arguments == ["clip-score-shard", "--snapshot", "CC-MAIN-2024-10", "--shard", "000007,000008", "--no-force"]
+    assert op.arguments == ["run", "clip", "--snapshot", "CC-MAIN-2024-10", "--shard", "000007,000008", "--no-force"]
     pod = op.build_pod_request_obj(dry_run=True)
     (container,) = pod.spec.containers
     assert container.args[-2] == "000007,000008"
@@ -170,11 +170,17 @@ def test_pod_without_a_secret_is_refused(gpu_pod) -> None:  # type: ignore[no-un
 
 
 def test_clip_digest_follows_language_routing() -> None:
-    """A changed language threshold re-routes pairs between models, so CLIP must re-run."""
+    """A changed language threshold re-routes pairs between models, so CLIP must re-run;
+    a batch size, a device or a threshold (applied in curate) re-runs nothing."""
     from laion_tasks.config import Settings
-    from laion_tasks.stages.clip_score import clip_config_digest
+    from laion_tasks.stages.clip_score import SPEC
 
-    base = Settings()
-    moved = Settings.model_validate({"tag": {"language_threshold": 0.7}})
-    assert clip_config_digest(base) != clip_config_digest(moved)
-    assert clip_config_digest(base) == clip_config_digest(Settings.model_validate({"tag": {"nudenet": True}}))
+    def digest(data: dict) -> str:  # type: ignore[type-arg]
+        return SPEC.config_digest(Settings.model_validate(data), "000000")
+
+    base = digest({})
+    assert digest({"tag": {"language_threshold": 0.7}}) != base
+    assert digest({"clip": {"english": {"model": "ViT-L-14"}}}) != base
+    for same in ({"tag": {"nudenet": True}}, {"clip": {"batch_size": 8, "device": "cuda", "k8s_memory": "1Gi"}},
+                 {"clip": {"english": {"threshold": 0.3}}}):
+        assert digest(same) == base, same

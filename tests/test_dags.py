@@ -41,7 +41,8 @@ def test_one_dag_per_snapshot_and_monthly(dagbag) -> None:  # type: ignore[no-un
 def test_snapshot_dag_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     dag = dagbag.dags["laion_snapshot_CC_MAIN_2024_10"]
     tasks = {t.task_id: t for t in dag.tasks}
-    for name in ("plan_extract", "extract", "plan_download", "download", "clip_score", "tag", "dataset_card"):
+    for name in ("plan_extract", "extract", "plan_download", "download", "clip", "tag", "dedup_centroids",
+                 "dedup_partition", "plan_dedup", "dedup_bucket", "dedup", "dataset_card"):
         assert name in tasks, name
     assert tasks["download"].pool == "download"
     assert tasks["extract"].retries == 3 and tasks["extract"].retry_exponential_backoff
@@ -61,7 +62,7 @@ def test_monthly_is_scheduled(dagbag) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_fan_out_is_batched() -> None:
-    from laion_tasks.pipeline import make_batches
+    from laion_tasks.runner import make_batches
 
     wats = [f"w{i}" for i in range(90_000)]
     batches = make_batches(wats, 200)
@@ -105,7 +106,7 @@ def test_kubernetes_clip_stage_maps_gpu_pods(tmp_path, monkeypatch) -> None:  # 
     bag = DagBag(dag_folder=str(REPO / "dags" / "laion_snapshots.py"))
     assert bag.import_errors == {}
     dag = bag.dags["laion_snapshot_CC_MAIN_2024_10"]
-    pod = dag.get_task("clip_score")
+    pod = dag.get_task("clip")
     assert type(pod).__name__ == "MappedOperator" and pod.operator_class.__name__ == "KubernetesPodOperator"
     assert pod.partial_kwargs["pool"] == "gpu"
-    assert "clip_pod_args" in pod.upstream_task_ids and "download" in pod.upstream_task_ids
+    assert "clip_pod_kwargs" in pod.upstream_task_ids and "download" in pod.upstream_task_ids

@@ -70,15 +70,15 @@ def _config(tmp_path: Path, name: str, base: str) -> Path:
 
 RUN = """
 import json, sys
-from laion_tasks import pipeline
+from laion_tasks import runner
 from laion_tasks.config import load_settings
 settings = load_settings(sys.argv[1])
-snap = sys.argv[2]
-for batch in pipeline.plan_extract(settings, snap):
-    pipeline.extract_batch(settings, snap, batch)
-for batch in pipeline.plan_download(settings, snap):
+ctx = runner.open_context(settings, sys.argv[2])
+for batch in runner.plan(ctx, "extract"):
+    runner.run_batch(ctx, "extract", batch)
+for batch in runner.plan(ctx, "download"):
     print("DOWNLOADING", flush=True)
-    pipeline.download_batch(settings, snap, batch)
+    runner.run_batch(ctx, "download", batch)
 print("DONE", flush=True)
 """
 

@@ -7,6 +7,10 @@ from laion_tasks.lineage import Lineage, StageRun, run_stage, shard_run_table
 from laion_tasks.stage import ShardStats
 
 
+def _there(uri: str) -> bool:
+    return True
+
+
 def _stats(**counts: int) -> ShardStats:
     stats = ShardStats(output_uri="out://x")
     for key, value in counts.items():
@@ -36,15 +40,87 @@ def test_run_skip_and_funnel(lineage_url: str) -> None:
     for shard in ("a", "b"):
         stats, skipped = run_stage(lineage, StageRun("CC-MAIN-2024-10", "extract", shard, f"in/{shard}", "d1"), work(3))
         assert not skipped and stats is not None
-    _, skipped = run_stage(lineage, StageRun("CC-MAIN-2024-10", "extract", "a", "in/a", "d1"), work(99))
+    _, skipped = run_stage(lineage, StageRun("CC-MAIN-2024-10", "extract", "a", "in/a", "d1"), work(99), output_exists=_there)
     assert skipped and calls == [3, 3]
 
     funnel = {(r.stage, r.outcome): r.count for r in lineage.funnel("CC-MAIN-2024-10")}
     assert funnel == {("extract", "kept"): 6, ("extract", "drop:alt_too_short"): 2}
 
-    # a changed config digest runs again; the old record stays for audit
-    run_stage(lineage, StageRun("CC-MAIN-2024-10", "extract", "a", "in/a", "d2"), work(5))
+    # a changed config digest runs again; the old record stays for audit, superseded
+    run_stage(lineage, StageRun("CC-MAIN-2024-10", "extract", "a", "in/a", "d2"), work(5), output_exists=_there)
     assert calls == [3, 3, 5]
+    # counts are the current generation's: shard a once (5), never its superseded run (3) as well
+    funnel = {(r.stage, r.outcome): r.count for r in lineage.funnel("CC-MAIN-2024-10")}
+    assert funnel == {("extract", "kept"): 8, ("extract", "drop:alt_too_short"): 2}
+    assert lineage.shard_summary("CC-MAIN-2024-10") == {"extract": {"done": 2}}
+
+
+def test_skip_key_covers_inputs_and_output(lineage_url: str) -> None:
+    """Same knobs but other upstream outputs, or no way to see the output: the shard runs again."""
+    lineage = Lineage(lineage_url)
+    lineage.ensure_snapshot("s", "/data")
+    calls: list[str] = []
+
+    def fn(tag: str):  # type: ignore[no-untyped-def]
+        def run() -> ShardStats:
+            calls.append(tag)
+            return _stats(kept=1)
+
+        return run
+
+    run = StageRun("s", "clip", "000001", "in", "knobs", inputs_digest="download-run-1", output_uri="out://clip/000001")
+    run_stage(lineage, run, fn("first"), output_exists=_there)
+    assert run_stage(lineage, run, fn("same"), output_exists=_there)[1] is True
+    moved = StageRun("s", "clip", "000001", "in", "knobs", inputs_digest="download-run-2", output_uri="out://clip/000001")
+    assert run_stage(lineage, moved, fn("new input"), output_exists=_there)[1] is False
+    # a done record is never trusted without an existence check of its output
+    assert run_stage(lineage, moved, fn("unchecked"), output_exists=None)[1] is False
+    assert calls == ["first", "new input", "unchecked"]
+    assert [r["status"] for r in lineage.runs("s", "clip")] == ["superseded", "superseded", "done"]
+    assert sum(r.count for r in lineage.funnel("s")) == 1
+
+
+def test_diagnostics_are_not_outcomes(lineage_url: str) -> None:
+    lineage = Lineage(lineage_url)
+    lineage.ensure_snapshot("s", "/data")
+    stats = _stats(success=3)
+    stats.note("tar_key_not_in_parquet", 2)
+    run_stage(lineage, StageRun("s", "tag", "000001", "in", "d"), lambda: stats)
+    (row,) = lineage.runs("s", "tag")
+    assert lineage.outcomes(row["id"]) == {"success": 3}
+    assert lineage.diagnostics(row["id"]) == {"tar_key_not_in_parquet": 2}
+    assert [(r.outcome, r.count) for r in lineage.funnel("s")] == [("success", 3)]
+
+
+def test_migration_keeps_one_done_run_per_shard(lineage_url: str) -> None:
+    """0001 data (done rows per digest, outcomes on top of success) upgrades to one current run per shard."""
+    from alembic import command
+    from alembic.config import Config
+
+    from laion_tasks.lineage import MIGRATIONS_DIR, engine_for
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", lineage_url.replace("%", "%%"))
+    with engine_for(lineage_url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with engine_for(lineage_url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO snapshot (id, root_uri, created_at) VALUES ('s', '/d', CURRENT_TIMESTAMP)"))
+        for run_id, digest in ((1, "old"), (2, "new")):
+            conn.execute(sa.text(
+                "INSERT INTO shard_run (id, snapshot_id, stage, shard_id, input_uri, status, attempt, config_digest, "
+                "code_version, started_at) VALUES (:i, 's', 'tag', '000001', 'in', 'done', 1, :d, 'v', CURRENT_TIMESTAMP)"
+            ), {"i": run_id, "d": digest})
+            conn.execute(sa.text("INSERT INTO shard_outcome (run_id, outcome, count) VALUES (:i, 'success', 10)"), {"i": run_id})
+        conn.execute(sa.text("INSERT INTO shard_outcome (run_id, outcome, count) VALUES (2, 'bad:tar_key_not_in_parquet', 4)"))
+    with engine_for(lineage_url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    lineage = Lineage(lineage_url)
+    assert [(r["id"], r["status"]) for r in lineage.runs("s")] == [(1, "superseded"), (2, "done")]
+    assert [(r.outcome, r.count) for r in lineage.funnel("s")] == [("success", 10)]
+    assert lineage.diagnostics(2) == {"tar_key_not_in_parquet": 4}
 
 
 def test_failure_is_recorded_and_retry_gets_next_attempt(lineage_url: str) -> None:
@@ -63,7 +139,7 @@ def test_failure_is_recorded_and_retry_gets_next_attempt(lineage_url: str) -> No
     assert [(r["attempt"], r["status"]) for r in rows] == [(1, "failed"), (2, "done")]
     assert "disk full" in rows[0]["error"]
     assert lineage.outcomes(rows[1]["id"]) == {"success": 7}
-    assert lineage.shard_summary("s") == {"download": {"failed": 1, "done": 1}}
+    assert lineage.shard_summary("s") == {"download": {"done": 1}}  # by each shard's latest attempt
 
 
 def test_forced_rerun_keeps_one_done_record(lineage_url: str) -> None:
@@ -71,7 +147,7 @@ def test_forced_rerun_keeps_one_done_record(lineage_url: str) -> None:
     lineage.ensure_snapshot("s", "/data")
     run = StageRun("s", "clip", "000001", "in", "d")
     run_stage(lineage, run, lambda: _stats(kept=1))
-    run_stage(lineage, run, lambda: _stats(kept=1), force=True)
+    run_stage(lineage, run, lambda: _stats(kept=1), force=True, output_exists=_there)
     statuses = sorted(r["status"] for r in lineage.runs("s", "clip"))
     assert statuses == ["done", "superseded"]
     assert [(r.outcome, r.count) for r in lineage.funnel("s")] == [("kept", 1)]

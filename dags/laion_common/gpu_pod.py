@@ -1,9 +1,11 @@
 """The CLIP stage as a KubernetesPodOperator on a GPU node.
 
-The pod runs the same CLI (``laion clip-score-shard``) on the same storage URIs as the
-in-process path. It gets its configuration through ``LAION_*`` env vars: the whole
-``clip`` section as one JSON value, so the pod computes the same config digest as the
-scheduler, and it records lineage itself. XCom carries nothing but the shard ids.
+The pod runs the same runner (``laion run clip``) on the same storage URIs as the
+in-process path, and records lineage itself. Its configuration comes from the clip
+stage's declaration (``laion_tasks.runner.stage_env``): the ``clip`` section whole plus
+every result field outside it (the language-ID knobs), so the pod computes the same skip
+key as the scheduler. XCom carries nothing but batch ranges. (Building that env imports
+the stage's module, torch included: only DAG files in ``kubernetes`` mode do.)
 
 Credentials never go into ``env_vars`` (a templated field the UI shows): the lineage URL
 (``LAION_LINEAGE__URL``, required, by ``secretKeyRef``) and the S3 keys (by ``envFrom``)
@@ -15,6 +17,7 @@ through the pod's arguments.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s
@@ -41,30 +44,27 @@ def force_flag(params: dict) -> str:  # type: ignore[type-arg]
     return "--force" if params.get("force") else "--no-force"
 
 
-def base_pod_env(settings: Settings, *sections: str) -> dict[str, str]:
-    """LAION_* variables that rebuild, inside a pod, the storage settings plus whole config
-    sections (one JSON value each, parsed by load_settings), so no knob can be forgotten and
-    the pod computes the same config digest as the scheduler. No credentials: see
-    :func:`secret_env`."""
+def base_pod_env(settings: Settings, stage: str) -> dict[str, str]:
+    """LAION_* variables that rebuild, inside a pod, the storage settings and everything one
+    stage's result depends on, from its declaration (its section whole, as one JSON value
+    parsed by load_settings, plus its result fields outside it), so no knob can be forgotten
+    and the pod computes the same skip key as the scheduler. No credentials: see :func:`secret_env`."""
+    from laion_tasks import runner
+
     env = {
         "LAION_STORAGE__ROOT": storage_root_template(settings),
         "LAION_STORAGE__S3_REGION": settings.storage.s3_region,
         "PYTHONUNBUFFERED": "1",
     }
-    for section in sections:
-        env[f"LAION_{section.upper()}"] = json.dumps(getattr(settings, section).model_dump(mode="json"), sort_keys=True)
+    env.update(runner.stage_env(settings, runner.spec(stage)))
     if settings.storage.s3_endpoint_url:
         env["LAION_STORAGE__S3_ENDPOINT_URL"] = settings.storage.s3_endpoint_url
     return env
 
 
 def pod_env(settings: Settings) -> dict[str, str]:
-    """The CLIP pod's settings: the clip section plus the language-ID knobs it routes models by."""
-    env = base_pod_env(settings, "clip")
-    env["LAION_TAG__LANGUAGE_THRESHOLD"] = repr(settings.tag.language_threshold)
-    if settings.tag.langid_model_path:
-        env["LAION_TAG__LANGID_MODEL_PATH"] = settings.tag.langid_model_path
-    return env
+    """The CLIP pod's settings, from the clip stage's declaration."""
+    return base_pod_env(settings, "clip")
 
 
 def secret_env(secret: str | None, owner: str) -> tuple[list[k8s.V1EnvVar], list[k8s.V1EnvFromSource]]:
@@ -115,18 +115,25 @@ def clip_pod_operator(
     """
     shards = shard_ids if isinstance(shard_ids, str) else ",".join(shard_ids)
     options = clip_pod_options(task_id, settings)
-    options["arguments"] = clip_pod_arguments(snapshot, shards)
+    options["arguments"] = clip_pod_arguments(snapshot, {"shards": shards})
     options.update(kwargs)
     return KubernetesPodOperator(**options)
 
 
-def clip_pod_arguments(snapshot: str, shards: str, force: str | None = None) -> list[str]:
-    """``force``: ``--force`` / ``--no-force`` (default: a template of the run's ``force`` Param)."""
-    return ["clip-score-shard", "--snapshot", snapshot, "--shard", shards, force or force_template()]
+def clip_pod_arguments(snapshot: str, batch: dict[str, Any], force: str | None = None) -> list[str]:
+    """``laion run clip`` on one batch: a range of the download plan, or ``{"shards": "a,b"}`` (may be a template).
+
+    ``force``: ``--force`` / ``--no-force`` (default: a template of the run's ``force`` Param).
+    """
+    if "shards" in batch:
+        chosen = ["--shard", batch["shards"] if isinstance(batch["shards"], str) else ",".join(batch["shards"])]
+    else:
+        chosen = ["--batch", json.dumps(batch, sort_keys=True)]
+    return ["run", "clip", "--snapshot", snapshot, *chosen, force or force_template()]
 
 
 def clip_pod_partial(task_id: str, settings: Settings, **kwargs):  # type: ignore[no-untyped-def]
-    """A mapped version: ``.expand(arguments=[clip_pod_arguments(...), ...])``, one pod per shard batch."""
+    """A mapped version: ``.expand(arguments=[clip_pod_arguments(...), ...])``, one pod per batch."""
     options = clip_pod_options(task_id, settings)
     options.update(kwargs)
     return KubernetesPodOperator.partial(**options)

@@ -1,8 +1,9 @@
 """The snapshot task graph, shared by the per-snapshot DAGs and the monthly ingest.
 
-Tasks are thin: they rebuild the effective settings from config + the run's params
-and call one ``laion_tasks.pipeline`` driver per batch. XCom carries only batch
-descriptors (ids and URIs). Fan-out is bounded by ``orchestration.max_mapped_tasks``.
+Tasks are thin: they rebuild the effective settings from config + the run's params and
+call the generic runner (``laion_tasks.runner``) with a stage name and a batch; the task
+id is the stage's name. XCom carries only batch descriptors (ranges into a plan).
+Fan-out is bounded by ``orchestration.max_mapped_tasks``.
 """
 
 from __future__ import annotations
@@ -68,127 +69,88 @@ def task_defaults(settings: Settings) -> dict[str, Any]:
 
 
 @task
-def plan_extract(snapshot: str) -> list[dict[str, Any]]:
-    from laion_tasks import pipeline
+def plan(stage: str, snapshot: str) -> list[dict[str, Any]]:
+    """Plan a stage through the runner; returns range batches (XCom carries no shard ids)."""
+    from laion_tasks import runner
 
     settings, params = run_settings()
-    return pipeline.plan_extract(settings, snapshot, paths_uri=params.get("wat_paths_uri"))
+    ctx = runner.open_context(
+        settings, snapshot, wat_paths_uri=params.get("wat_paths_uri"), retry_failed_downloads=bool(params.get("retry_failed_downloads"))
+    )
+    try:
+        return runner.plan(ctx, stage)
+    finally:
+        ctx.close()
 
 
-def batch_task(task_id: str, driver: str, **task_kwargs: Any):  # type: ignore[no-untyped-def]
-    """A mapped task that runs ``pipeline.<driver>(settings, snapshot, batch, force=...)`` on one batch."""
+def stage_task(stage: str, **task_kwargs: Any):  # type: ignore[no-untyped-def]
+    """The DAG task of a stage (task id = stage name): ``runner.run_batch`` on one batch."""
 
-    @task(task_id=task_id, **task_kwargs)
-    def run_batch(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
-        from laion_tasks import pipeline
+    @task(task_id=stage, **task_kwargs)
+    def run_stage(snapshot: str, batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        from laion_tasks import runner
 
         settings, params = run_settings()
-        return getattr(pipeline, driver)(settings, snapshot, batch, force=params.get("force", False))
+        return runner.run(
+            settings,
+            snapshot,
+            stage,
+            batch,
+            force=bool(params.get("force", False)),
+            retry_failed_downloads=bool(params.get("retry_failed_downloads", False)),
+        )
 
-    return run_batch
-
-
-extract = batch_task(
-    "extract", "extract_batch", map_index_template="{{ task.op_kwargs['batch']['start'] }}-{{ task.op_kwargs['batch']['stop'] }}"
-)
-clip_score = batch_task("clip_score", "clip_batch")
-tag = batch_task("tag", "tag_batch")
-dedup_partition = batch_task("dedup_partition", "dedup_partition_batch")
-dedup_buckets = batch_task("dedup_buckets", "dedup_bucket_batch")
-
-
-@task
-def plan_download(snapshot: str) -> list[dict[str, Any]]:
-    from laion_tasks import pipeline
-
-    settings, _ = run_settings()
-    return pipeline.plan_download(settings, snapshot)
-
-
-@task
-def download(snapshot: str, batch: dict[str, Any]) -> dict[str, Any]:
-    from laion_tasks import pipeline
-
-    settings, params = run_settings()
-    return pipeline.download_batch(
-        settings, snapshot, batch, force=params.get("force", False), retry_failed=params.get("retry_failed_downloads", False)
-    )
-
-
-@task
-def dedup_centroids(snapshot: str) -> dict[str, Any]:
-    from laion_tasks import pipeline
-
-    settings, params = run_settings()
-    return pipeline.dedup_centroids_task(settings, snapshot, force=params.get("force", False))
-
-
-@task
-def plan_dedup(snapshot: str) -> list[dict[str, Any]]:
-    from laion_tasks import pipeline
-
-    settings, _ = run_settings()
-    return pipeline.plan_dedup(settings, snapshot)
-
-
-@task
-def dedup_resolve(snapshot: str) -> dict[str, Any]:
-    from laion_tasks import pipeline
-
-    settings, _ = run_settings()
-    return pipeline.dedup_resolve_task(settings, snapshot)
-
-
-@task
-def curate(snapshot: str, subset: str) -> dict[str, Any]:
-    from laion_tasks import pipeline
-
-    settings, _ = run_settings()
-    return pipeline.curate_one(settings, snapshot, subset)
+    return run_stage
 
 
 @task
 def dataset_card(snapshot: str) -> dict[str, Any]:
-    from laion_tasks import pipeline
+    """The card is a view over lineage and the outputs, not a stage: written on every run."""
+    from laion_tasks import runner
+    from laion_tasks.card import write_dataset_card
 
     settings, _ = run_settings()
-    return pipeline.write_card(settings, snapshot)
+    ctx = runner.open_context(settings, snapshot)
+    return {"card": write_dataset_card(settings.storage.root, snapshot, ctx.lineage, config=settings.curate)}
 
 
 def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str | None = None) -> None:
     """Wire extract -> download -> clip -> tag -> dedup -> curate -> card for one snapshot.
 
-    ``snapshot`` may be a string or an XComArg (the monthly DAG resolves it at run time).
-    Subset Assets are only declared when the snapshot is known at parse time.
+    Every stage task is ``runner.run_batch`` on the stage's declaration; the stages that
+    share the download plan map over the same batches. ``snapshot`` may be a string or
+    an XComArg (the monthly DAG resolves it at run time). Subset Assets are only
+    declared when the snapshot is known at parse time.
     """
-    gpu_kwargs: dict[str, Any] = {"pool": settings.clip.gpu_pool} if settings.clip.execution == "kubernetes" else {}
-    extract_plan = plan_extract(snapshot)
-    extracted = extract.partial(snapshot=snapshot).expand(batch=extract_plan)
-    download_plan = plan_download(snapshot)
+    extract_plan = plan.override(task_id="plan_extract")("extract", snapshot)
+    extracted = stage_task("extract").partial(snapshot=snapshot).expand(batch=extract_plan)
+    download_plan = plan.override(task_id="plan_download")("download", snapshot)
     extracted >> download_plan
-    downloaded = download.override(pool=settings.orchestration.download_pool).partial(snapshot=snapshot).expand(batch=download_plan)
+    downloaded = (
+        stage_task("download", pool=settings.orchestration.download_pool).partial(snapshot=snapshot).expand(batch=download_plan)
+    )
     if settings.clip.execution == "kubernetes":
         from laion_common.gpu_pod import clip_pod_partial
 
-        scored = clip_pod_partial("clip_score", settings).expand(arguments=clip_pod_args(snapshot, download_plan))
+        scored = clip_pod_partial("clip", settings).expand(arguments=clip_pod_args(snapshot, download_plan))
     else:
-        scored = clip_score.override(**gpu_kwargs).partial(snapshot=snapshot).expand(batch=download_plan)
+        scored = stage_task("clip").partial(snapshot=snapshot).expand(batch=download_plan)
     downloaded >> scored
-    tagged = tag.partial(snapshot=snapshot).expand(batch=download_plan)
+    tagged = stage_task("tag").partial(snapshot=snapshot).expand(batch=download_plan)
     scored >> tagged
-    centroids = dedup_centroids(snapshot)
+    centroids = stage_task("dedup_centroids")(snapshot)
     tagged >> centroids
-    partitioned = dedup_partition.partial(snapshot=snapshot).expand(batch=download_plan)
+    partitioned = stage_task("dedup_partition").partial(snapshot=snapshot).expand(batch=download_plan)
     centroids >> partitioned
-    bucket_plan = plan_dedup(snapshot)
+    bucket_plan = plan.override(task_id="plan_dedup")("dedup_bucket", snapshot)
     partitioned >> bucket_plan
-    bucketed = dedup_buckets.partial(snapshot=snapshot).expand(batch=bucket_plan)
-    deduped = dedup_resolve(snapshot)
+    bucketed = stage_task("dedup_bucket").partial(snapshot=snapshot).expand(batch=bucket_plan)
+    deduped = stage_task("dedup")(snapshot)
     bucketed >> deduped
     card = dataset_card(snapshot)
     for name in settings.curate.subsets:
         outlets = [subset_asset(static_snapshot, name)] if static_snapshot else []
-        curated = curate.override(task_id=f"curate_{_task_safe(name)}", outlets=outlets)(snapshot, name)
+        curated = stage_task("curate").override(task_id=f"curate_{_task_safe(name)}", outlets=outlets)(snapshot, {"shards": [name]})
         deduped >> curated >> card
 
 
@@ -198,9 +160,9 @@ def _task_safe(name: str) -> str:
 
 @task
 def clip_pod_args(snapshot: str, plan: list[dict[str, Any]]) -> list[list[str]]:
-    """One pod per download batch; the pod reads and writes storage and lineage itself. The
-    run's ``force`` Param becomes ``--force`` here (``storage_root`` travels in the pod env)."""
+    """One pod per download batch (``laion run clip --batch``); the pod reads and writes storage and
+    lineage itself. The run's ``force`` Param becomes ``--force`` here (``storage_root`` travels in the pod env)."""
     from laion_common.gpu_pod import clip_pod_arguments, force_flag
 
     force = force_flag(dict(get_current_context()["params"]))
-    return [clip_pod_arguments(snapshot, ",".join(batch["shards"]), force) for batch in plan]
+    return [clip_pod_arguments(snapshot, batch, force) for batch in plan]

@@ -1,10 +1,11 @@
 """CLIP training on a curated subset as a KubernetesPodOperator (one GPU node, torchrun over N GPUs).
 
-The pod runs ``laion train`` on the same storage URIs as the local demo; with
-``train.gpus > 1`` and CUDA present, ``laion_tasks.stages.train`` launches
-``torchrun --nproc_per_node=N`` itself. Settings travel as ``LAION_*`` env vars (the whole
-``train`` section as one JSON value, so the pod computes the same config digest), and the
-pod records the run in lineage (stage ``train``). As for the CLIP pod, credentials come from
+The pod runs ``laion run train`` (the runner, on the train stage's declaration) on the same
+storage URIs as the local demo; with ``train.gpus > 1`` and CUDA present,
+``laion_tasks.stages.train`` launches ``torchrun --nproc_per_node=N`` itself. Settings travel
+as ``LAION_*`` env vars built from that declaration (the ``train`` section whole plus its
+result fields), so the pod computes the same skip key, and the pod records the run in
+lineage (stage ``train``). As for the CLIP pod, credentials come from
 the Secret ``train.k8s_env_secret`` and the run's ``storage_root`` / ``force`` Params reach
 the pod: the subset and output paths are derived inside it from the rendered root.
 """
@@ -47,7 +48,7 @@ def train_pod_operator(
     from laion_common.gpu_pod import force_template, pod_env_vars
 
     cfg = settings.train
-    arguments = ["train", "--snapshot", snapshot, "--subset", subset or cfg.subset, force_template()]
+    arguments = ["run", "train", "--snapshot", snapshot, "--shard", subset or cfg.subset, force_template()]
     env, env_from = pod_env_vars(train_pod_env(settings), cfg.k8s_env_secret, "train")
     options = dict(
         task_id=task_id,

@@ -59,14 +59,18 @@ def zeroshot(
             clip = load_clip(model, pretrained, checkpoint, eval_config.device, seed)
         return evaluate_zeroshot(clip, dataset, out, eval_config, classnames, templates)
 
-    identity = "|".join(str(x) for x in (settings.digest("eval"), model, pretrained, checkpoint, classnames, templates, seed))
+    from laion_tasks.stages.evaluate import SPEC
+
+    knobs = SPEC.config_digest(settings.model_copy(update={"eval": eval_config}), "-")
+    identity = "|".join(str(x) for x in (knobs, model, pretrained, checkpoint, classnames, templates, seed))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     lineage = lineage_from(settings, enabled=snapshot is not None)
     if lineage is not None and snapshot is not None:
         lineage.ensure_snapshot(snapshot, settings.storage.root)
     stats, skipped = run_stage(
         lineage,
-        StageRun(snapshot or "-", "eval", dataset.rstrip("/").rsplit("/", 1)[-1], dataset, digest),
+        StageRun(snapshot or "-", "eval", dataset.rstrip("/").rsplit("/", 1)[-1], dataset, digest,
+                 output_uri=storage.join(out, "zeroshot.json")),
         run,
         output_exists=storage.exists,
     )

@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         lineage = Lineage(settings.lineage.url)
         echo_json(
             [
-                {k: r[k] for k in ("stage", "shard_id", "status", "attempt", "config_digest", "output_uri", "duration_s", "error")}
+                {k: r[k] for k in ("stage", "shard_id", "status", "attempt", "config_digest", "inputs_digest", "output_uri",
+                                  "duration_s", "error")}
                 for r in lineage.runs(snapshot, stage)
             ]
         )

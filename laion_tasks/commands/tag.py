@@ -18,11 +18,11 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Tag shards under <storage.root>/<snapshot>/ (language, punsafe, pwatermark, aesthetics, hash lists)."""
-        from laion_tasks import pipeline
+        from laion_tasks import runner
 
         settings = settings_from(config)
-        # the DAG's driver: records lineage and skips shards already tagged with this config
-        echo_json(pipeline.tag_batch(settings, snapshot, {"shards": list(shards)}))
+        # the runner, as in the DAG: records lineage and skips shards whose skip key is current
+        echo_json(runner.run(settings, snapshot, "tag", {"shards": list(shards)}))
 
     @app.command("dedup")
     def dedup(

@@ -52,10 +52,12 @@ def register(app: typer.Typer) -> None:
         lineage = lineage_from(settings, enabled=snapshot is not None)
         if lineage is not None and snapshot is not None:
             lineage.ensure_snapshot(snapshot, settings.storage.root)
-        digest = settings.model_copy(update={"train": train_config}).digest("train")
+        from laion_tasks.stages.train import SPEC
+
+        digest = SPEC.config_digest(settings.model_copy(update={"train": train_config}), subset_name)
         stats, skipped = run_stage(
             lineage,
-            StageRun(snapshot or "-", "train", subset_name, subset_dir, digest),
+            StageRun(snapshot or "-", "train", subset_name, subset_dir, digest, output_uri=storage.join(out, "epoch_latest.pt")),
             lambda: train_clip(shards, out, train_config, num_samples, run_name=f"{subset_name}-{digest[:8]}"),
             force=force,
             output_exists=storage.exists,

@@ -37,11 +37,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from laion_tasks import storage
+from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, ClipModelConfig, Settings
-from laion_tasks.langid import detect_languages, language_group
+from laion_tasks.langid import LANGID_FIELDS, detect_languages, language_group
 from laion_tasks.models.clip import LoadedClip, cached_clip
-from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -433,15 +433,6 @@ def _write_npy(uri: str, array: np.ndarray) -> tuple[int, str]:
         return tmp.stat().st_size, storage.file_sha256(tmp)
 
 
-def clip_config_digest(settings: Settings) -> str:
-    """Lineage digest of the CLIP stage: the clip section plus the language-ID knobs that route
-    each pair to the English or the multilingual model (a change in either re-scores)."""
-    import hashlib
-
-    routing = f"{settings.digest('clip')}|{settings.tag.language_threshold!r}|{settings.tag.langid_model_path}"
-    return hashlib.sha256(routing.encode()).hexdigest()[:16]
-
-
 def clip_score_shard(
     images_parquet_uri: str,
     tar_uri: str,
@@ -563,3 +554,48 @@ def clip_score_shard(
         "txt_emb_uri": txt_emb_uri,
     }
     return stats
+
+
+# -- the stage's declaration ---------------------------------------------------------
+
+
+def score_with_settings(settings: Settings, images_parquet: str, tar: str, out_parquet: str, img_emb: str, txt_emb: str) -> ShardStats:
+    """The CLIP stage with its knobs taken from the settings (the runner and ``laion clip-score``)."""
+    lang = settings.tag
+    return clip_score_shard(
+        images_parquet, tar, out_parquet, img_emb, txt_emb, settings.clip,
+        language_threshold=lang.language_threshold, langid_model_path=lang.langid_model_path,
+    )
+
+
+def _run_clip(ctx: Context, shard: str) -> ShardStats:
+    root, snap = ctx.root, ctx.snapshot
+    return score_with_settings(
+        ctx.settings,
+        layout.images_parquet_uri(root, snap, shard),
+        layout.images_tar_uri(root, snap, shard),
+        layout.clip_parquet_uri(root, snap, shard),
+        layout.clip_image_emb_uri(root, snap, shard),
+        layout.clip_text_emb_uri(root, snap, shard),
+    )
+
+
+def _download_shards(ctx: Context) -> list[str]:
+    from laion_tasks.stages.regroup import download_shard_ids
+
+    return download_shard_ids(ctx)
+
+
+SPEC = StageSpec(
+    name="clip",
+    reads=("download",),
+    # The models, and the language ID that routes each pair to one of them. Not the thresholds:
+    # curate applies them to the stored similarity. Not batch_size, device, precision, workers, pod knobs.
+    result_fields=("clip.*.model", "clip.*.pretrained", "clip.*.checkpoint", "clip.use_multilingual", "clip.seed", *LANGID_FIELDS),
+    output=lambda ctx, shard: layout.clip_parquet_uri(ctx.root, ctx.snapshot, shard),
+    run_shard=_run_clip,
+    shards=_download_shards,
+    plan_name="shards",
+    input_uri=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),
+    section="clip",
+)

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from laion_tasks import layout, storage
 from laion_tasks.config import CurateConfig, SubsetConfig
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot, predicate_columns
-from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,6 @@ _NULL_HINTS = {
     "punsafe": "no safety scores (tag.nsfw_weights or CLIP prompts) were computed",
     "pwatermark": "no watermark scores (tag.watermark_weights or CLIP prompts) were computed",
 }
-
-
-CURATE_DIGEST_SECTIONS = ("download", "clip", "tag", "dedup", "curate")
-"""Config sections whose change makes every subset stale."""
 
 
 def laion_hash(url: str, text: str) -> int:
@@ -495,3 +491,34 @@ def read_manifest(root: str, snapshot: str, name: str) -> dict[str, Any] | None:
     if not storage.exists(uri):
         return None
     return json.loads(storage.read_bytes(uri))
+
+
+# -- the stage's declaration ---------------------------------------------------------
+
+
+def _run_curate(ctx: Context, name: str) -> ShardStats:
+    config = ctx.settings.curate
+    if name not in config.subsets:
+        raise StageError(f"unknown subset {name!r}; configured: {sorted(config.subsets)}")
+    db = ctx.resource("snapshot_db", lambda: open_snapshot(ctx.root, ctx.snapshot, config))  # shared by a batch's subsets
+    return curate_subset(ctx.root, ctx.snapshot, name, config.subsets[name], config, db=db)
+
+
+SPEC = StageSpec(
+    name="curate",
+    reads=("download", "clip", "tag", "dedup"),
+    # one shard per subset: its own predicate, the shared rules, and the CLIP thresholds applied here
+    result_fields=(
+        "curate.subsets.{shard}",
+        "curate.require_clip_kept",
+        "curate.rows_per_file",
+        "curate.samples_per_tar",
+        "clip.*.threshold",
+    ),
+    output=lambda ctx, name: storage.join(layout.subset_dir(ctx.root, ctx.snapshot, name), MANIFEST),
+    run_shard=_run_curate,
+    shards=lambda ctx: list(ctx.settings.curate.subsets),
+    plan_name="subsets",
+    section="curate",
+    after_batch=lambda ctx, shards: {"subsets": {n: r.get("extra", {}) for n, r in shards.items()}},
+)

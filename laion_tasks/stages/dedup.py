@@ -46,9 +46,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_tasks import storage
+from laion_tasks import layout, storage
 from laion_tasks.config import DedupConfig
-from laion_tasks.stage import read_parquet, ShardStats, StageError
+from laion_tasks.stage import Context, read_parquet, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def dedup_partition(
                 digests.append(bytes.fromhex(shas[i])[:16])
                 rows.append(i)
             except ValueError:
-                stats.add("bad:sha256_not_hex")
+                stats.note("sha256_not_hex")
     if rows:
         d = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 16)
         entries_kind.append(np.ones(len(rows), np.int8))
@@ -496,3 +496,122 @@ def dedup_all(
             decisions.append(out)
     stats.merge(dedup_resolve(decisions, work_dir, sorted(shards), out_dir, config))
     return stats.done()
+
+
+# ---------------------------------------------------------------- the four steps' declarations
+# centroids (one task, a sample per shard) -> partition (per download shard: rows routed
+# to hash-prefix and embedding buckets) -> bucket (per bucket) -> resolve (pointers to
+# final representatives, written per shard under dedup/). Each step reads only the
+# current outputs of the one before, so it re-runs exactly when they changed.
+
+ELIGIBILITY_FIELDS = ("clip.*.threshold", "curate.require_clip_kept")
+"""Which rows may represent a duplicate group (downloaded, CLIP-kept): a threshold change re-decides."""
+
+
+def work_dir(ctx: Context) -> str:
+    return storage.join(layout.snapshot_root(ctx.root, ctx.snapshot), "dedup_work")
+
+
+def _centroids_uri(ctx: Context) -> str:
+    return storage.join(work_dir(ctx), "centroids.npy")
+
+
+def _decision_uri(ctx: Context, bucket: str) -> str:
+    return storage.join(work_dir(ctx), "decisions", f"{bucket}.parquet")
+
+
+def _download_shards(ctx: Context) -> list[str]:
+    from laion_tasks.stages.regroup import download_shard_ids
+
+    return download_shard_ids(ctx)
+
+
+def _run_centroids(ctx: Context, _: str) -> ShardStats:
+    root, snap = ctx.root, ctx.snapshot
+    shards = _download_shards(ctx)
+    clips = [layout.clip_parquet_uri(root, snap, s) for s in shards]
+    embs = [layout.clip_image_emb_uri(root, snap, s) for s in shards]
+    return dedup_centroids(clips, embs, _centroids_uri(ctx), ctx.settings.dedup)
+
+
+def _run_partition(ctx: Context, shard: str) -> ShardStats:
+    root, snap, config = ctx.root, ctx.snapshot, ctx.settings.dedup
+    work = work_dir(ctx)
+    for bucket in range(config.buckets):  # a re-run must not leave pieces in buckets it no longer feeds
+        piece = storage.join(bucket_dir(work, bucket), f"{shard}.parquet")
+        if storage.exists(piece):
+            storage.delete(piece)
+    return dedup_partition(
+        layout.images_parquet_uri(root, snap, shard),
+        layout.clip_parquet_uri(root, snap, shard),
+        layout.clip_image_emb_uri(root, snap, shard),
+        shard,
+        work,
+        config,
+        _centroids_uri(ctx) if config.near_dup else None,
+    )
+
+
+def _run_bucket(ctx: Context, bucket: str) -> ShardStats:
+    pieces = storage.list_uris(bucket_dir(work_dir(ctx), int(bucket)), ".parquet")
+    return dedup_bucket(pieces, _decision_uri(ctx, bucket), ctx.settings.dedup)
+
+
+def _run_resolve(ctx: Context, _: str) -> ShardStats:
+    decisions = [_decision_uri(ctx, bucket_name(b)) for b in range(ctx.settings.dedup.buckets)]
+    decisions = [u for u in decisions if storage.exists(u)]
+    out = layout.dedup_dir(ctx.root, ctx.snapshot)
+    return dedup_resolve(decisions, work_dir(ctx), _download_shards(ctx), out, ctx.settings.dedup)
+
+
+SPECS = {
+    spec.name: spec
+    for spec in (
+        StageSpec(
+            # A routing table, not a result: trained once per knob set on a sample of the shards
+            # scored by then, and kept when shards are added or re-scored, so that growing a crawl
+            # does not re-partition every old shard. (Changing its knobs retrains it.)
+            name="dedup_centroids",
+            reads=(),
+            result_fields=("dedup.near_dup", "dedup.buckets", "dedup.centroid_sample_per_shard", "dedup.seed"),
+            output=lambda ctx, _: _centroids_uri(ctx),
+            run_shard=_run_centroids,
+            shards=lambda ctx: ["centroids"] if ctx.settings.dedup.near_dup else [],
+            plan_name="dedup_centroids",
+            section="dedup",
+        ),
+        StageSpec(
+            name="dedup_partition",
+            reads=("download", "clip", "dedup_centroids"),
+            result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_probes"),
+            output=lambda ctx, shard: rows_uri(work_dir(ctx), shard),
+            run_shard=_run_partition,
+            shards=_download_shards,
+            plan_name="shards",
+            input_uri=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),
+            section="dedup",
+        ),
+        StageSpec(
+            name="dedup_bucket",
+            reads=("dedup_partition",),
+            result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_threshold", *ELIGIBILITY_FIELDS),
+            output=_decision_uri,
+            run_shard=_run_bucket,
+            shards=lambda ctx: [bucket_name(b) for b in range(ctx.settings.dedup.buckets)],
+            plan_name="dedup_bucket",
+            input_uri=lambda ctx, bucket: bucket_dir(work_dir(ctx), int(bucket)),
+            section="dedup",
+        ),
+        StageSpec(
+            name="dedup",
+            reads=("dedup_bucket", "dedup_partition"),
+            result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_threshold", *ELIGIBILITY_FIELDS),
+            output=lambda ctx, _: layout.dedup_dir(ctx.root, ctx.snapshot),
+            run_shard=_run_resolve,
+            shards=lambda ctx: ["resolve"],
+            plan_name="dedup",
+            input_uri=lambda ctx, _: work_dir(ctx),
+            section="dedup",
+        ),
+    )
+}

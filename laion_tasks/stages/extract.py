@@ -35,9 +35,9 @@ from urllib.parse import urljoin, urlsplit
 import msgspec
 import orjson
 
-from laion_tasks import storage
+from laion_tasks import layout, storage
 from laion_tasks.config import ExtractConfig
-from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -754,3 +754,40 @@ def list_wat_files(crawl_id: str, config: ExtractConfig, paths_uri: str | None =
         uris = uris[: config.max_wat_files]
     log.info("%s: %d WAT files from %s (%d listed)", crawl_id, len(uris), uri, len(paths))
     return uris
+
+
+# -- the stage's declaration ---------------------------------------------------------
+
+
+def _wat_uris(ctx: Context) -> dict[str, str]:
+    """wat id -> WAT URI, from the plan's manifest (in crawl order)."""
+
+    def load() -> dict[str, str]:
+        uri = layout.wat_manifest_uri(ctx.root, ctx.snapshot)
+        wats = storage.read_text(uri).splitlines() if storage.exists(uri) else []
+        return {layout.wat_id(w): w for w in wats if w}
+
+    return ctx.resource("wat_manifest", load)
+
+
+def _plan_extract(ctx: Context) -> list[str]:
+    """List the crawl's WAT files (``max_wat_files`` / ``sample_wat_files`` apply here) into the manifest."""
+    wats = list_wat_files(ctx.snapshot, ctx.settings.extract, paths_uri=ctx.options.get("wat_paths_uri"))
+    storage.write_text(layout.wat_manifest_uri(ctx.root, ctx.snapshot), "".join(f"{w}\n" for w in wats))
+    ctx.forget("wat_manifest")
+    return list(_wat_uris(ctx))
+
+
+SPEC = StageSpec(
+    name="extract",
+    reads=(),
+    # max_wat_files, sample_* and cc_base_url choose the WAT files (the plan); each file's URI is its input identity
+    result_fields=("extract.min_alt_length", "extract.max_alt_length", "extract.max_url_length", "extract.allowed_schemes"),
+    output=lambda ctx, wat: layout.candidates_uri(ctx.root, ctx.snapshot, wat),
+    run_shard=lambda ctx, wat: extract_wat(_wat_uris(ctx)[wat], layout.candidates_uri(ctx.root, ctx.snapshot, wat), ctx.settings.extract),
+    shards=lambda ctx: list(_wat_uris(ctx)),
+    plan=_plan_extract,
+    plan_name="wat",
+    input_uri=lambda ctx, wat: _wat_uris(ctx)[wat],
+    external_inputs=lambda ctx, wat: "wat:" + _wat_uris(ctx)[wat],
+)

@@ -32,9 +32,9 @@ from typing import Iterator
 
 import numpy as np
 
-from laion_tasks import storage
+from laion_tasks import layout, storage
 from laion_tasks.config import IndexConfig
-from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -352,3 +352,40 @@ def _check_alignment(con, clip_paths: list[str], embedding_paths: list[str], emb
         n_emb, _ = _count_embedding_rows(path)
         if n_emb != rows.get(shard, 0):
             raise StageError(f"{uri}: {n_emb} embedding rows but {clip_paths[shard]} has {rows.get(shard, 0)} rows")
+
+
+# -- the stage's declaration ---------------------------------------------------------
+
+
+def _run_index(ctx: Context, subset: str) -> ShardStats:
+    from laion_tasks.stages.regroup import download_shard_ids
+
+    root, snap = ctx.root, ctx.snapshot
+    shards = download_shard_ids(ctx)
+    embeddings = [layout.clip_image_emb_uri(root, snap, s) for s in shards]
+    clips = [layout.clip_parquet_uri(root, snap, s) for s in shards]
+    subset_parts = storage.list_uris(layout.subset_dir(root, snap, subset), ".parquet")
+    return build_index(embeddings, clips, layout.index_dir(root, snap, subset), ctx.settings.index, subset_uris=subset_parts)
+
+
+SPEC = StageSpec(
+    name="index",
+    reads=("curate", "clip"),  # the subset of the same name; every shard's embeddings
+    result_fields=(
+        "index.memory_budget_gb",
+        "index.flat_max_vectors",
+        "index.nprobe",
+        "index.hnsw_m",
+        "index.index_key",
+        "index.k_factor",
+        "index.max_train_vectors",
+        "index.metadata_row_group_size",
+    ),
+    output=lambda ctx, subset: storage.join(layout.index_dir(ctx.root, ctx.snapshot, subset), MANIFEST_FILE),
+    run_shard=_run_index,
+    shards=lambda ctx: list(ctx.settings.index.subsets),
+    plan_name="subsets",
+    input_uri=lambda ctx, subset: layout.subset_dir(ctx.root, ctx.snapshot, subset),
+    section="index",
+    after_batch=lambda ctx, shards: {"index_dirs": [layout.index_dir(ctx.root, ctx.snapshot, s) for s in shards]},
+)

@@ -45,11 +45,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from laion_tasks import storage
+from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, TagConfig
 from laion_tasks.hashlists import HashLists, pdq_hash
-from laion_tasks.langid import detect_languages, language_group
-from laion_tasks.stage import read_parquet, ShardStats, StageError
+from laion_tasks.langid import LANGID_FIELDS, detect_languages, language_group
+from laion_tasks.stage import Context, read_parquet, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def _image_pass(
         for key, files in _iter_tar_samples(tar_path):
             i = rows.row_of.get(key)
             if i is None:
-                stats.add("bad:tar_key_not_in_parquet")
+                stats.note("tar_key_not_in_parquet")  # a diagnostic: not one of the rows
                 continue
             seen_in_tar.add(key)
             image = _check_sample(i, files, cols, hashlists, has_emb)
@@ -545,3 +545,54 @@ def tag_shard(
         log.warning("shard %s: %d samples blocked by hash lists (%s); %d removed from the tar",
                     out_parquet_uri, int(cols.blocked.sum()), stats.extra["hashlist_matches"], len(blocked_in_tar))
     return stats.done()
+
+
+# -- the stage's declaration ---------------------------------------------------------
+
+
+def _run_tag(ctx: Context, shard: str) -> ShardStats:
+    root, snap = ctx.root, ctx.snapshot
+    return tag_shard(
+        layout.images_parquet_uri(root, snap, shard),
+        layout.images_tar_uri(root, snap, shard),
+        layout.clip_parquet_uri(root, snap, shard),
+        layout.clip_image_emb_uri(root, snap, shard),
+        layout.tags_parquet_uri(root, snap, shard),
+        ctx.settings.tag,
+        ctx.settings.clip,
+        ctx.resource("hashlists", lambda: HashLists.from_config(ctx.settings.tag)),  # once per batch
+    )
+
+
+def _download_shards(ctx: Context) -> list[str]:
+    from laion_tasks.stages.regroup import download_shard_ids
+
+    return download_shard_ids(ctx)
+
+
+SPEC = StageSpec(
+    name="tag",
+    reads=("download", "clip"),
+    result_fields=(
+        "tag.nsfw_*",  # nsfw_weights, nsfw_prompts, nsfw_keywords
+        "tag.safe_prompts",
+        "tag.watermark_*",  # watermark_weights, watermark_prompts
+        "tag.clean_prompts",
+        "tag.aesthetic_weights",
+        "tag.nudenet",
+        "tag.*_hashlist",
+        "tag.pdq_max_distance",
+        *LANGID_FIELDS,
+        # the CLIP model whose text tower embeds the zero-shot prompts (not device or batch sizes)
+        "clip.english.model",
+        "clip.english.pretrained",
+        "clip.english.checkpoint",
+        "clip.seed",
+    ),
+    output=lambda ctx, shard: layout.tags_parquet_uri(ctx.root, ctx.snapshot, shard),
+    run_shard=_run_tag,
+    shards=_download_shards,
+    plan_name="shards",
+    input_uri=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),
+    section="tag",
+)

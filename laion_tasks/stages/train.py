@@ -25,9 +25,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from laion_tasks import storage
+from laion_tasks import layout, storage
 from laion_tasks.config import TrainConfig
-from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +234,45 @@ def subset_shards(subset_uri: str) -> list[str]:
     if not shards:
         raise StageError(f"{subset_uri}: no .tar WebDataset shards in this subset (curate with write_images)")
     return shards
+
+
+# -- the stage's declaration ---------------------------------------------------------
+
+TRAIN_RESULT_FIELDS = (
+    "train.model",
+    "train.epochs",
+    "train.batch_size",  # training's batch size changes the optimisation (unlike an inference batch size)
+    "train.gpus",  # global batch = batch_size x gpus
+    "train.lr",
+    "train.warmup",
+    "train.seed",
+    "train.extra_args",
+)
+"""Not here: workers, device, precision, shard_access and the pod knobs."""
+
+
+def model_dir(ctx: Context, subset: str) -> str:
+    return storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset)
+
+
+def _run_train(ctx: Context, subset: str) -> ShardStats:
+    digest = SPEC.config_digest(ctx.settings, subset)
+    shards = subset_shards(layout.subset_dir(ctx.root, ctx.snapshot, subset))
+    return train_clip(shards, model_dir(ctx, subset), ctx.settings.train, run_name=f"{subset}-{digest[:8]}")
+
+
+SPEC = StageSpec(
+    name="train",
+    reads=("curate",),  # the subset of the same name
+    result_fields=TRAIN_RESULT_FIELDS,
+    output=lambda ctx, subset: storage.join(model_dir(ctx, subset), CHECKPOINT_NAME),
+    run_shard=_run_train,
+    shards=lambda ctx: [ctx.settings.train.subset],
+    plan_name="subsets",
+    input_uri=lambda ctx, subset: layout.subset_dir(ctx.root, ctx.snapshot, subset),
+    section="train",
+    after_batch=lambda ctx, shards: {
+        "subset": ctx.settings.train.subset,
+        "checkpoint": storage.join(model_dir(ctx, ctx.settings.train.subset), CHECKPOINT_NAME),
+    },
+)

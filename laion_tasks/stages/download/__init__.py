@@ -14,8 +14,14 @@ opt-outs and safety blocks included (their status names say so: ``opted_out_*``,
 ``blocked_ssrf``, ``blocked_hashlist``). Decode/resize/encode
 (:mod:`laion_tasks.stages.image_ops`) runs in each worker's thread pool, so its loop never
 blocks on pixels.
+
+
+The stage's declaration (:data:`SPEC`) ends this module.
 """
 
+from laion_tasks import layout
+from laion_tasks.stage import Context, ShardStats, StageSpec
+from laion_tasks.stages import regroup
 from laion_tasks.stages.download.fetch import (
     ERROR_BODY_DRAIN_BYTES,
     KNOWN_DIRECTIVES_WITH_COLON,
@@ -31,7 +37,7 @@ from laion_tasks.stages.download.fetch import (
     user_agent_token,
     x_robots_opt_out,
 )
-from laion_tasks.stages.download.shard import RESULT_SCHEMA, TAR_MTIME, download_shard, retry_failed
+from laion_tasks.stages.download.shard import RESULT_SCHEMA, TAR_MTIME, download_shard, has_retryable, retry_failed
 from laion_tasks.stages.download.workers import (
     WORKER_CRASH_ATTEMPTS,
     RunOutcome,
@@ -41,6 +47,7 @@ from laion_tasks.stages.download.workers import (
 )
 
 __all__ = [
+    "SPEC",
     "ERROR_BODY_DRAIN_BYTES",
     "KNOWN_DIRECTIVES_WITH_COLON",
     "REDIRECT_CODES",
@@ -56,6 +63,7 @@ __all__ = [
     "SampleResult",
     "download_rows",
     "download_shard",
+    "has_retryable",
     "is_retryable",
     "parse_retry_after",
     "per_process_config",
@@ -64,3 +72,78 @@ __all__ = [
     "worker_count",
     "x_robots_opt_out",
 ]
+
+
+# -- the stage's declaration ---------------------------------------------------------
+
+DOWNLOAD_RESULT_FIELDS = (
+    # what is fetched and how failures are decided
+    "download.user_agent",
+    "download.request_deadline_s",
+    "download.connect_timeout_s",
+    "download.retries",
+    "download.max_redirects",
+    "download.max_response_bytes",
+    "download.allow_private_networks",
+    "download.disallowed_header_directives",
+    "download.respect_robots_txt",
+    "download.respect_tdm_reservation",
+    "download.respect_embedded_optouts",
+    "download.embedded_optout_dmi_values",
+    # what is kept and how it is written
+    "download.max_image_pixels",
+    "download.max_image_side",
+    "download.image_size",
+    "download.resize_mode",
+    "download.resize_only_if_bigger",
+    "download.min_image_size",
+    "download.min_image_bytes",
+    "download.max_aspect_ratio",
+    "download.encode_format",
+    "download.encode_quality",
+    # hash lists: blocked URLs are never fetched, blocked images never written
+    "tag.url_hashlist",
+    "tag.image_hashlist",
+    "tag.pdq_hashlist",
+    "tag.pdq_max_distance",
+)
+"""Not here (execution only): processes, decode_threads, max_concurrency, max_per_host, backoff_*,
+opt_out_cache_ttl_s;
+shard_size shapes the plan, and each shard's checksum is part of the skip key."""
+
+
+def _run_download(ctx: Context, shard: str) -> ShardStats:
+    from laion_tasks.hashlists import HashLists
+
+    root, snap = ctx.root, ctx.snapshot
+    blocklist = ctx.resource("hashlists", lambda: HashLists.from_config(ctx.settings.tag))
+    fn = retry_failed if ctx.options.get("retry_failed_downloads") else download_shard
+    return fn(
+        layout.shard_input_uri(root, snap, shard),
+        layout.images_tar_uri(root, snap, shard),
+        layout.images_parquet_uri(root, snap, shard),
+        ctx.settings.download,
+        blocklist,
+    )
+
+
+def _must_retry(ctx: Context, shard: str) -> bool:
+    return bool(ctx.options.get("retry_failed_downloads")) and has_retryable(
+        layout.images_parquet_uri(ctx.root, ctx.snapshot, shard)
+    )
+
+
+SPEC = StageSpec(
+    name="download",
+    reads=(),
+    result_fields=DOWNLOAD_RESULT_FIELDS,
+    output=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),
+    run_shard=_run_download,
+    shards=regroup.download_shard_ids,
+    plan=regroup.plan_download_shards,
+    plan_name="shards",
+    input_uri=lambda ctx, shard: layout.shard_input_uri(ctx.root, ctx.snapshot, shard),
+    external_inputs=lambda ctx, shard: "shard:" + regroup.shard_checksum(ctx, shard),
+    section="download",
+    must_run=_must_retry,
+)

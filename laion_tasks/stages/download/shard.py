@@ -126,8 +126,9 @@ def _with_results(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
     return table
 
 
-def _stats_for(results: list[SampleResult], outcome: RunOutcome, tar_uri: str) -> ShardStats:
-    stats = ShardStats(output_uri=tar_uri)
+def _stats_for(results: list[SampleResult], outcome: RunOutcome, parquet_uri: str) -> ShardStats:
+    """Counts by outcome; the Parquet, written last, is the shard's commit object."""
+    stats = ShardStats(output_uri=parquet_uri)
     for r in results:
         stats.add(SUCCESS if r.status == SUCCESS else f"fail:{r.status}")
     stats.extra.update({"retries": outcome.retries, "bytes_downloaded": outcome.bytes_downloaded})
@@ -167,11 +168,13 @@ def download_shard(
                         _result_columns(captions, outcome.results))
     with storage.atomic_local_path(parquet_uri, suffix=".parquet") as tmp:
         pq.write_table(out, tmp, compression="zstd")
-    stats = _stats_for(outcome.results, outcome, tar_uri)
+        checksum = storage.file_sha256(tmp)
+    stats = _stats_for(outcome.results, outcome, parquet_uri)
     stats.bytes_written = tar_bytes
+    stats.checksum = checksum
     elapsed = time.time() - started
     stats.extra["samples_per_s"] = round(len(urls) / elapsed, 2) if elapsed > 0 else None
-    stats.extra["parquet_uri"] = parquet_uri
+    stats.extra["tar_uri"] = tar_uri
     return stats.done()
 
 
@@ -224,11 +227,21 @@ def retry_failed(
     out = _with_results(table, _result_columns(captions, merged))
     with storage.atomic_local_path(parquet_uri, suffix=".parquet") as tmp:
         pq.write_table(out, tmp, compression="zstd")
-    stats = _stats_for(merged, outcome, tar_uri)
+        checksum = storage.file_sha256(tmp)
+    stats = _stats_for(merged, outcome, parquet_uri)
     stats.bytes_written = tar_bytes
+    stats.checksum = checksum
     stats.extra.update({"retried": len(todo), "recovered": sum(r.status == SUCCESS for r in outcome.results)})
-    stats.extra["parquet_uri"] = parquet_uri
+    stats.extra["tar_uri"] = tar_uri
     return stats.done()
+
+
+def has_retryable(parquet_uri: str) -> bool:
+    """Whether a finished shard has failures worth retrying (reads the status column only)."""
+    if not storage.exists(parquet_uri):
+        return True
+    statuses = read_parquet(parquet_uri, "download results", columns=["status"]).column("status").to_pylist()
+    return any(is_retryable(s) for s in statuses)
 
 
 def _results_from_table(table: pa.Table) -> list[SampleResult]:

@@ -18,8 +18,15 @@ samples carry a ``.cls`` label. Every input sample ends in one outcome: ``succes
 ``bad:<reason>`` (undecodable image, missing or out-of-range label).
 
 Split by role: :mod:`.datasets` (readers, class names, templates), :mod:`.metrics` (the
-metrics and the result), :mod:`.run` (classifier, inference, report).
+metrics and the result), :mod:`.run` (classifier, inference, report). The stage's
+declaration (:data:`SPEC`) ends this module.
 """
+
+import json
+from typing import Any
+
+from laion_tasks import layout, storage
+from laion_tasks.stage import Context, ShardStats, StageSpec
 
 from laion_tasks.stages.evaluate.datasets import (
     CLASSNAMES_FILE,
@@ -57,6 +64,7 @@ from laion_tasks.stages.evaluate.run import (
 )
 
 __all__ = [
+    "SPEC",
     "CLASSNAMES_FILE",
     "IMAGE_EXTENSIONS",
     "LabeledImage",
@@ -86,3 +94,45 @@ __all__ = [
     "write_report",
     "zeroshot_eval",
 ]
+
+
+# -- the stage's declaration ---------------------------------------------------------
+
+
+def eval_dir(ctx: Context, subset: str) -> str:
+    return storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset, "eval")
+
+
+def _run_eval(ctx: Context, subset: str) -> ShardStats:
+    from laion_tasks.models.clip import load_clip
+    from laion_tasks.stages.train import CHECKPOINT_NAME
+
+    cfg = ctx.settings.eval
+    checkpoint = storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset, CHECKPOINT_NAME)
+    with storage.local_copy(checkpoint) as path:
+        model = load_clip(ctx.settings.train.model, checkpoint=str(path), device=cfg.device)
+    return evaluate_zeroshot(model, cfg.dataset or "", eval_dir(ctx, subset), cfg, cfg.classnames, cfg.templates)
+
+
+def _eval_report(ctx: Context, shards: dict[str, Any]) -> dict[str, Any]:
+    subset = ctx.settings.train.subset
+    if not ctx.settings.eval.dataset:
+        return {"skipped": "eval.dataset is not set"}
+    out = eval_dir(ctx, subset)
+    summary = storage.join(out, "zeroshot.json")
+    metrics = json.loads(storage.read_text(summary)).get("metrics", {}) if storage.exists(summary) else {}
+    return {"subset": subset, "report": storage.join(out, "zeroshot.md"), "metrics": metrics}
+
+
+SPEC = StageSpec(
+    name="eval",
+    reads=("train",),  # the checkpoint trained on the subset of the same name
+    result_fields=("eval.dataset", "eval.templates", "eval.classnames", "eval.top_confusions", "train.model"),
+    output=lambda ctx, subset: storage.join(eval_dir(ctx, subset), "zeroshot.json"),
+    run_shard=_run_eval,
+    shards=lambda ctx: [ctx.settings.train.subset] if ctx.settings.eval.dataset else [],
+    plan_name="subsets",
+    input_uri=lambda ctx, subset: storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset),
+    section="eval",
+    after_batch=_eval_report,
+)

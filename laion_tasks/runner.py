@@ -1,0 +1,283 @@
+"""One runner for every stage: plan, batch, skip-or-run, record.
+
+Each stage declares itself once, in its own module, as a :class:`StageSpec`: its name,
+the upstream stages it reads, the config fields that change its results, the object
+that commits its output and the function that runs it on one shard. This module does
+the rest for all of them, and the DAG tasks, ``laion run``, the GPU pods and the tests
+are thin doors onto it.
+
+Skip key: a shard is reused when its current done run in lineage has the same
+(stage, shard, digest of the result fields, digest of the exact upstream outputs read)
+and its commit object still exists. Upstream outputs are identified by the id of the
+run that wrote them (inputs from outside the pipeline, such as a WAT file or a
+download shard cut by the plan, by their URI or checksum), so a stage re-runs exactly
+when its inputs or its knobs changed, and its dependents follow because their inputs
+changed. Execution-only knobs (processes, batch sizes, pools, pod resources)
+are never result fields, so changing them re-runs nothing.
+
+A batch keeps going past a shard that fails, then raises one error naming every
+failed shard, so a retry only redoes those (the rest are recorded done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence, TypeVar
+
+from laion_tasks import layout, storage
+from laion_tasks.config import Settings
+from laion_tasks.lineage import Lineage, StageRun, is_reusable, run_stage
+from laion_tasks.stage import Context, StageError, StageSpec
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+T = TypeVar("T")
+
+# Where each stage's declaration lives (imported only when that stage is used: the GPU
+# stage pulls in torch, which a DAG file must not import at parse time). Pipeline order.
+STAGE_MODULES: dict[str, str] = {
+    "extract": "laion_tasks.stages.extract",
+    "download": "laion_tasks.stages.download",
+    "clip": "laion_tasks.stages.clip_score",
+    "tag": "laion_tasks.stages.tag",
+    "dedup_centroids": "laion_tasks.stages.dedup",
+    "dedup_partition": "laion_tasks.stages.dedup",
+    "dedup_bucket": "laion_tasks.stages.dedup",
+    "dedup": "laion_tasks.stages.dedup",
+    "curate": "laion_tasks.stages.curate",
+    "index": "laion_tasks.stages.index",
+    "train": "laion_tasks.stages.train",
+    "eval": "laion_tasks.stages.evaluate",
+}
+
+
+class BatchError(StageError):
+    """Some shards of a batch failed; the others are recorded done."""
+
+
+def spec(name: str) -> StageSpec:
+    """The declaration of a stage, from its module."""
+    try:
+        module = importlib.import_module(STAGE_MODULES[name])
+    except KeyError:
+        raise StageError(f"unknown stage {name!r}; stages: {', '.join(STAGE_MODULES)}") from None
+    specs = getattr(module, "SPECS", None) or {module.SPEC.name: module.SPEC}
+    return specs[name]
+
+
+def make_batches(items: Sequence[T], max_batches: int) -> list[list[T]]:
+    """Split items into at most ``max_batches`` contiguous, near-equal batches (stable order)."""
+    if not items:
+        return []
+    size = math.ceil(len(items) / max(1, max_batches))
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def open_context(settings: Settings, snapshot: str, *, lineage: bool = True, **options: Any) -> Context:
+    storage.configure(settings.storage)
+    db = None
+    if lineage:
+        db = Lineage(settings.lineage.url)
+        db.ensure_snapshot(snapshot, layout.snapshot_root(settings.storage.root, snapshot), settings.digest())
+    return Context(settings, snapshot, db, options)
+
+
+def plan(ctx: Context, name: str) -> list[Batch]:
+    """Plan a stage (write its manifest where it has one) and return range batches over its shards.
+
+    A batch is ``{"start": i, "stop": j}`` into the plan's shard list: XCom carries no ids.
+    """
+    stage = spec(name)
+    shard_ids = stage.plan(ctx) if stage.plan else stage.shards(ctx)
+    if stage.plan and ctx.lineage is not None:
+        retire(ctx, stage.plan_name, set(shard_ids))
+    batches = make_batches(range(len(shard_ids)), ctx.settings.orchestration.max_mapped_tasks)
+    return [{"start": b[0], "stop": b[-1] + 1} for b in batches]
+
+
+def retire(ctx: Context, plan_name: str, keep: set[str]) -> None:
+    """Shards that left a plan: retire their lineage runs and delete their commit objects,
+    so no count and no reader (curate globs each stage's directory) sees them again."""
+    assert ctx.lineage is not None
+    stages = [s for s in (spec(n) for n in STAGE_MODULES) if s.plan_name == plan_name]
+    for stage in stages:
+        gone = {r["shard_id"] for r in ctx.lineage.current_runs(ctx.snapshot, [stage.name])} - keep
+        for shard in sorted(gone):
+            uri = stage.output(ctx, shard)
+            if storage.exists(uri):
+                storage.delete(uri)
+        if gone:
+            log.info("%s: %d shard(s) left the plan; their runs are superseded", stage.name, len(gone))
+            ctx.lineage.supersede(ctx.snapshot, [stage.name], keep)
+
+
+def batch_shards(ctx: Context, stage: StageSpec, batch: Batch) -> list[str]:
+    """The shard ids a batch names: explicit ``shards``, or a ``start``/``stop`` range of the plan."""
+    if "shards" in batch:
+        return list(batch["shards"])
+    return stage.shards(ctx)[batch.get("start", 0) : batch.get("stop")]
+
+
+def _upstream_identity(ctx: Context, stage: StageSpec, shard: str, current: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """``stage:shard:run-id`` of every upstream output this shard reads (plus external inputs)."""
+    parts: list[str] = []
+    for upstream in stage.reads:
+        same_plan = spec(upstream).plan_name == stage.plan_name and bool(stage.plan_name)
+        runs = current.get(upstream, [])
+        if same_plan:
+            runs = [r for r in runs if r["shard_id"] == shard]
+            if not runs:
+                parts.append(f"{upstream}:{shard}:missing")
+        parts.extend(f"{upstream}:{r['shard_id']}:{r['id']}" for r in runs)
+    if stage.external_inputs is not None:
+        parts.append(stage.external_inputs(ctx, shard))
+    return parts
+
+
+def inputs_digest(ctx: Context, stage: StageSpec, shard: str, current: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """Digest of the exact upstream outputs one shard of ``stage`` reads (the current generation)."""
+    if current is None:
+        current = _current_upstream(ctx, stage)
+    blob = json.dumps(_upstream_identity(ctx, stage, shard, current)).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _current_upstream(ctx: Context, stage: StageSpec) -> dict[str, list[dict[str, Any]]]:
+    if ctx.lineage is None or not stage.reads:
+        return {}
+    current: dict[str, list[dict[str, Any]]] = {}
+    for run in ctx.lineage.current_runs(ctx.snapshot, stage.reads):
+        current.setdefault(run["stage"], []).append(run)
+    return current
+
+
+def stage_run(ctx: Context, stage: StageSpec, shard: str, current: dict[str, list[dict[str, Any]]] | None = None) -> StageRun:
+    """The skip key and URIs of one shard of a stage."""
+    return StageRun(
+        ctx.snapshot,
+        stage.name,
+        shard,
+        stage.input_uri(ctx, shard) if stage.input_uri else layout.snapshot_root(ctx.root, ctx.snapshot),
+        stage.config_digest(ctx.settings, shard),
+        inputs_digest(ctx, stage, shard, current),
+        stage.output(ctx, shard),
+    )
+
+
+def pending(ctx: Context, name: str, shard_ids: Iterable[str] | None = None) -> list[str]:
+    """The shards of a stage that a run would execute now (its skip key or output changed)."""
+    stage = spec(name)
+    current = _current_upstream(ctx, stage)
+    out = []
+    for shard in stage.shards(ctx) if shard_ids is None else shard_ids:
+        run = stage_run(ctx, stage, shard, current)
+        record = ctx.lineage.current_record(ctx.snapshot, name, shard) if ctx.lineage else None
+        if (stage.must_run and stage.must_run(ctx, shard)) or not is_reusable(record, run, storage.output_exists):
+            out.append(shard)
+    return out
+
+
+@dataclass
+class BatchResult:
+    counts: Counter[str] = field(default_factory=Counter)
+    done: int = 0
+    skipped: int = 0
+    failed: list[str] = field(default_factory=list)
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "done": self.done, "skipped": self.skipped, "failed": self.failed}
+
+
+def run_batch(ctx: Context, name: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
+    """Run one stage on a batch of shards: skip what is current, run and record the rest."""
+    stage = spec(name)
+    current = _current_upstream(ctx, stage)
+    result = BatchResult()
+    errors: list[str] = []
+    for shard in batch_shards(ctx, stage, batch):
+        run = stage_run(ctx, stage, shard, current)
+        try:
+            must = force or bool(stage.must_run and stage.must_run(ctx, shard))
+            stats, skipped = run_stage(
+                ctx.lineage, run, lambda shard=shard: stage.run_shard(ctx, shard), force=must, output_exists=storage.output_exists
+            )
+        except Exception as exc:  # noqa: BLE001 - recorded in lineage, reported below
+            log.error("%s failed on shard %s (%s): %s", name, shard, run.input_uri, exc)
+            result.failed.append(shard)
+            errors.append(f"{shard} ({run.input_uri}): {type(exc).__name__}: {exc}")
+            continue
+        if skipped:
+            result.skipped += 1
+            result.shards[shard] = {"skipped": True}
+            log.info("%s: shard %s is current (knobs %s, inputs %s), skipped", name, shard, run.config_digest, run.inputs_digest)
+        else:
+            assert stats is not None
+            result.done += 1
+            result.counts.update(stats.counts)
+            result.shards[shard] = stats.to_dict()
+            log.info("%s: shard %s done: %s", name, shard, dict(stats.counts))
+    if errors:
+        raise BatchError(f"{name}: {len(errors)} shard(s) failed (others recorded done):\n" + "\n".join(errors))
+    report = result.to_dict()
+    if stage.after_batch is not None:
+        report.update(stage.after_batch(ctx, result.shards))
+    return report
+
+
+def run(settings: Settings, snapshot: str, name: str, batch: Batch | None = None, *, force: bool = False, **options: Any) -> dict[str, Any]:
+    """Plan-free entry: run a stage on a batch (default: every shard of its current plan)."""
+    ctx = open_context(settings, snapshot, **options)
+    try:
+        return run_batch(ctx, name, batch if batch is not None else {"start": 0, "stop": None}, force=force)
+    finally:
+        ctx.close()
+
+
+def run_all(settings: Settings, snapshot: str, stages: Sequence[str], *, force: bool = False, **options: Any) -> dict[str, Any]:
+    """Plan and run stages in order in this process (the CLI's and tests' whole-snapshot path)."""
+    ctx = open_context(settings, snapshot, **options)
+    report: dict[str, Any] = {}
+    try:
+        for name in stages:
+            batches = plan(ctx, name)
+            results = [run_batch(ctx, name, b, force=force) for b in batches]
+            report[name] = {
+                "done": sum(r["done"] for r in results),
+                "skipped": sum(r["skipped"] for r in results),
+                "counts": dict(sum((Counter(r["counts"]) for r in results), Counter())),
+            }
+    finally:
+        ctx.close()
+    return report
+
+
+def pod_env(settings: Settings, stage: StageSpec) -> dict[str, str]:
+    """``LAION_*`` variables that rebuild, inside a pod, everything one stage's run depends on.
+
+    Storage and lineage settings, the stage's own section whole (its execution knobs),
+    and each result field outside that section, so the pod computes the same skip key
+    as the scheduler and no knob can be forgotten.
+    """
+    env = {
+        "LAION_STORAGE__ROOT": settings.storage.root,
+        "LAION_STORAGE__S3_REGION": settings.storage.s3_region,
+        "LAION_LINEAGE__URL": settings.lineage.url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    if settings.storage.s3_endpoint_url:
+        env["LAION_STORAGE__S3_ENDPOINT_URL"] = settings.storage.s3_endpoint_url
+    sections = {stage.section} if stage.section else set()
+    for section in sorted(sections):
+        env[f"LAION_{section.upper()}"] = json.dumps(getattr(settings, section).model_dump(mode="json"), sort_keys=True)
+    fields = [f.split(".{shard}", 1)[0] for f in stage.result_fields if f.split(".", 1)[0] not in sections]
+    for path, value in settings.knobs(fields).items():
+        env["LAION_" + "__".join(p.upper() for p in path.split("."))] = json.dumps(value)
+    return env
