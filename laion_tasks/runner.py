@@ -196,8 +196,11 @@ class BatchResult:
         return {"counts": dict(self.counts), "done": self.done, "skipped": self.skipped, "failed": self.failed}
 
 
-def run_batch(ctx: Context, name: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
-    """Run one stage on a batch of shards: skip what is current, run and record the rest."""
+def run_batch(ctx: Context, name: str, batch: Batch, *, force: bool = False, details: bool = False) -> dict[str, Any]:
+    """Run one stage on a batch of shards: skip what is current, run and record the rest.
+
+    ``details`` adds every shard's stats (``shards``); DAG tasks leave it off, as XCom carries no per-shard data.
+    """
     stage = spec(name)
     current = _current_upstream(ctx, stage)
     result = BatchResult()
@@ -227,16 +230,27 @@ def run_batch(ctx: Context, name: str, batch: Batch, *, force: bool = False) -> 
     if errors:
         raise BatchError(f"{name}: {len(errors)} shard(s) failed (others recorded done):\n" + "\n".join(errors))
     report = result.to_dict()
+    if details:
+        report["shards"] = result.shards
     if stage.after_batch is not None:
         report.update(stage.after_batch(ctx, result.shards))
     return report
 
 
-def run(settings: Settings, snapshot: str, name: str, batch: Batch | None = None, *, force: bool = False, **options: Any) -> dict[str, Any]:
+def run(
+    settings: Settings,
+    snapshot: str,
+    name: str,
+    batch: Batch | None = None,
+    *,
+    force: bool = False,
+    details: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
     """Plan-free entry: run a stage on a batch (default: every shard of its current plan)."""
     ctx = open_context(settings, snapshot, **options)
     try:
-        return run_batch(ctx, name, batch if batch is not None else {"start": 0, "stop": None}, force=force)
+        return run_batch(ctx, name, batch if batch is not None else {"start": 0, "stop": None}, force=force, details=details)
     finally:
         ctx.close()
 

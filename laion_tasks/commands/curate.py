@@ -38,11 +38,11 @@ def register(app: typer.Typer) -> None:
             echo_json({n: {"outcomes": counts.outcomes(n), "unavailable": counts.unavailable.get(n)} for n in names})
             return
         try:
-            report = runner.run(settings, snapshot, "curate", {"shards": names}, force=force, lineage=lineage)
+            report = runner.run(settings, snapshot, "curate", {"shards": names}, force=force, details=True, lineage=lineage)
         except StageError as exc:
             typer.echo(f"curate: {exc}", err=True)
             raise typer.Exit(1) from exc
-        echo_json(report)
+        echo_json(report["shards"])  # per subset: its stats, or {"skipped": true} when current
 
     @app.command("card")
     def card(

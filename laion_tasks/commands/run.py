@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
                     report[name] = {"would_run": runner.pending(ctx, name, ids)}
                     continue
                 batches = [chosen] if chosen else runner.plan(ctx, name)
-                results = [runner.run_batch(ctx, name, b, force=force) for b in batches]
+                results = [runner.run_batch(ctx, name, b, force=force, details=bool(chosen)) for b in batches]
                 report[name] = results[0] if len(results) == 1 else results
         except runner.BatchError as exc:
             echo_json(report)
