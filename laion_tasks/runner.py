@@ -97,16 +97,22 @@ def plan(ctx: Context, name: str) -> list[Batch]:
     stage = spec(name)
     shard_ids = stage.plan(ctx) if stage.plan else stage.shards(ctx)
     if stage.plan and ctx.lineage is not None:
-        retire(ctx, stage.plan_name, set(shard_ids))
+        retire(ctx, stage, set(shard_ids))
     batches = make_batches(range(len(shard_ids)), ctx.settings.orchestration.max_mapped_tasks)
     return [{"start": b[0], "stop": b[-1] + 1} for b in batches]
 
 
-def retire(ctx: Context, plan_name: str, keep: set[str]) -> None:
+def retire(ctx: Context, planner: StageSpec, keep: set[str]) -> None:
     """Shards that left a plan: retire their lineage runs and delete their commit objects,
-    so no count and no reader (curate globs each stage's directory) sees them again."""
+    so no count and no reader (curate globs each stage's directory) sees them again.
+
+    Stages on the same plan only ever run on shards the planner planned, so when none of
+    the planner's own shards left, there is nothing to do (and no other stage module is imported).
+    """
     assert ctx.lineage is not None
-    stages = [s for s in (spec(n) for n in STAGE_MODULES) if s.plan_name == plan_name]
+    if not {r["shard_id"] for r in ctx.lineage.current_runs(ctx.snapshot, [planner.name])} - keep:
+        return
+    stages = [s for s in (spec(n) for n in STAGE_MODULES) if s.plan_name == planner.plan_name]
     for stage in stages:
         gone = {r["shard_id"] for r in ctx.lineage.current_runs(ctx.snapshot, [stage.name])} - keep
         for shard in sorted(gone):

@@ -103,10 +103,22 @@ def test_download_plan_appends_new_candidates_to_new_shards(tmp_path: Path) -> N
     assert grown == ["000000", "000001", "000002"], "new candidates go to a new shard"
     assert {s: Path(layout.shard_input_uri(root, snap, s)).read_bytes() for s in first} == before
 
-    _candidates(root, snap, a, 1)  # an old candidates file changed: the plan is recut
-    recut = runner.spec("download").plan(runner.open_context(settings, snap))
+    # shard 000002 was downloaded; then an old candidates file changes and the plan is recut
+    from laion_tasks.lineage import StageRun, run_stage
+    from laion_tasks.stage import ShardStats
+
+    images = layout.images_parquet_uri(root, snap, "000002")
+    Path(images).parent.mkdir(parents=True, exist_ok=True)
+    Path(images).write_bytes(b"x")
+    run_stage(ctx.lineage, StageRun(snap, "download", "000002", "in", "k", output_uri=images), lambda: ShardStats())
+    _candidates(root, snap, a, 1)
+    ctx = runner.open_context(settings, snap)
+    assert runner.plan(ctx, "download") == [{"start": 0, "stop": 1}, {"start": 1, "stop": 2}]
+    recut = runner.spec("download").shards(ctx)
     assert recut == ["000000", "000001"]
     assert not Path(layout.shard_input_uri(root, snap, "000002")).exists()
+    assert not Path(images).exists(), "a shard that left the plan leaves no output for curate to read"
+    assert [r["status"] for r in ctx.lineage.runs(snap, "download")] == ["superseded"]
     rows = sum(pq.ParquetFile(layout.shard_input_uri(root, snap, s)).metadata.num_rows for s in recut)
     assert rows == 1 + 2 + 3
 
