@@ -279,21 +279,14 @@ def run_all(settings: Settings, snapshot: str, stages: Sequence[str], *, force: 
     return report
 
 
-def pod_env(settings: Settings, stage: StageSpec) -> dict[str, str]:
-    """``LAION_*`` variables that rebuild, inside a pod, everything one stage's run depends on.
+def stage_env(settings: Settings, stage: StageSpec) -> dict[str, str]:
+    """``LAION_*`` variables that rebuild, inside a pod, everything one stage's results depend on.
 
-    Storage and lineage settings, the stage's own section whole (its execution knobs),
-    and each result field outside that section, so the pod computes the same skip key
-    as the scheduler and no knob can be forgotten.
+    The stage's own section whole (its execution knobs too), and each result field outside
+    that section, so the pod computes the same skip key as the scheduler and no knob can be
+    forgotten. Storage and credentials are the pod builder's business (``dags/laion_common``).
     """
-    env = {
-        "LAION_STORAGE__ROOT": settings.storage.root,
-        "LAION_STORAGE__S3_REGION": settings.storage.s3_region,
-        "LAION_LINEAGE__URL": settings.lineage.url,
-        "PYTHONUNBUFFERED": "1",
-    }
-    if settings.storage.s3_endpoint_url:
-        env["LAION_STORAGE__S3_ENDPOINT_URL"] = settings.storage.s3_endpoint_url
+    env: dict[str, str] = {}
     sections = {stage.section} if stage.section else set()
     for section in sorted(sections):
         env[f"LAION_{section.upper()}"] = json.dumps(getattr(settings, section).model_dump(mode="json"), sort_keys=True)

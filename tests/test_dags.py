@@ -109,4 +109,4 @@ def test_kubernetes_clip_stage_maps_gpu_pods(tmp_path, monkeypatch) -> None:  # 
     pod = dag.get_task("clip")
     assert type(pod).__name__ == "MappedOperator" and pod.operator_class.__name__ == "KubernetesPodOperator"
     assert pod.partial_kwargs["pool"] == "gpu"
-    assert "clip_pod_kwargs" in pod.upstream_task_ids and "download" in pod.upstream_task_ids
+    assert "clip_pod_args" in pod.upstream_task_ids and "download" in pod.upstream_task_ids

@@ -57,7 +57,7 @@ def test_tag_prompt_changes_tag_not_download() -> None:
 
 def test_pod_env_carries_the_stage_knobs() -> None:
     settings = Settings.model_validate({"tag": {"language_threshold": 0.7, "langid_model_path": "/m/lid.176.bin"}})
-    env = runner.pod_env(settings, runner.spec("clip"))
+    env = runner.stage_env(settings, runner.spec("clip"))
     assert "LAION_CLIP" in env and "LAION_TAG__LANGUAGE_THRESHOLD" in env
     inside = load_settings(environ=env)
     clip = runner.spec("clip")
