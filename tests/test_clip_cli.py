@@ -89,7 +89,7 @@ def test_clip_score_shard_command_uses_layout_and_lineage(tmp_path: Path) -> Non
     assert len(lineage.runs(SNAPSHOT, "clip")) == 2
 
     # An execution-only knob (batch size, device) re-runs nothing: the same `laion run clip` skips.
-    rerun = runner.invoke(app, ["run", "clip", "--snapshot", SNAPSHOT, "--shard", "000000,000001", "--config", str(cfg)],
+    rerun = runner.invoke(app, ["run", "clip", "--snapshot", SNAPSHOT, "--shard", "000000,000001", "--no-force", "--config", str(cfg)],
                           env={"LAION_CLIP__BATCH_SIZE": "3"})
     assert rerun.exit_code == 0, rerun.output
     assert json.loads(rerun.output[rerun.output.index("{"):])["clip"]["skipped"] == 2

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         snapshot: str = typer.Option(..., "--snapshot", "-s", help="Snapshot id, e.g. CC-MAIN-2024-10."),
         shard: Optional[List[str]] = typer.Option(None, "--shard", help="Only these shard ids (repeat or comma-separate)."),
         batch: Optional[str] = typer.Option(None, "--batch", help='A batch descriptor from a plan, e.g. {"start": 0, "stop": 8}.'),
-        force: bool = typer.Option(False, "--force", help="Run shards even when lineage says they are current."),
+        force: bool = typer.Option(False, "--force/--no-force", help="Run shards even when lineage says they are current."),
         retry_failed_downloads: bool = typer.Option(False, "--retry-failed-downloads", help="download: re-fetch retryable failures."),
         wat_paths_uri: Optional[str] = typer.Option(None, "--wat-paths-uri", help="extract: the crawl's wat.paths(.gz) to plan from."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the shards each stage would run; run nothing."),
