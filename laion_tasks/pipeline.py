@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from laion_tasks import layout, storage
+from laion_tasks import layout, progress, storage
 from laion_tasks.config import Settings
 from laion_tasks.lineage import Lineage, StageRun, run_stage
 from laion_tasks.stage import ShardStats, StageError
@@ -42,6 +42,7 @@ def make_batches(items: Sequence[T], max_batches: int) -> list[list[T]]:
 
 def open_lineage(settings: Settings, snapshot: str) -> Lineage:
     storage.configure(settings.storage)
+    progress.configure(settings.orchestration.progress_interval_s)
     lineage = Lineage(settings.lineage.url)
     lineage.ensure_snapshot(snapshot, layout.snapshot_root(settings.storage.root, snapshot), settings.digest())
     return lineage

@@ -5,7 +5,8 @@ the Airflow 3 UI behind Airflow's authentication, and ``laion serve-lineage`` se
 standalone. Queries live in :mod:`lineage_queries`, markup in :mod:`lineage_pages`.
 
 Every link is relative, so the app works at ``/`` and under Airflow's ``/laion-lineage/``.
-A strict Content-Security-Policy allows only this app's own CSS, script and images.
+A strict Content-Security-Policy allows only this app's own script and images (inline styles
+only for Markdown table alignment).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from laion_tasks.serve.theme import static_file
 CARD_ROOTS = ("card", "subsets")
 """Folders of a snapshot the file route may serve: the dataset card and the subsets' cards."""
 CSP = (
-    "default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
     "frame-ancestors 'self'; base-uri 'none'; form-action 'none'"
 )
 

@@ -84,8 +84,7 @@ def funnel_svg(rows: Sequence[FunnelRow], width: int = 900) -> str:
         return max(2.0, track_w * share)
 
     parts = [
-        f"<svg class='funnel' role='img' aria-label='funnel' viewBox='0 0 {width} {height}' width='100%' "
-        f"style='max-width:{width}px' xmlns='http://www.w3.org/2000/svg'>"
+        f"<svg class='funnel' role='img' aria-label='funnel' viewBox='0 0 {width} {height}' xmlns='http://www.w3.org/2000/svg'>"
     ]
     for i, ((stage, outcomes), total) in enumerate(zip(stages, totals)):
         y = 4 + i * (bar_h + gap)

@@ -41,6 +41,7 @@ from laion_tasks import storage
 from laion_tasks.config import ClipConfig, ClipModelConfig, Settings
 from laion_tasks.langid import detect_languages, language_group
 from laion_tasks.models.clip import LoadedClip, cached_clip
+from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import ShardStats, StageError
 
 log = logging.getLogger(__name__)
@@ -369,6 +370,7 @@ def _score_group(
     txt_emb: np.ndarray,
     similarity: np.ndarray,
     errors: dict[int, str],
+    progress: Progress,
 ) -> None:
     """Encode every pair routed to one model; fills the output arrays in place by row."""
     clip = encoder.clip
@@ -420,6 +422,7 @@ def _score_group(
                     errors[row] = f"GPU decode: {err}; PIL: {type(exc).__name__}: {exc}"
                     continue
                 put([row], *encoder.encode(pixels, clip.tokenizer([by_row[row].caption])))
+        progress.advance(len(batch["failed"]) + len(batch["pixel_rows"]) + len(batch["jpeg_rows"]))
 
 
 def _load_model(model_cfg: ClipModelConfig, config: ClipConfig) -> LoadedClip:
@@ -502,6 +505,7 @@ def clip_score_shard(
         dim = dims.pop() if dims else _load_model(english, config).embed_dim
         img_emb = np.zeros((n, dim), dtype=np.float16)
         txt_emb = np.zeros((n, dim), dtype=np.float16)
+        progress = stack.enter_context(Progress(shard_label("clip", images_parquet_uri), len(todo), unit="pairs"))
         for ident, rows in plan.items():
             clip = loaded[ident]
             items = [PairItem(i, inputs.captions[i] or "", members.get(inputs.keys[i])) for i in rows]
@@ -509,7 +513,7 @@ def clip_score_shard(
             if missing:
                 log.warning("%s: %d samples marked success have no image in %s", images_parquet_uri, missing, tar_uri)
             t0 = time.perf_counter()
-            _score_group(PairEncoder(clip, config), tar_path, items, config, img_emb, txt_emb, similarity, errors)  # type: ignore[arg-type]
+            _score_group(PairEncoder(clip, config), tar_path, items, config, img_emb, txt_emb, similarity, errors, progress)  # type: ignore[arg-type]
             models_used[clip.name] = {"pairs": len(rows), "seconds": round(time.perf_counter() - t0, 3)}
             for i in rows:
                 model_names[i] = clip.name
