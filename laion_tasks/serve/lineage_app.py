@@ -116,7 +116,7 @@ def create_lineage_app(settings: Settings, dependencies: Sequence[Any] = ()) -> 
             card = " · <a href='{}'>dataset card</a>".format(_href("files", sid, "card") + "/README.md") if storage.exists(card_uri(sid)) else ""
             cards.append(
                 f"<div class='panel'><h2><a href='{_href('snapshot', sid)}'>{pages.esc(sid)}</a></h2>"
-                f"<div class='muted'>created {pages.esc(snap['created_at'])}{card}</div>"
+                f"<div class='muted'>created {pages.esc(str(snap['created_at'])[:19])} UTC{card}</div>"
                 f"<table>{bars}</table></div>"
             )
         body = "<h1>LAION lineage</h1><p class='muted'>Per snapshot: shards per stage by their latest attempt.</p>"
