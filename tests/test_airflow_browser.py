@@ -89,9 +89,12 @@ def test_plugin_routes_refuse_requests_without_a_session(deployment: tuple[Airfl
 
 
 def _wait(driver: Any, condition: Callable[[Any], Any], timeout: float = 60, message: str = "") -> Any:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition, message)
+    # React re-renders replace elements under our feet: look again rather than fail
+    ignored = (StaleElementReferenceException, NoSuchElementException)
+    return WebDriverWait(driver, timeout, poll_frequency=0.5, ignored_exceptions=ignored).until(condition, message)
 
 
 def _type(element: Any, text: str) -> None:
@@ -165,7 +168,7 @@ def test_login_trigger_form_run_and_laion_views(deployment: tuple[AirflowStack, 
         # a wrong password is refused; the right one logs in
         driver.get(stack.base_url + "/")
         _login(driver, stack.base_url, "not-" + password)
-        time.sleep(2)
+        _wait(driver, lambda d: "Invalid credentials" in d.find_element(By.TAG_NAME, "body").text, message="refusal")
         assert "/auth/login" in driver.current_url and not _button(driver, "Browse")
         screenshot(driver, "airflow_login_refused.png")
         driver.get(stack.base_url + "/auth/login")
@@ -199,7 +202,7 @@ def test_login_trigger_form_run_and_laion_views(deployment: tuple[AirflowStack, 
 
         # LAION lineage from the Browse menu: the snapshot, its funnel chart and shard status
         _open_from_browse_menu(driver, "LAION lineage")
-        _wait(driver, lambda d: d.find_elements(By.LINK_TEXT, SNAPSHOT), message="snapshot in the lineage view").click()
+        _wait(driver, lambda d: d.find_element(By.LINK_TEXT, SNAPSHOT), message="snapshot in the lineage view").click()
         _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "svg.funnel"), message="funnel chart")
         body = driver.find_element(By.TAG_NAME, "body").text
         for stage in ("extract", "download", "clip", "tag", "curate/laion2B-en"):
