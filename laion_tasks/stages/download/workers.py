@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from laion_tasks.config import DownloadConfig
+from laion_tasks.progress import Progress
 from laion_tasks.stage import StageError
 from laion_tasks.stages.download.fetch import SUCCESS, Blocklist, Fetcher, SampleResult
 from laion_tasks.stages.image_ops import ImageOptions, process_image
@@ -210,6 +211,7 @@ def download_rows(
     on_success: Any,
     config: DownloadConfig,
     blocklist: Blocklist | None,
+    progress: Progress | None = None,
 ) -> RunOutcome:
     """Download ``urls``; ``on_success(i, result)`` is called in this process for each success.
 
@@ -221,6 +223,8 @@ def download_rows(
 
     def receive(i: int, result: SampleResult) -> None:
         results[i] = result
+        if progress is not None:
+            progress.advance()
         if result.status == SUCCESS:
             on_success(i, result)
             assert result.image is not None
