@@ -73,7 +73,7 @@ def funnel_svg(rows: Sequence[FunnelRow], width: int = 900) -> str:
     top = max(totals) or 1
     positive = [t for t in totals if t > 0]
     log_scale = bool(positive) and top / min(positive) > 1000
-    label_w, value_w, bar_h, gap = 170, 190, 22, 10
+    label_w, value_w, bar_h, gap = 220, 190, 22, 10
     track_w = width - label_w - value_w
     height = len(stages) * (bar_h + gap) + 24
 
