@@ -30,7 +30,7 @@ from laion_tasks.airflow_local import AirflowStack
 from laion_tasks.lineage import Lineage
 from tests.browser import chromium, require_browser, screenshot
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = demo.DEMO_CRAWL
