@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import multiprocessing
 import os
 import tarfile
 import time
@@ -356,6 +357,19 @@ def _read_inputs(images_parquet_uri: str) -> _Inputs:
     )
 
 
+def _loader_context(workers: int) -> Any:
+    """``fork`` for the DataLoader workers, whatever Python's default start method is.
+
+    ``spawn``/``forkserver`` (Python 3.14's default) re-run the host's ``__main__`` in each worker:
+    in an Airflow task process that is the ``airflow`` script, which initialises Airflow and dies
+    (see :mod:`laion_tasks.subproc`). A forked worker only runs the dataset's decode and tokenizer
+    code and never touches CUDA, so it is safe; where fork does not exist, torch's default is used.
+    """
+    if workers <= 0 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("fork")
+
+
 def _workers(config: ClipConfig) -> int:
     return config.num_workers if config.num_workers > 0 else min(8, os.cpu_count() or 1)
 
@@ -388,6 +402,7 @@ def _score_group(
         collate_fn=collate_pairs,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        multiprocessing_context=_loader_context(workers),
     )
 
     def put(rows: list[int], img: torch.Tensor, txt: torch.Tensor) -> None:
