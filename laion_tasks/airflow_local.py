@@ -149,8 +149,10 @@ class AirflowStack:
     def start(self, timeout: float = 240.0) -> None:
         """Migrate the metadata DB, create the pools, start every component, wait until healthy."""
         self.cli("db", "migrate", timeout=600)
-        for name, slots in self.pools.items():
-            self.cli("pools", "set", name, str(slots), f"{name} slots")
+        if self.pools:  # one CLI start for all of them
+            pools = self.home / "pools.json"
+            pools.write_text(json.dumps({n: {"slots": k, "description": f"{n} slots"} for n, k in self.pools.items()}))
+            self.cli("pools", "import", str(pools))
         self._spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1")
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
@@ -316,6 +318,17 @@ class AirflowStack:
                 return runs
             time.sleep(2)
         raise self.error(f"{dag_id}: wanted {count} finished runs within {timeout:.0f}s, have {[(r['dag_run_id'], r['state']) for r in runs]}")
+
+    def failure_report(self, dag_id: str, run_id: str, lines: int = 12) -> str:
+        """The run's unsuccessful tasks, with the error lines of each failed task's log."""
+        states = self.task_states(dag_id, run_id)
+        parts = [f"{dag_id} {run_id}: " + ", ".join(f"{t}={s}" for t, s in states.items() if s != "success")]
+        run_dir = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
+        for path in sorted(run_dir.rglob("*.log")) if run_dir.is_dir() else []:
+            errors = [line for line in path.read_text(errors="replace").splitlines() if '"error"' in line or "Error" in line]
+            if errors:
+                parts.append(f"--- {path.relative_to(run_dir)} ---\n" + "\n".join(e[:3000] for e in errors[-lines:]))
+        return "\n".join(parts)
 
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         """``task_id[map_index]`` -> state, for messages and checks."""
