@@ -4,7 +4,8 @@ In an Airflow task process ``__main__`` is the ``airflow`` console script; a chi
 it initialises Airflow without a metadata-DB connection and dies, so every download failed in a
 real deployment. Here the host is a script that raises when it is run a second time under
 another name, and an ``airflow`` package that raises on import sits first on the path: the
-download workers (two processes) and the CLIP DataLoader workers (two) must still do their work.
+download workers (two processes) and the CLIP DataLoader workers (two) must still do their work,
+also in a host marked daemonic as a task process under Celery's prefork pool is.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ if mode == "download":
     _, _, parquet, stats = run_shard(Path(out), json.loads(sys.argv[4]), test_config(processes=2, max_concurrency=4))
     print(json.dumps([r["status"] for r in pq.read_table(parquet).to_pylist()]))
 else:
+    if mode == "clip-daemon":  # a task process forked from Celery's prefork pool inherits this mark
+        import multiprocessing
+        multiprocessing.current_process().daemon = True
     from clip_fixtures import FixtureSample, encode_image, synthetic_image, write_shard
     from test_clip_score import run, tiny_config
     from pathlib import Path
@@ -82,7 +86,9 @@ def test_download_workers_start_from_any_main(tmp_path: Path) -> None:
     assert statuses == ["success"] * 8
 
 
-def test_clip_loader_workers_start_from_any_main(tmp_path: Path) -> None:
-    statuses = _run_host(tmp_path, "clip")
+@pytest.mark.parametrize("mode", ["clip", "clip-daemon"])
+def test_clip_loader_workers_start_from_any_main(tmp_path: Path, mode: str) -> None:
+    """``clip-daemon``: the host carries the daemon mark a Celery task process inherits."""
+    statuses = _run_host(tmp_path, mode)
     assert len(statuses) == 12
     assert set(statuses) <= {"kept", "filtered_clip_similarity"}

@@ -367,7 +367,23 @@ def _loader_context(workers: int) -> Any:
     """
     if workers <= 0 or "fork" not in multiprocessing.get_all_start_methods():
         return None
+    _allow_children()
     return multiprocessing.get_context("fork")
+
+
+def _allow_children() -> None:
+    """Let this process start DataLoader workers even if it inherited a "daemon" mark.
+
+    Celery's prefork pool marks its processes daemonic, and an Airflow task process forked from
+    one inherits the mark: multiprocessing then refuses every child ("daemonic processes are not
+    allowed to have children") and the CLIP stage fails under the CeleryExecutor. The mark
+    describes the pool process, not this forked task process, and the DataLoader's own workers
+    are daemonic and exit when their parent dies (torch's watchdog), so it is cleared.
+    """
+    current = multiprocessing.current_process()
+    if current.daemon:
+        log.info("clearing the daemon mark inherited by %s so DataLoader workers can start", current.name)
+        current.daemon = False
 
 
 def _workers(config: ClipConfig) -> int:
