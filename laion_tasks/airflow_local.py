@@ -12,8 +12,8 @@ This module never imports Airflow; it drives the CLI and the REST API.
         run_id = stack.trigger("laion_snapshot_CC_MAIN_2000_01", {"wat_paths_uri": ...})
         assert stack.wait_run("laion_snapshot_CC_MAIN_2000_01", run_id, 600) == "success"
 
-``python -m laion_tasks.airflow_local stop PIDFILE`` stops the process groups listed in a
-pid file (the demo leaves its stack running and prints that command).
+``python -m laion_tasks.airflow_local stop PIDFILE...`` stops the process groups listed in pid
+files (``PGID NAME`` per line; the demo leaves its stack running and prints that command).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from typing import Any, Literal
 import httpx
 
 FINISHED = frozenset({"success", "failed"})
+SQLITE_CONNECT_ARGS = {"timeout": 60}
+"""For a SQLite metadata DB (the demo): writers wait for the lock instead of failing after 5 s
+(``airflow backfill create`` next to a busy scheduler). Airflow imports it by name."""
 STOP_TIMEOUT_S = 20.0
 
 
@@ -124,6 +127,8 @@ class AirflowStack:
                 "no_proxy": "*",
             }
         )
+        if metadata_url is None:
+            env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "laion_tasks.airflow_local.SQLITE_CONNECT_ARGS"
         if broker_url:
             env["AIRFLOW__CELERY__BROKER_URL"] = broker_url
         env.update(extra_env or {})
@@ -144,8 +149,10 @@ class AirflowStack:
     def start(self, timeout: float = 240.0) -> None:
         """Migrate the metadata DB, create the pools, start every component, wait until healthy."""
         self.cli("db", "migrate", timeout=600)
-        for name, slots in self.pools.items():
-            self.cli("pools", "set", name, str(slots), f"{name} slots")
+        if self.pools:  # one CLI start for all of them
+            pools = self.home / "pools.json"
+            pools.write_text(json.dumps({n: {"slots": k, "description": f"{n} slots"} for n, k in self.pools.items()}))
+            self.cli("pools", "import", str(pools))
         self._spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1")
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
@@ -299,6 +306,30 @@ class AirflowStack:
             time.sleep(2)
         raise self.error(f"run {dag_id}/{run_id} still {state} after {timeout:.0f}s; tasks: {self.task_states(dag_id, run_id)}")
 
+    def wait_runs(self, dag_id: str, count: int = 1, timeout: float = 600) -> list[dict[str, Any]]:
+        """Until ``dag_id`` has at least ``count`` runs and none is unfinished (runs this caller did
+        not start: Asset-triggered, scheduled, backfills)."""
+        deadline = time.monotonic() + timeout
+        runs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            self.check_alive()
+            runs = self.runs(dag_id)
+            if len(runs) >= count and all(r["state"] in FINISHED for r in runs):
+                return runs
+            time.sleep(2)
+        raise self.error(f"{dag_id}: wanted {count} finished runs within {timeout:.0f}s, have {[(r['dag_run_id'], r['state']) for r in runs]}")
+
+    def failure_report(self, dag_id: str, run_id: str, lines: int = 12) -> str:
+        """The run's unsuccessful tasks, with the error lines of each failed task's log."""
+        states = self.task_states(dag_id, run_id)
+        parts = [f"{dag_id} {run_id}: " + ", ".join(f"{t}={s}" for t, s in states.items() if s != "success")]
+        run_dir = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
+        for path in sorted(run_dir.rglob("*.log")) if run_dir.is_dir() else []:
+            errors = [line for line in path.read_text(errors="replace").splitlines() if '"error"' in line or "Error" in line]
+            if errors:
+                parts.append(f"--- {path.relative_to(run_dir)} ---\n" + "\n".join(e[:3000] for e in errors[-lines:]))
+        return "\n".join(parts)
+
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         """``task_id[map_index]`` -> state, for messages and checks."""
         items = self.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000})["task_instances"]
@@ -337,20 +368,18 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def stop_pidfile(pidfile: Path, timeout: float = STOP_TIMEOUT_S) -> None:
-    """Stop the process groups listed in ``pidfile`` (``PGID NAME`` per line), then remove it."""
-    if not pidfile.exists():
-        return
-    pgids = [int(line.split()[0]) for line in pidfile.read_text().splitlines() if line.strip()]
-    stop_groups(pgids, timeout)
-    pidfile.unlink(missing_ok=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2 or args[0] != "stop":
-        raise SystemExit("usage: python -m laion_tasks.airflow_local stop PIDFILE")
-    stop_pidfile(Path(args[1]))
+    if len(args) < 2 or args[0] != "stop":
+        raise SystemExit("usage: python -m laion_tasks.airflow_local stop PIDFILE [PIDFILE...]")
+    pgids = []
+    for pidfile in map(Path, args[1:]):
+        if pidfile.exists():
+            pgids += [int(line.split()[0]) for line in pidfile.read_text().splitlines() if line.strip()]
+    stop_groups(pgids)
+    for pidfile in map(Path, args[1:]):
+        pidfile.unlink(missing_ok=True)
+    print(f"stopped {len(pgids)} process group(s)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import multiprocessing
 import os
 import tarfile
 import time
@@ -357,6 +358,35 @@ def _read_inputs(images_parquet_uri: str) -> _Inputs:
     )
 
 
+def _loader_context(workers: int) -> Any:
+    """``fork`` for the DataLoader workers, whatever Python's default start method is.
+
+    ``spawn``/``forkserver`` (Python 3.14's default) re-run the host's ``__main__`` in each worker:
+    in an Airflow task process that is the ``airflow`` script, which initialises Airflow and dies
+    (see :mod:`laion_tasks.subproc`). A forked worker only runs the dataset's decode and tokenizer
+    code and never touches CUDA, so it is safe; where fork does not exist, torch's default is used.
+    """
+    if workers <= 0 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    _allow_children()
+    return multiprocessing.get_context("fork")
+
+
+def _allow_children() -> None:
+    """Let this process start DataLoader workers even if it inherited a "daemon" mark.
+
+    Celery's prefork pool marks its processes daemonic, and an Airflow task process forked from
+    one inherits the mark: multiprocessing then refuses every child ("daemonic processes are not
+    allowed to have children") and the CLIP stage fails under the CeleryExecutor. The mark
+    describes the pool process, not this forked task process, and the DataLoader's own workers
+    are daemonic and exit when their parent dies (torch's watchdog), so it is cleared.
+    """
+    current = multiprocessing.current_process()
+    if current.daemon:
+        log.info("clearing the daemon mark inherited by %s so DataLoader workers can start", current.name)
+        current.daemon = False
+
+
 def _workers(config: ClipConfig) -> int:
     return config.num_workers if config.num_workers > 0 else min(8, os.cpu_count() or 1)
 
@@ -390,6 +420,7 @@ def _score_group(
         collate_fn=collate_pairs,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        multiprocessing_context=_loader_context(workers),
     )
 
     def put(rows: list[int], img: torch.Tensor, txt: torch.Tensor) -> None:
