@@ -27,7 +27,6 @@ import pytest
 
 from laion_tasks import demo
 from laion_tasks.airflow_local import AirflowStack
-from laion_tasks.lineage import Lineage
 from tests.browser import chromium, require_browser, screenshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(1800)]
@@ -56,7 +55,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, postgres) -> Iterator[t
     lineage_url = postgres.create_database(f"browser_lineage_{tag}")
     env = demo.prepare(work / "demo", lineage_url=lineage_url, n_wat=2, pages_per_wat=6)
     try:
-        Lineage(lineage_url)  # the schema exists before mapped tasks start (as a deployment's install step does)
         stack = AirflowStack(
             work / "airflow",
             dags_folder=REPO / "dags",
