@@ -13,8 +13,9 @@ RUN apt-get update \
 WORKDIR /opt/laion
 COPY pyproject.toml README.md ./
 COPY laion_tasks ./laion_tasks
+# the airflow extra includes the Celery provider with Redis (the compose stack's executor)
 RUN pip install --upgrade pip \
- && pip install '.[airflow]' 'apache-airflow-providers-celery>=3.10,<4' 'redis>=5,<7'
+ && pip install '.[airflow]'
 
 COPY dags /opt/airflow/dags
 COPY plugins /opt/airflow/plugins

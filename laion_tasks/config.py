@@ -441,6 +441,8 @@ class OrchestrationConfig(Section):
     """Airflow pool that caps concurrent download tasks."""
     collinfo_url: str = "https://index.commoncrawl.org/collinfo.json"
     """Common Crawl's list of crawls, for the monthly ingest."""
+    progress_interval_s: float = Field(30.0, ge=0)
+    """Seconds between progress lines of shard work in task logs (a bar instead when stderr is a terminal)."""
 
 
 class Settings(Section):

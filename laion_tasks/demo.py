@@ -1,15 +1,19 @@
-"""``make demo``: the whole snapshot DAG, offline, on a generated fixture crawl.
+"""``make demo``: the whole pipeline on a real Airflow deployment, offline, on a generated fixture crawl.
 
 1. Builds a small crawl in Common Crawl's layout (WAT files + wat.paths.gz + images)
    and serves it from a loopback HTTP server: extract reads the WATs over HTTP and
    download fetches the images, as in production.
-2. Writes a config (tiny seeded CLIP models, SQLite lineage, local storage) and runs
-   the snapshot DAG with ``airflow dags test`` on an embedded SQLite Airflow.
-3. Prints the funnel from lineage, the subsets and the dataset card, then builds the
-   search index and starts the search UI.
+2. Writes a config (tiny seeded CLIP models, SQLite lineage, local storage) and starts
+   Airflow's api-server, scheduler, dag-processor and triggerer (LocalExecutor, SQLite) with
+   :class:`~laion_tasks.airflow_local.AirflowStack`.
+3. Triggers the snapshot DAG through the REST API (as the UI's Trigger form does); its
+   curate tasks' Asset events start the index and train -> eval DAGs.
+4. Prints the funnel from lineage, the subsets, the Airflow UI with its login and the
+   lineage and search views, and leaves it all running with one command to stop it.
 
-This module never imports Airflow: it drives the ``airflow`` CLI in a subprocess.
-The end-to-end test calls :func:`run_snapshot_dag` with PostgreSQL and S3 instead.
+This module never imports Airflow: it drives the ``airflow`` CLI and REST API.
+The e2e test uses :func:`run_snapshot_dag` (``airflow dags test``, one process); the
+deployment tests use :func:`prepare` with PostgreSQL and S3 and their own stack.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from laion_tasks.airflow_local import AirflowStack
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CRAWL = "CC-MAIN-2000-01"
@@ -158,6 +165,7 @@ def prepare(
         [sys.executable, "-m", "laion_tasks.fixtures.server", "--dir", str(crawl_dir), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the demo's stop command ends it by group
     )
     wait_for_http(base_url + "robots.txt")
     storage_root = storage_root or str(work / "data")
@@ -224,7 +232,7 @@ def _json_tail(output: str) -> str:
 
 
 def run_downstream_dags(env: DemoEnv) -> None:
-    """The Asset-triggered DAGs, run directly: kNN index, and train -> zero-shot eval -> card."""
+    """The Asset-triggered DAGs, run directly with ``airflow dags test``: kNN index, and train -> eval -> card."""
     safe = DEMO_CRAWL.replace("-", "_")
     for dag_id in (f"laion_index_{safe}", f"laion_train_eval_{safe}"):
         dags_test(env, dag_id)
@@ -262,60 +270,84 @@ def print_report(env: DemoEnv) -> None:
         print(f"\nDataset card: {card}")
 
 
-def start_search(env: DemoEnv) -> str | None:
-    """Start the search UI over the index the index DAG built, in the background."""
-    exe = str(Path(sys.executable).parent / "laion")
-    subset = env.settings["index"]["subsets"][0]
-    port = free_port()
-    log = open(env.work / "serve.log", "w")
-    proc = subprocess.Popen(
-        [exe, "serve", "--snapshot", DEMO_CRAWL, "--subset", subset, "--port", str(port)],
-        env=env.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+DEMO_USER = "laion"
+SNAPSHOT_DAG = "laion_snapshot_" + DEMO_CRAWL.replace("-", "_")
+ASSET_DAGS = tuple(f"laion_{kind}_{DEMO_CRAWL.replace('-', '_')}" for kind in ("index", "train_eval"))
+
+
+def run_on_scheduler(env: DemoEnv, stack: AirflowStack, timeout: float = 1200) -> None:
+    """Start the stack, trigger the snapshot DAG through the API, wait for it and the Asset-triggered DAGs."""
+    stack.start()
+    print(f"Airflow is up at {stack.base_url}; triggering {SNAPSHOT_DAG} through the REST API...", flush=True)
+    for dag_id in (SNAPSHOT_DAG, *ASSET_DAGS):
+        stack.unpause(dag_id)
+    conf = {"wat_paths_uri": f"{env.base_url}crawl-data/{DEMO_CRAWL}/wat.paths.gz"}
+    run_id = stack.trigger(SNAPSHOT_DAG, conf)
+    state = stack.wait_run(SNAPSHOT_DAG, run_id, timeout)
+    if state != "success":
+        raise stack.error(f"{SNAPSHOT_DAG} {run_id}: {state}; tasks: {stack.task_states(SNAPSHOT_DAG, run_id)}")
+    print("Snapshot run succeeded; waiting for the Asset-triggered index and train -> eval runs...", flush=True)
+    for dag_id in ASSET_DAGS:
+        runs = stack.wait_runs(dag_id, 1, timeout)
+        failed = [r["dag_run_id"] for r in runs if r["state"] != "success"]
+        if failed:
+            raise stack.error(f"{dag_id}: runs {failed} failed; tasks: {stack.task_states(dag_id, failed[0])}")
+
+
+def write_stop_script(env: DemoEnv, stack: AirflowStack) -> Path:
+    """One command that stops every process group the demo left running."""
+    pids = env.work / "demo.pids"
+    pids.write_text(f"{env.server.pid} fixture-server\n")
+    stop = env.work / "stop.sh"
+    stop.write_text(
+        "#!/bin/sh\n# Stops the demo's Airflow components and the fixture crawl server.\n"
+        f"cd {REPO} && exec {sys.executable} -m laion_tasks.airflow_local stop {stack.pidfile} {pids}\n"
     )
-    url = f"http://127.0.0.1:{port}/"
-    wait_for_http(url, timeout=120)
-    (env.work / "serve.pid").write_text(str(proc.pid))
-    return url
+    stop.chmod(0o755)
+    return stop
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "demo-data")
-    parser.add_argument("--keep", action="store_true", help="Reuse an existing work dir instead of starting fresh.")
-    parser.add_argument("--no-serve", action="store_true", help="Skip building the index and starting the search UI.")
     args = parser.parse_args()
-    if args.work.exists() and not args.keep:
-        stop = args.work / "stop.sh"
+    work = args.work.resolve()
+    if work.exists():
+        stop = work / "stop.sh"
         if stop.exists():  # a previous demo's servers
             subprocess.run(["sh", str(stop)], check=False)
-        shutil.rmtree(args.work)
-    env = prepare(args.work)
-    serving = False
+        shutil.rmtree(work)
+    started = time.time()
+    env = prepare(work)
+    password = secrets.token_urlsafe(9)
+    stack = AirflowStack(
+        work / "airflow",
+        dags_folder=REPO / "dags",
+        plugins_folder=REPO / "plugins",
+        extra_env={"LAION_CONFIG": str(env.config_path)},
+        users={DEMO_USER: password},
+    )
+    stop = write_stop_script(env, stack)
+    running = False
     try:
-        print(f"Fixture crawl {DEMO_CRAWL} served at {env.base_url}; running the snapshot DAG with `airflow dags test`...")
-        started = time.time()
-        run_snapshot_dag(env)
-        print(f"Snapshot DAG finished in {time.time() - started:.0f}s; running the index and train -> eval DAGs...")
-        run_downstream_dags(env)
-        print(f"All DAGs finished in {time.time() - started:.0f}s")
+        print(f"Fixture crawl {DEMO_CRAWL} served at {env.base_url}; starting Airflow (LocalExecutor, SQLite)...", flush=True)
+        run_on_scheduler(env, stack)
+        print(f"All runs finished in {time.time() - started:.0f}s")
         print_report(env)
-        if not args.no_serve:
-            url = start_search(env)
-            stop = env.work / "stop.sh"
-            stop.write_text(
-                "#!/bin/sh\n# Stops the demo's search UI and the fixture image server.\n"
-                f"kill -- -$(cat {env.work / 'serve.pid'}) {env.server.pid} 2>/dev/null; rm -f {env.work / 'serve.pid'}\n"
-            )
-            stop.chmod(0o755)
-            serving = True
-            print(f"\nSearch UI: {url}")
-            print(f"  (result images come from the fixture server {env.base_url}; stop both with: sh {stop})")
+        running = True
+        url = stack.base_url
+        print(f"\nAirflow UI: {url}/  (user {DEMO_USER!r}, password {password!r})")
+        print(f"  snapshot run:   {url}/dags/{SNAPSHOT_DAG}")
+        print(f"  asset runs:     {url}/dags/{ASSET_DAGS[0]}  and  {url}/dags/{ASSET_DAGS[1]}")
+        print(f"  LAION lineage:  {url}/laion-lineage/")
+        print(f"  LAION search:   {url}/laion-search/  (images come from the fixture server {env.base_url})")
+        print(f"  component logs: {stack.logs_dir}")
+        print(f"\nStop everything the demo started: sh {stop}")
     finally:
-        if not serving:
+        if not running:
+            stack.stop()
             env.stop()
+            stop.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

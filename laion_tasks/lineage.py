@@ -131,9 +131,24 @@ def migrate(url: str) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     with engine_for(url).begin() as conn:
+        _one_migration_at_a_time(conn)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     _migrated.add(url)
+
+
+MIGRATION_LOCK_ID = 0x1A10_4E11
+"""PostgreSQL advisory lock key that serialises lineage migrations."""
+
+
+def _one_migration_at_a_time(conn: sa.Connection) -> None:
+    """Mapped tasks start together on a fresh database (an Airflow deployment's first extract
+    batch); unserialised, two of them create ``alembic_version`` at once and one fails.
+    The lock lasts until this transaction ends."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock now, not at the first DDL
 
 
 class Lineage:

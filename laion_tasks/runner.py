@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence, TypeVar
 
-from laion_tasks import layout, storage
+from laion_tasks import layout, progress, storage
 from laion_tasks.config import Settings
 from laion_tasks.lineage import Lineage, StageRun, is_reusable, run_stage
 from laion_tasks.stage import Context, StageError, StageSpec
@@ -82,6 +82,7 @@ def make_batches(items: Sequence[T], max_batches: int) -> list[list[T]]:
 
 def open_context(settings: Settings, snapshot: str, *, lineage: bool = True, **options: Any) -> Context:
     storage.configure(settings.storage)
+    progress.configure(settings.orchestration.progress_interval_s)
     db = None
     if lineage:
         db = Lineage(settings.lineage.url)

@@ -1,6 +1,8 @@
 """Airflow 3 UI plugin: lineage views (snapshots, funnel, failed shards) and dataset cards.
 
-Mounted at ``/laion-lineage/`` with a nav link; every route requires an authenticated
+Mounted at ``/laion-lineage/`` with a nav link (Browse menu) and a tab on each DAG's page
+(``/laion-lineage/dag/{DAG_ID}`` opens that snapshot's page); both render in Airflow's iframe
+on the same origin, styled with Airflow's colours. Every route requires an authenticated
 Airflow user (the same dependency as the search plugin). Import never raises: a broken
 config gives a page naming the error.
 """
@@ -67,5 +69,12 @@ class LaionLineagePlugin(AirflowPlugin):
             "destination": "nav",
             "category": "browse",
             "url_route": "laion-lineage",
-        }
+        },
+        {
+            # A tab on each DAG's page: a snapshot DAG's tab opens that snapshot's lineage.
+            "name": "LAION lineage",
+            "href": URL_PREFIX.lstrip("/") + "/dag/{DAG_ID}",
+            "destination": "dag",
+            "url_route": "laion-lineage-dag",
+        },
     ]

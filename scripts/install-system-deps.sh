@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Debian packages the tests need: PostgreSQL (private server on loopback), Chromium + ChromeDriver
-# (browser test), docker-compose (validates docker-compose.yaml without an engine), util-linux (unshare).
+# Debian packages the tests need: PostgreSQL (private server on loopback), Redis (the Celery deployment
+# test's broker on loopback), Chromium + ChromeDriver (browser test), docker-compose (validates
+# docker-compose.yaml without an engine), util-linux (unshare).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)

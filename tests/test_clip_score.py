@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import re
 import json
 from pathlib import Path
 
@@ -151,7 +153,8 @@ def test_embeddings_equal_open_clip_reference(skimage_shard, tmp_path: Path) -> 
         assert r["clip_status"] == ("kept" if r["similarity"] >= 0.0 else "filtered_clip_similarity")
 
 
-def test_bad_input_gets_a_status_and_the_rest_is_scored(tmp_path: Path) -> None:
+def test_bad_input_gets_a_status_and_the_rest_is_scored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="laion_tasks.progress")
     good = encode_image(synthetic_image(10))
     truncated = encode_image(synthetic_image(11, (640, 480)))[:400]
     samples = [
@@ -195,6 +198,8 @@ def test_bad_input_gets_a_status_and_the_rest_is_scored(tmp_path: Path) -> None:
         "skip:no_image": 2,
     }
     assert stats.total == len(rows) == 11
+    # progress counts every pair sent to the model (decode errors too), in the task log's line
+    assert re.search(r"^clip \S+: 6/6 pairs \(100\.0%\), .* pairs/s, finished in", "\n".join(caplog.messages), re.M)
     for i, r in enumerate(rows):
         if r["has_embedding"]:
             assert r["similarity"] is not None and r["clip_model"] == "laion-tiny-clip"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -178,7 +179,8 @@ def test_blocklisted_url_never_requested_and_image_never_stored(tmp_path: Path) 
     assert set(read_tar(tar_uri)) == {rows[3]["key"]}
 
 
-def test_retry_failed_redownloads_only_retryable_and_merges(tmp_path: Path) -> None:
+def test_retry_failed_redownloads_only_retryable_and_merges(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="laion_tasks.progress")
     good, other = make_jpeg(), make_jpeg(color=(9, 9, 200))
     with FixtureServer() as srv:
         srv.static("/a.jpg", good)
@@ -194,6 +196,10 @@ def test_retry_failed_redownloads_only_retryable_and_merges(tmp_path: Path) -> N
         assert srv.seen("/gone.jpg") == 1, "a permanent failure was retried"
     assert stats.counts == {"success": 2, "fail:http_404": 1}
     assert stats.extra["retried"] == 1 and stats.extra["recovered"] == 1
+    # the task log's progress lines count every row the workers report back
+    progress_lines = [m for m in caplog.messages if m.startswith("download ")]
+    assert progress_lines[0].startswith("download 000000: 3/3 rows (100.0%)") and "finished in" in progress_lines[0]
+    assert progress_lines[-1].startswith("download retry 000000: 1/1 rows (100.0%)")
     rows = pq.read_table(parquet_uri).to_pylist()
     assert [r["url"] for r in rows] == urls
     assert [r["status"] for r in rows] == ["success", "success", "http_404"]

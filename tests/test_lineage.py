@@ -25,6 +25,17 @@ def test_migrate_is_idempotent(lineage_url: str) -> None:
     assert {"snapshot", "shard_run", "shard_outcome", "alembic_version"} <= set(inspector.get_table_names())
 
 
+def test_concurrent_first_migrations_all_succeed(lineage_url: str) -> None:
+    """An Airflow deployment's first mapped tasks all migrate a fresh lineage database at once."""
+    import subprocess
+    import sys
+
+    code = "import sys; from laion_tasks.lineage import Lineage; Lineage(sys.argv[1])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, lineage_url], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(errors)[-3000:]
+
+
 def test_run_skip_and_funnel(lineage_url: str) -> None:
     lineage = Lineage(lineage_url)
     lineage.ensure_snapshot("CC-MAIN-2024-10", "/data")

@@ -157,7 +157,9 @@ def test_export_is_downloader_input(client: TestClient) -> None:
 def test_page_and_missing_index(tmp_path: Path) -> None:
     app_client = TestClient(create_app(str(tmp_path / "nothing-here"), tiny_settings()))
     page = app_client.get("/")
-    assert page.status_code == 200 and "LAION search" in page.text
+    assert page.status_code == 200 and "LAION search" in page.text and "static/airflow.css" in page.text
+    assert app_client.get("/static/airflow.css").headers["content-type"].startswith("text/css")
+    assert app_client.get("/static/search.html").status_code == 404
     info = app_client.get("/api/info")
     assert info.status_code == 503 and "laion index" in info.json()["detail"]
     assert app_client.get("/api/search", params={"text": "cat"}).status_code == 503

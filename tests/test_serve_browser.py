@@ -7,9 +7,6 @@ Makefile installs them. The screenshot lands in tests/artifacts/ (gitignored).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,25 +19,8 @@ from laion_tasks import layout
 from laion_tasks.config import IndexConfig
 from laion_tasks.serve import create_app
 from laion_tasks.stages.index import build_index
+from tests.browser import chromium, require_browser, screenshot
 from tests.index_fixtures import SNAPSHOT, SUBSET, generate, tiny_encoder, tiny_settings
-
-CHROMIUM = os.environ.get("LAION_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("LAION_CHROMEDRIVER", "/usr/bin/chromedriver")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-
-
-def _require_browser() -> None:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (Path(p).exists() or shutil.which(p))]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("python package selenium (pip install -e '.[test]')")
-    if missing:
-        reason = f"browser test needs {', '.join(missing)} (apt-get install -y chromium chromium-driver)"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 @pytest.fixture
@@ -92,33 +72,13 @@ def search_server(tmp_path: Path, image_server: str) -> Iterator[tuple[str, dict
 
 
 def test_search_page_in_headless_chromium(search_server: tuple[str, dict[str, str]]) -> None:
-    _require_browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    require_browser()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, captions = search_server
-    profile = tempfile.mkdtemp(prefix="laion-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1000",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
+    with chromium() as driver:
         driver.get(url)
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: "images" in d.find_element(By.ID, "info").text)
@@ -137,9 +97,7 @@ def test_search_page_in_headless_chromium(search_server: tuple[str, dict[str, st
         wait.until(lambda d: d.execute_script(
             "return [...document.querySelectorAll('#grid img')].some(i => i.complete && i.naturalWidth > 0)"
         ))
-        ARTIFACTS.mkdir(exist_ok=True)
-        shot = ARTIFACTS / "serve_search.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+        screenshot(driver, "serve_search.png")
 
         # Clicking a caption searches for it.
         other = cards[5].find_element(By.CSS_SELECTOR, ".caption")
@@ -154,6 +112,3 @@ def test_search_page_in_headless_chromium(search_server: tuple[str, dict[str, st
         driver.find_element(By.ID, "search").click()
         wait.until(lambda d: d.find_element(By.ID, "grid").get_attribute("data-count") == "0")
         assert "0 results" in driver.find_element(By.ID, "status").text
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -35,9 +37,11 @@ def every_output_byte(root: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
 
 
-def test_zero_shot_tagging_keeps_every_row_in_order(tmp_path):
+def test_zero_shot_tagging_keeps_every_row_in_order(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="laion_tasks.progress")
     shard = make_shard(tmp_path, n=8, failed=(4,), no_embedding=(6,))
     stats, rows = run(shard)
+    assert any(re.match(r"tag \S+: 7/7 images \(100\.0%\), .* finished in", m) for m in caplog.messages)
     assert pq.read_schema(shard.out).names == OUTPUT_SCHEMA.names
     assert [r["key"] for r in rows] == shard.keys
     status = [r["tag_status"] for r in rows]

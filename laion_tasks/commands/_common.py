@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from laion_tasks import storage
+from laion_tasks import progress, storage
 from laion_tasks.config import Settings, load_settings
 from laion_tasks.lineage import Lineage
 
@@ -18,6 +18,7 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (defa
 def settings_from(config: Optional[Path]) -> Settings:
     settings = load_settings(config)
     storage.configure(settings.storage)
+    progress.configure(settings.orchestration.progress_interval_s)
     return settings
 
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from laion_tasks.config import Settings
 from laion_tasks.serve.limits import BodyLimitMiddleware
+from laion_tasks.serve.theme import static_file
 from laion_tasks.serve.searcher import Filters, IndexNotReady, KnnIndex, QueryError
 
 log = logging.getLogger(__name__)
@@ -256,6 +257,10 @@ def create_app(index_dir: str, settings: Settings, dependencies: Sequence[Any] =
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse((WEB_DIR / "search.html").read_text(encoding="utf-8"))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        return static_file(name)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import multiprocessing
 import os
 import tarfile
 import time
@@ -41,6 +42,7 @@ from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, ClipModelConfig, Settings
 from laion_tasks.langid import LANGID_FIELDS, detect_languages, language_group
 from laion_tasks.models.clip import LoadedClip, cached_clip
+from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
@@ -356,6 +358,35 @@ def _read_inputs(images_parquet_uri: str) -> _Inputs:
     )
 
 
+def _loader_context(workers: int) -> Any:
+    """``fork`` for the DataLoader workers, whatever Python's default start method is.
+
+    ``spawn``/``forkserver`` (Python 3.14's default) re-run the host's ``__main__`` in each worker:
+    in an Airflow task process that is the ``airflow`` script, which initialises Airflow and dies
+    (see :mod:`laion_tasks.subproc`). A forked worker only runs the dataset's decode and tokenizer
+    code and never touches CUDA, so it is safe; where fork does not exist, torch's default is used.
+    """
+    if workers <= 0 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    _allow_children()
+    return multiprocessing.get_context("fork")
+
+
+def _allow_children() -> None:
+    """Let this process start DataLoader workers even if it inherited a "daemon" mark.
+
+    Celery's prefork pool marks its processes daemonic, and an Airflow task process forked from
+    one inherits the mark: multiprocessing then refuses every child ("daemonic processes are not
+    allowed to have children") and the CLIP stage fails under the CeleryExecutor. The mark
+    describes the pool process, not this forked task process, and the DataLoader's own workers
+    are daemonic and exit when their parent dies (torch's watchdog), so it is cleared.
+    """
+    current = multiprocessing.current_process()
+    if current.daemon:
+        log.info("clearing the daemon mark inherited by %s so DataLoader workers can start", current.name)
+        current.daemon = False
+
+
 def _workers(config: ClipConfig) -> int:
     return config.num_workers if config.num_workers > 0 else min(8, os.cpu_count() or 1)
 
@@ -369,6 +400,7 @@ def _score_group(
     txt_emb: np.ndarray,
     similarity: np.ndarray,
     errors: dict[int, str],
+    progress: Progress,
 ) -> None:
     """Encode every pair routed to one model; fills the output arrays in place by row."""
     clip = encoder.clip
@@ -388,6 +420,7 @@ def _score_group(
         collate_fn=collate_pairs,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        multiprocessing_context=_loader_context(workers),
     )
 
     def put(rows: list[int], img: torch.Tensor, txt: torch.Tensor) -> None:
@@ -420,6 +453,7 @@ def _score_group(
                     errors[row] = f"GPU decode: {err}; PIL: {type(exc).__name__}: {exc}"
                     continue
                 put([row], *encoder.encode(pixels, clip.tokenizer([by_row[row].caption])))
+        progress.advance(len(batch["failed"]) + len(batch["pixel_rows"]) + len(batch["jpeg_rows"]))
 
 
 def _load_model(model_cfg: ClipModelConfig, config: ClipConfig) -> LoadedClip:
@@ -493,6 +527,7 @@ def clip_score_shard(
         dim = dims.pop() if dims else _load_model(english, config).embed_dim
         img_emb = np.zeros((n, dim), dtype=np.float16)
         txt_emb = np.zeros((n, dim), dtype=np.float16)
+        progress = stack.enter_context(Progress(shard_label("clip", images_parquet_uri), len(todo), unit="pairs"))
         for ident, rows in plan.items():
             clip = loaded[ident]
             items = [PairItem(i, inputs.captions[i] or "", members.get(inputs.keys[i])) for i in rows]
@@ -500,7 +535,7 @@ def clip_score_shard(
             if missing:
                 log.warning("%s: %d samples marked success have no image in %s", images_parquet_uri, missing, tar_uri)
             t0 = time.perf_counter()
-            _score_group(PairEncoder(clip, config), tar_path, items, config, img_emb, txt_emb, similarity, errors)  # type: ignore[arg-type]
+            _score_group(PairEncoder(clip, config), tar_path, items, config, img_emb, txt_emb, similarity, errors, progress)  # type: ignore[arg-type]
             models_used[clip.name] = {"pairs": len(rows), "seconds": round(time.perf_counter() - t0, 3)}
             for i in rows:
                 model_names[i] = clip.name

@@ -49,6 +49,7 @@ from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, TagConfig
 from laion_tasks.hashlists import HashLists, pdq_hash
 from laion_tasks.langid import LANGID_FIELDS, detect_languages, language_group
+from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import Context, read_parquet, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
@@ -413,20 +414,23 @@ def _image_pass(
     """Read the tar once: hash checks, PDQ and the image models per sample. Returns the blocked keys found in it."""
     seen_in_tar: set[str] = set()
     blocked_in_tar: set[str] = set()
-    try:
-        for key, files in _iter_tar_samples(tar_path):
-            i = rows.row_of.get(key)
-            if i is None:
-                stats.note("tar_key_not_in_parquet")  # a diagnostic: not one of the rows
-                continue
-            seen_in_tar.add(key)
-            image = _check_sample(i, files, cols, hashlists, has_emb)
-            if cols.blocked[i]:
-                blocked_in_tar.add(key)
-            elif image is not None and models.wanted:
-                models.add(i, image, cols)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise StageError(f"{tar_uri}: unreadable tar: {type(exc).__name__}: {exc}") from exc
+    in_tar = sum(1 for s in rows.statuses if s == "success")
+    with Progress(shard_label("tag", tar_uri), in_tar, unit="images") as progress:
+        try:
+            for key, files in _iter_tar_samples(tar_path):
+                progress.advance()
+                i = rows.row_of.get(key)
+                if i is None:
+                    stats.note("tar_key_not_in_parquet")  # a diagnostic: not one of the rows
+                    continue
+                seen_in_tar.add(key)
+                image = _check_sample(i, files, cols, hashlists, has_emb)
+                if cols.blocked[i]:
+                    blocked_in_tar.add(key)
+                elif image is not None and models.wanted:
+                    models.add(i, image, cols)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise StageError(f"{tar_uri}: unreadable tar: {type(exc).__name__}: {exc}") from exc
     models.flush(cols)
     for i in range(rows.n):
         if rows.statuses[i] == "success" and rows.keys[i] not in seen_in_tar and cols.status[i] == "no_image":

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from laion_tasks import storage
 from laion_tasks.config import DownloadConfig
+from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import read_parquet, ShardStats, StageError
 from laion_tasks.stages.download.fetch import SUCCESS, Blocklist, SampleResult, is_retryable
 from laion_tasks.stages.download.workers import RunOutcome, download_rows
@@ -162,7 +163,8 @@ def download_shard(
             def on_success(i: int, result: SampleResult) -> None:
                 _write_sample(sink, ext, keys[i], rows[i], captions[i], result)
 
-            outcome = download_rows(urls, on_success, config, blocklist)
+            with Progress(shard_label("download", shard_uri), len(urls)) as progress:
+                outcome = download_rows(urls, on_success, config, blocklist, progress)
         tar_bytes = os.path.getsize(tmp_tar)
     out = _with_results(table if "key" in table.column_names else table.add_column(0, "key", pa.array(keys)),
                         _result_columns(captions, outcome.results))
@@ -219,7 +221,8 @@ def retry_failed(
                 i = todo[j]
                 _write_sample(sink, ext, keys[i], rows[i], captions[i], result)
 
-            outcome = download_rows([urls[i] for i in todo], on_success, config, blocklist)
+            with Progress(shard_label("download retry", shard_uri), len(todo)) as progress:
+                outcome = download_rows([urls[i] for i in todo], on_success, config, blocklist, progress)
         tar_bytes = os.path.getsize(tmp_tar)
     merged = list(old_results)
     for j, i in enumerate(todo):

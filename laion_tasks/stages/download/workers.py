@@ -1,7 +1,8 @@
 """Worker processes of the download stage: start-up, per-process limits, one event loop each.
 
-One shard's rows are dealt round-robin to P worker processes (default: one per core). Each
-runs its own event loop (fetching, with the same guards and opt-out checks) AND decodes,
+One shard's rows are dealt round-robin to P worker processes (default: one per core), fresh
+interpreters started by :mod:`laion_tasks.subproc`, so they work whatever the host's ``__main__``
+is (an Airflow task process under any executor, the CLI, a pod, pytest). Each runs its own event loop (fetching, with the same guards and opt-out checks) AND decodes,
 resizes and encodes in a small thread pool of its own (Pillow releases the GIL there), then
 sends back only the small result (status + encoded output bytes) over a pipe. The original
 bytes never cross a process boundary, and no single event loop has to carry the whole shard.
@@ -16,13 +17,14 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-import multiprocessing
 import os
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
+from laion_tasks import subproc
 from laion_tasks.config import DownloadConfig
+from laion_tasks.progress import Progress
 from laion_tasks.stage import StageError
 from laion_tasks.stages.download.fetch import SUCCESS, Blocklist, Fetcher, SampleResult
 from laion_tasks.stages.image_ops import ImageOptions, process_image
@@ -72,18 +74,6 @@ def per_process_config(config: DownloadConfig, processes: int) -> DownloadConfig
             "max_per_host": max(1, math.ceil(config.max_per_host / processes)),
         }
     )
-
-
-_MP_CONTEXT: Any = None
-
-
-def _mp_context() -> Any:
-    """forkserver: the parent may have threads (Airflow, the tests' server), so no plain fork."""
-    global _MP_CONTEXT
-    if _MP_CONTEXT is None:
-        _MP_CONTEXT = multiprocessing.get_context("forkserver")
-        _MP_CONTEXT.set_forkserver_preload(["laion_tasks.stages.download.workers", "aiohttp", "PIL.JpegImagePlugin"])
-    return _MP_CONTEXT
 
 
 async def _fetch_rows(
@@ -199,6 +189,16 @@ def _worker_main(
     conn.close()
 
 
+def _worker_process(fd: int) -> None:
+    """Entry point of a worker interpreter (see :mod:`laion_tasks.subproc`): the rows, config and
+    blocklist come as one pickle on stdin; messages go back on pipe ``fd``."""
+    from multiprocessing.connection import Connection
+
+    rows, config, blocklist_pickle = subproc.receive()
+    subproc.exit_with_parent()
+    _worker_main(rows, config, blocklist_pickle, Connection(fd, readable=False))
+
+
 WORKER_CRASH_ATTEMPTS = 3
 """A worker that dies (e.g. a native crash on a hostile image) blames the rows whose bytes it
 was working on (``decode_error``, as a crashed decode pool did before); its other unfinished
@@ -210,6 +210,7 @@ def download_rows(
     on_success: Any,
     config: DownloadConfig,
     blocklist: Blocklist | None,
+    progress: Progress | None = None,
 ) -> RunOutcome:
     """Download ``urls``; ``on_success(i, result)`` is called in this process for each success.
 
@@ -221,6 +222,8 @@ def download_rows(
 
     def receive(i: int, result: SampleResult) -> None:
         results[i] = result
+        if progress is not None:
+            progress.advance()
         if result.status == SUCCESS:
             on_success(i, result)
             assert result.image is not None
@@ -272,27 +275,28 @@ def _run_workers(
     outcome: RunOutcome,
 ) -> int:
     """Run one round of workers over ``rows``; returns how many died without finishing."""
-    from multiprocessing.connection import wait
+    from multiprocessing.connection import Connection, wait
 
-    ctx = _mp_context()
     worker_config = per_process_config(config, processes)
     conns: dict[Any, Any] = {}
     in_hand: dict[Any, set[int]] = {}  # per worker: rows whose bytes it holds, unfinished
     procs = []
     try:
-        for w in range(processes):
-            reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=_worker_main,
-                args=(rows[w::processes], worker_config, blocklist_pickle, writer),
-                name=f"laion-download-{w}",
-                daemon=True,
-            )
-            proc.start()
-            writer.close()  # the child holds the write end: EOF here when it exits
+        for _ in range(processes):  # start them all first: they import in parallel
+            read_fd, write_fd = os.pipe()
+            try:
+                proc = subproc.start_python(__name__, "_worker_process", write_fd, pass_fds=(write_fd,))
+            except BaseException:
+                os.close(read_fd)
+                raise
+            finally:
+                os.close(write_fd)  # the child holds the write end: EOF here when it exits
+            reader = Connection(read_fd, writable=False)
             conns[reader] = proc
             in_hand[reader] = set()
             procs.append(proc)
+        for w, proc in enumerate(procs):
+            subproc.send(proc, (rows[w::processes], worker_config, blocklist_pickle))
         finished = 0
         while conns:
             for reader in wait(list(conns)):
@@ -322,9 +326,6 @@ def _run_workers(
         for proc in procs:
             if conns:  # left early (an error here): nobody will read what the workers send
                 proc.kill()
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            subproc.close(proc)
         for reader in conns:
             reader.close()
