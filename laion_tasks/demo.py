@@ -277,8 +277,9 @@ ASSET_DAGS = tuple(f"laion_{kind}_{DEMO_CRAWL.replace('-', '_')}" for kind in ("
 
 def run_on_scheduler(env: DemoEnv, stack: AirflowStack, timeout: float = 1200) -> None:
     """Start the stack, trigger the snapshot DAG through the API, wait for it and the Asset-triggered DAGs."""
+    started = time.time()
     stack.start()
-    print(f"Airflow is up at {stack.base_url}; triggering {SNAPSHOT_DAG} through the REST API...", flush=True)
+    print(f"Airflow is up at {stack.base_url} ({time.time() - started:.0f}s); triggering {SNAPSHOT_DAG} through the REST API...", flush=True)
     for dag_id in (SNAPSHOT_DAG, *ASSET_DAGS):
         stack.unpause(dag_id)
     conf = {"wat_paths_uri": f"{env.base_url}crawl-data/{DEMO_CRAWL}/wat.paths.gz"}
@@ -286,7 +287,7 @@ def run_on_scheduler(env: DemoEnv, stack: AirflowStack, timeout: float = 1200) -
     state = stack.wait_run(SNAPSHOT_DAG, run_id, timeout)
     if state != "success":
         raise stack.error(f"{SNAPSHOT_DAG} {run_id}: {state}; tasks: {stack.task_states(SNAPSHOT_DAG, run_id)}")
-    print("Snapshot run succeeded; waiting for the Asset-triggered index and train -> eval runs...", flush=True)
+    print(f"Snapshot run succeeded ({time.time() - started:.0f}s); waiting for the Asset-triggered index and train -> eval runs...", flush=True)
     for dag_id in ASSET_DAGS:
         runs = stack.wait_runs(dag_id, 1, timeout)
         failed = [r["dag_run_id"] for r in runs if r["state"] != "success"]
