@@ -1,40 +1,50 @@
-"""Language ID on short texts: ours (fastText lid.176.ftz) vs CLD3 (gcld3, what LAION used).
+"""Language ID on short texts: ours (fastText lid.176.ftz + lingua hybrid) vs CLD3 (gcld3, what LAION used).
 
     .venv/bin/python bench/langid_bench.py
 
-Data: ../shared/data/langid/lingua-py/language-testdata/{single-words,word-pairs,sentences}
-(75 languages, test-only licence: read in place, never copied). Each side runs in its own
-process pinned to one core; strings/s is per core and counts only the detector calls
-(ours: ``detect_languages`` on the whole list, which includes whitespace cleanup),
-measured as process CPU time so that other load on the shared machine does not count.
-Accuracy is top-1 over all 75 languages (a language a detector does not know counts as
-wrong for it) and over the languages both detectors support.
+Data (read in place, never copied; test-only licence):
+- accuracy: ../shared/data/langid/lingua-py/language-testdata/{single-words,word-pairs,sentences}, 75 languages;
+- speed on real alt text: the 10,000 TEXT values of ../shared/data/alt_text/img2dataset_test_10000.parquet
+  (median 48 characters), which also shows how often the hybrid defers to lingua and the en/multi/nolang shares.
 
-Codes are mapped to the test set's ISO 639-1: CLD3 ``iw``->``he``, ``fil``->``tl``,
-``no``->``nb``, ``xx-Latn`` -> ``xx`` (romanised output still names the language);
-fastText ``no``->``nb``. The gcld3 venv is /work/peers/gcld3 (see ../shared/PEERS.md;
-it needs ``apt-get install -y protobuf-compiler libprotobuf-dev`` before pip).
+Each detector runs in its own process pinned to one core; strings/s is per core and counts only the detector calls
+(ours: ``detect_languages`` on the whole list, whitespace cleanup included), measured as process CPU time so that
+other load on the shared machine counts less. Accuracy is top-1 over all 75 languages (a language a detector does
+not know counts as wrong for it) and over the languages that lid.176 and CLD3 both support.
+
+Codes are mapped to the test set's ISO 639-1: CLD3 ``iw``->``he``, ``fil``->``tl``, ``no``->``nb``,
+``xx-Latn`` -> ``xx``; fastText ``no``->``nb`` (the hybrid never outputs ``no``: lingua splits it into nb/nn).
+The gcld3 venv is /work/peers/gcld3 (see ../shared/PEERS.md; it needs
+``apt-get install -y protobuf-compiler libprotobuf-dev`` before pip).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "langid" / "lingua-py" / "language-testdata"
+SHARED = ROOT.parent / "shared" / "data"
+DATA = SHARED / "langid" / "lingua-py" / "language-testdata"
+ALT_TEXT = SHARED / "alt_text" / "img2dataset_test_10000.parquet"
 PEER_VENV = Path("/work/peers/gcld3")
 SETS = ("single-words", "word-pairs", "sentences")
 RESULTS = ROOT / "bench" / "results" / "tag.md"
+ALT = "alt-text"
 
-# Languages each detector can output (test-set codes after mapping).
+# Languages each detector can output (test-set codes after mapping). lingua knows all 75.
 LID176_MISSING = {"lg", "mi", "sn", "st", "tn", "ts", "xh", "zu"}
 CLD3_MISSING = {"lg", "tn", "ts", "nn"}
+# Ours: the shipped default (hybrid) and fastText alone (what the project used before).
+CONFIGS = {"hybrid": {}, "hybrid_all": {"lingua_languages": "all"}, "fasttext": {"method": "fasttext"}}
 
 
 def map_cld3(code: str) -> str:
@@ -42,7 +52,7 @@ def map_cld3(code: str) -> str:
     return {"iw": "he", "fil": "tl", "no": "nb", "jw": "jv"}.get(code, code)
 
 
-def map_fasttext(code: str) -> str:
+def map_ours(code: str) -> str:
     return {"no": "nb"}.get(code, code)
 
 
@@ -54,83 +64,167 @@ def ensure_peer() -> Path:
     return python
 
 
-def load(set_name: str) -> dict[str, list[str]]:
-    out = {}
-    for path in sorted((DATA / set_name).glob("*.txt")):
-        out[path.stem] = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def alt_text_file(tmp: Path) -> Path:
+    """The alt texts, whitespace collapsed (CLD3 reads one per line), empty ones dropped."""
+    import pyarrow.parquet as pq
+
+    texts = [re.sub(r"\s+", " ", t or "").strip() for t in pq.read_table(ALT_TEXT, columns=["TEXT"])["TEXT"].to_pylist()]
+    path = tmp / "alt_text.txt"
+    path.write_text("\n".join(t for t in texts if t) + "\n", encoding="utf-8")
+    return path
+
+
+def run_ours(files: list[Path]) -> dict[str, dict]:
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    from laion_tasks.config import TagConfig
+    from laion_tasks.langid import detect_languages, language_group
+
+    out: dict[str, dict] = {}
+    for name, knobs in CONFIGS.items():
+        config = TagConfig(**{f"langid_{k}": v for k, v in knobs.items()})
+        options = config.langid()
+        detect_languages(["warm up", "x"] * 10, options)
+        preds, secs, sources, groups = {}, {}, {}, {}
+        for path in files:
+            lines = read_lines(path)
+            start = time.process_time()
+            dets = detect_languages(lines, options)
+            secs[str(path)] = time.process_time() - start
+            preds[str(path)] = [d.language for d in dets]
+            sources[str(path)] = dict(Counter(d.source for d in dets))
+            groups[str(path)] = dict(Counter(language_group(d, options.threshold) for d in dets))
+        out[name] = {"predictions": preds, "seconds": secs, "sources": sources, "groups": groups}
+    # lingua loads each language's model lazily: its first use (above, untimed warm-up aside) pays the load.
+    # Time the hybrid once more with every model loaded, as a long-running worker sees it.
+    options = TagConfig().langid()
+    for path in files:
+        lines = read_lines(path)
+        start = time.process_time()
+        detect_languages(lines, options)
+        out["hybrid"]["seconds"][str(path)] = min(out["hybrid"]["seconds"][str(path)], time.process_time() - start)
+    import resource
+
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
-def run_ours(files: list[Path]) -> tuple[dict[str, list[str]], dict[str, float]]:
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    from laion_tasks.langid import detect_languages
-
-    detect_languages(["warm up"])
-    preds, secs = {}, {}
-    for path in files:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        start = time.process_time()
-        dets = detect_languages(lines)
-        secs[str(path)] = time.process_time() - start
-        preds[str(path)] = [d.language for d in dets]
-    return preds, secs
+def accuracy_rows(set_name: str, result: dict, mapper) -> dict:  # type: ignore[no-untyped-def]
+    both = lambda lang: lang not in LID176_MISSING and lang not in CLD3_MISSING  # noqa: E731
+    n = correct = n_common = correct_common = 0
+    seconds = 0.0
+    per_lang = {}
+    for path in sorted((DATA / set_name).glob("*.txt")):
+        lang = path.stem
+        preds = [mapper(p) for p in result["predictions"][str(path)]]
+        hits = sum(p == lang for p in preds)
+        per_lang[lang] = hits / len(preds)
+        n += len(preds)
+        correct += hits
+        if both(lang):
+            n_common += len(preds)
+            correct_common += hits
+        seconds += result["seconds"][str(path)]
+    return {"acc": correct / n, "acc_common": correct_common / n_common, "rate": n / seconds, "n": n,
+            "per_lang": per_lang}
 
 
 def main() -> None:
-    if not DATA.exists():
-        sys.exit(f"{DATA} is missing (../shared/data)")
+    if not DATA.exists() or not ALT_TEXT.exists():
+        sys.exit(f"{DATA} or {ALT_TEXT} is missing (../shared/data)")
     files = [p for s in SETS for p in sorted((DATA / s).glob("*.txt"))]
     if os.environ.get("LANGID_BENCH_CHILD") == "ours":
-        preds, secs = run_ours(files)
-        print(json.dumps({"predictions": preds, "seconds": secs}))
+        files.append(Path(os.environ["LANGID_BENCH_ALT"]))
+        print(json.dumps(run_ours(files)))
         return
-    ours = json.loads(subprocess.run([sys.executable, __file__], env={**os.environ, "LANGID_BENCH_CHILD": "ours"},
-                                     check=True, capture_output=True, text=True).stdout)
-    peer = json.loads(subprocess.run([str(ensure_peer()), str(ROOT / "bench" / "peers" / "gcld3_predict.py"),
-                                      *map(str, files)], check=True, capture_output=True, text=True).stdout)
-    both_supported = lambda lang: lang not in LID176_MISSING and lang not in CLD3_MISSING  # noqa: E731
-    rows = []
-    for set_name in SETS:
-        stats = {}
-        for name, result, mapper in (("ours", ours, map_fasttext), ("cld3", peer, map_cld3)):
-            n = correct = n_common = correct_common = 0
-            seconds = 0.0
-            for path in sorted((DATA / set_name).glob("*.txt")):
-                lang = path.stem
-                preds = [mapper(p) for p in result["predictions"][str(path)]]
-                hits = sum(p == lang for p in preds)
-                n += len(preds)
-                correct += hits
-                if both_supported(lang):
-                    n_common += len(preds)
-                    correct_common += hits
-                seconds += result["seconds"][str(path)]
-            stats[name] = (correct / n, correct_common / n_common, n / seconds, n)
-        rows.append((set_name, stats))
-    lines = [
-        "## Language ID on short texts: fastText lid.176.ftz (ours) vs CLD3 (gcld3 3.0.13)",
-        "",
-        "`.venv/bin/python bench/langid_bench.py`. Data: lingua-py language-testdata, 75 languages "
-        "(read in place from ../shared/data, not redistributed). Each detector in its own process pinned to one core, speed = strings per CPU-second of that process; "
-        "2-core shared VM (CPU), other helpers' processes were running, so speeds are indicative. "
-        "Accuracy: top-1, all 75 languages (languages a detector cannot output count as misses: lid.176 lacks "
-        f"{', '.join(sorted(LID176_MISSING))}; CLD3 lacks {', '.join(sorted(CLD3_MISSING))}), and over the "
-        f"{75 - len(LID176_MISSING | CLD3_MISSING)} languages both support. Code mapping: CLD3 iw->he, fil->tl, "
-        "no->nb, xx-Latn->xx; fastText no->nb. CLD3 settings as LAION: min_num_bytes=0, max_num_bytes=1000.",
-        "",
-        "| set | strings | acc. ours (all 75) | acc. CLD3 (all 75) | acc. ours (common) | acc. CLD3 (common) "
-        "| strings/s/core ours | strings/s/core CLD3 | speed ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for set_name, s in rows:
-        o, c = s["ours"], s["cld3"]
-        lines.append(
-            f"| {set_name} | {o[3]:,} | {o[0]:.1%} | {c[0]:.1%} | {o[1]:.1%} | {c[1]:.1%} | {o[2]:,.0f} | {c[2]:,.0f} "
-            f"| {o[2] / c[2]:.1f}x |"
-        )
-    section = "\n".join(lines) + "\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        alt = alt_text_file(Path(tmp))
+        env = {**os.environ, "LANGID_BENCH_CHILD": "ours", "LANGID_BENCH_ALT": str(alt)}
+        ours = json.loads(subprocess.run([sys.executable, __file__], env=env, check=True, capture_output=True,
+                                         text=True).stdout)
+        peer = json.loads(subprocess.run([str(ensure_peer()), str(ROOT / "bench" / "peers" / "gcld3_predict.py"),
+                                          *map(str, files), str(alt)], check=True, capture_output=True,
+                                         text=True).stdout)
+        n_alt = len(read_lines(alt))
+        alt_key = str(alt)
+        section = report(ours, peer, alt_key, n_alt)
     print(section)
     write_section(RESULTS, "## Language ID", section)
+
+
+def report(ours: dict, peer: dict, alt_key: str, n_alt: int) -> str:
+    stats = {s: {"hybrid": accuracy_rows(s, ours["hybrid"], map_ours),
+                 "hybrid_all": accuracy_rows(s, ours["hybrid_all"], map_ours),
+                 "fasttext": accuracy_rows(s, ours["fasttext"], map_ours),
+                 "cld3": accuracy_rows(s, peer, map_cld3)} for s in SETS}
+    alt_rate = {name: n_alt / res["seconds"][alt_key] for name, res in
+                (("hybrid", ours["hybrid"]), ("hybrid_all", ours["hybrid_all"]), ("fasttext", ours["fasttext"]),
+                 ("cld3", peer))}
+
+    def deferred(set_name: str | None) -> str:
+        src: Counter = Counter()
+        keys = [alt_key] if set_name is None else [str(p) for p in sorted((DATA / set_name).glob("*.txt"))]
+        for key in keys:
+            src.update(ours["hybrid"]["sources"][key])
+        total = sum(src.values())
+        return f"{src['fasttext'] / total:.1%} fastText, {src['lingua'] / total:.1%} lingua"
+
+    lines = [
+        "## Language ID on short texts: hybrid fastText lid.176.ftz + lingua (ours) vs CLD3 (gcld3 3.0.13)",
+        "",
+        f"`.venv/bin/python bench/langid_bench.py`, run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        "Machine: 2-core x86_64 shared VM, 24 GiB, CPU only; other helpers' processes were running "
+        f"(load average {os.getloadavg()[0]:.1f} at the end), so speeds are noisy and indicative. Each detector in "
+        "its own process pinned to one core; speed = strings per CPU-second of that process (detector calls only). "
+        "Data: lingua-py language-testdata, 75 languages (read in place from ../shared/data, not redistributed). "
+        "Accuracy: top-1, all 75 languages (a language a detector cannot output counts as a miss: lid.176 lacks "
+        f"{', '.join(sorted(LID176_MISSING))}; CLD3 lacks {', '.join(sorted(CLD3_MISSING))}), and over the "
+        f"{75 - len(LID176_MISSING | CLD3_MISSING)} languages both lid.176 and CLD3 support. Code mapping: CLD3 "
+        "iw->he, fil->tl, no->nb, xx-Latn->xx; fastText no->nb. CLD3 settings as LAION: min_num_bytes=0, "
+        "max_num_bytes=1000. Ours: `tag.langid_method=hybrid` with the defaults: fastText (on lower-cased text) "
+        "stands at >= 0.3 confidence with a plain ISO 639-1 code outside the families it confuses; a confident answer "
+        "in such a family (id/ms, da/nb/nn, nl/af, bs/hr/sr, cs/sk, Cyrillic, ...) goes to lingua restricted to that "
+        "family; anything else to lingua low-accuracy mode among fastText's top 5 (with their families) and the 8 "
+        "languages lid.176 lacks, on the first 48 characters. 'hybrid, all 75' is the same with lingua choosing "
+        "among all 75 languages (`tag.langid_lingua_languages=all`). 'fastText alone' is lid.176.ftz alone (the "
+        "previous behaviour, but on lower-cased text). 'hybrid defers' is how often each model decided.",
+        "",
+        "| set | strings | acc. hybrid | acc. hybrid, all 75 | acc. fastText alone | acc. CLD3 | acc. hybrid (common) "
+        "| acc. CLD3 (common) | strings/s/core hybrid | hybrid, all 75 | fastText alone | CLD3 | hybrid defers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in SETS:
+        h, a, f, c = stats[s]["hybrid"], stats[s]["hybrid_all"], stats[s]["fasttext"], stats[s]["cld3"]
+        lines.append(f"| {s} | {h['n']:,} | **{h['acc']:.1%}** | {a['acc']:.1%} | {f['acc']:.1%} | {c['acc']:.1%} | "
+                     f"{h['acc_common']:.1%} | {c['acc_common']:.1%} | {h['rate']:,.0f} | {a['rate']:,.0f} | "
+                     f"{f['rate']:,.0f} | {c['rate']:,.0f} | {deferred(s)} |")
+    lines.append(f"| **real alt text** (img2dataset test_10000, median 48 chars) | {n_alt:,} | | | | | | | "
+                 f"**{alt_rate['hybrid']:,.0f}** | {alt_rate['hybrid_all']:,.0f} | {alt_rate['fasttext']:,.0f} | "
+                 f"{alt_rate['cld3']:,.0f} | {deferred(None)} |")
+    lines += ["", "Routing of the real alt text (LAION's split, `tag.language_threshold` 0.5; CLD3: its probability "
+              ">= 0.5, as LAION's nolang rule):", "",
+              "| detector | en | multi | nolang |", "|---|---:|---:|---:|"]
+    for name, res in (("hybrid", ours["hybrid"]), ("hybrid, all 75", ours["hybrid_all"]),
+                      ("fastText alone", ours["fasttext"])):
+        g = res["groups"][alt_key]
+        lines.append(f"| {name} | {g.get('en', 0) / n_alt:.1%} | {g.get('multi', 0) / n_alt:.1%} | "
+                     f"{g.get('nolang', 0) / n_alt:.1%} |")
+    if "groups" in peer:
+        g = peer["groups"][alt_key]
+        lines.append(f"| CLD3 | {g.get('en', 0) / n_alt:.1%} | {g.get('multi', 0) / n_alt:.1%} | "
+                     f"{g.get('nolang', 0) / n_alt:.1%} |")
+    lines += ["", "Per-language worst cases of the hybrid (the 8 lowest languages per set; CLD3 on the same language):",
+              ""]
+    for s in ("word-pairs", "sentences"):
+        worst = sorted(stats[s]["hybrid"]["per_lang"].items(), key=lambda kv: kv[1])[:8]
+        lines.append(f"- {s}: " + ", ".join(
+            f"{lang} {acc:.0%} (CLD3 {stats[s]['cld3']['per_lang'][lang]:.0%})" for lang, acc in worst))
+    lines.append(f"\nPeak RSS of our process (both models, all lingua low-accuracy models loaded): "
+                 f"{ours['rss_mb']:,.0f} MB.")
+    return "\n".join(lines) + "\n"
 
 
 def write_section(path: Path, header_prefix: str, section: str) -> None:

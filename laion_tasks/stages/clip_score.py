@@ -40,7 +40,7 @@ import torch
 
 from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, ClipModelConfig, Settings
-from laion_tasks.langid import LANGID_FIELDS, detect_languages, language_group
+from laion_tasks.langid import LANGID_FIELDS, LangIdOptions, detect_languages, language_group
 from laion_tasks.models.clip import LoadedClip, cached_clip
 from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
@@ -474,8 +474,7 @@ def clip_score_shard(
     img_emb_uri: str,
     txt_emb_uri: str,
     config: ClipConfig,
-    language_threshold: float = 0.5,
-    langid_model_path: str | None = None,
+    langid: LangIdOptions | None = None,
 ) -> ShardStats:
     """Score one download shard; write the per-row parquet and the two aligned fp16 embedding arrays.
 
@@ -488,8 +487,9 @@ def clip_score_shard(
     inputs = _read_inputs(images_parquet_uri)
     n = len(inputs.keys)
 
-    detections = detect_languages([c or "" for c in inputs.captions], langid_model_path)
-    groups = [language_group(d, language_threshold) for d in detections]
+    langid = langid or LangIdOptions()
+    detections = detect_languages([c or "" for c in inputs.captions], langid)
+    groups = [language_group(d, langid.threshold) for d in detections]
 
     english = config.english
     multi = config.multilingual if config.use_multilingual else config.english
@@ -599,7 +599,7 @@ def score_with_settings(settings: Settings, images_parquet: str, tar: str, out_p
     lang = settings.tag
     return clip_score_shard(
         images_parquet, tar, out_parquet, img_emb, txt_emb, settings.clip,
-        language_threshold=lang.language_threshold, langid_model_path=lang.langid_model_path,
+        langid=lang.langid(),
     )
 
 

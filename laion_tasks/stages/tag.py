@@ -517,7 +517,7 @@ def tag_shard(
     matches_before = Counter(hashlists.matches) if hashlists else Counter()
     sticky = _previously_blocked(out_parquet_uri)
 
-    detections = detect_languages([c or "" for c in rows.captions], config.langid_model_path)
+    detections = detect_languages([c or "" for c in rows.captions], config.langid())
     pattern = keyword_pattern(config.nsfw_keywords)
     nsfw_text = [bool(pattern and c and pattern.search(c)) for c in rows.captions]
     _block_without_image(rows, cols, hashlists, sticky)
