@@ -4,7 +4,7 @@
 
 * Tagging: one synthetic shard of 256 px JPEGs (drawn shapes) with fp16 64-d embeddings,
   tagged by ``tag_shard`` with the tiny CLIP model (``laion-tiny-clip``; zero-shot NSFW and
-  watermark), lid.176 language ID, PDQ for every image and all three hash lists loaded
+  watermark), language copied from the clip parquet, PDQ for every image and all three hash lists loaded
   (10,000 entries each). No real CLIP, NSFW, watermark or aesthetic weights exist here:
   with real weights the embedding heads cost about the same (tiny MLPs), the watermark
   detector (efficientnet_b3 at 256 px) adds a CNN forward per image and is not measured.
@@ -219,7 +219,7 @@ def main() -> None:
         "for these numbers in the same run (LAION's tagging scripts need the real weights and a GPU).",
         "",
         f"**Tagging** ({tag['samples']:,} samples, {tag['images']:,} images of 256 px, tiny CLIP `laion-tiny-clip` "
-        "zero-shot for punsafe/pwatermark, lid.176, PDQ of every image, URL/image/PDQ hash lists of 10,000 entries each): "
+        "zero-shot for punsafe/pwatermark, PDQ of every image, URL/image/PDQ hash lists of 10,000 entries each): "
         f"**{tag['samples'] / tag['cpu_s']:,.0f} samples per CPU-second** on one core "
         f"({tag['images'] / tag['cpu_s']:,.0f} images/CPU-s; wall {tag['wall_s']:.1f} s). With real weights the "
         "NSFW/aesthetic heads are small MLPs on stored embeddings (negligible); the watermark CNN (efficientnet_b3, "

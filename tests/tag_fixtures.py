@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from laion_tasks.langid import detect_languages, language_group
+
 CAPTIONS = [
     "A red bicycle leaning against a brick wall in the old town",
     "Ein kleiner Hund spielt im Garten mit einem Ball",
@@ -115,6 +117,7 @@ def make_shard(
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     emb[~has] = 0
     clip_uids = pq.read_table(tmp / f"{prefix}.parquet").column("uid").to_pylist()
+    detections = detect_languages(caps)  # the clip stage's language columns, as it computes them
     pq.write_table(
         pa.table(
             {
@@ -122,6 +125,9 @@ def make_shard(
                 "uid": clip_uids,
                 "similarity": [0.3 if h else None for h in has],
                 "clip_status": ["success" if h else "no_image" for h in has],
+                "language": [d.language or None for d in detections],
+                "language_score": pa.array([d.confidence for d in detections], pa.float32()),
+                "language_group": [language_group(d, 0.5) for d in detections],
                 "has_embedding": has.tolist(),
             }
         ),

@@ -211,3 +211,25 @@ def test_cli_tag_dedup_and_langid(tmp_path, monkeypatch):
     assert pq.read_table(Path(layout.dedup_dir(str(root), snap)) / "000000.parquet").num_rows == 4
     result = runner.invoke(app, ["langid", "Der Hund schläft im Garten"])
     assert result.exit_code == 0 and json.loads(result.output)[0]["language"] == "de"
+
+
+def test_language_comes_from_the_clip_parquet_not_a_second_detection(tmp_path):
+    """Language ID runs once (clip stage); tag copies its columns by key, in the download order."""
+    import pyarrow as pa
+
+    shard = make_shard(tmp_path, n=6, failed=(2,))
+    clip = pq.read_table(shard.clip_parquet)
+    # Values no detector would give these captions, and the clip rows in reverse order.
+    marked = clip.set_column(clip.schema.get_field_index("language"), "language",
+                             pa.array([f"q{i}" for i in range(6)], pa.string()))
+    pq.write_table(marked.take(pa.array(list(range(5, -1, -1)))), shard.clip_parquet)
+    _, rows = run(shard)
+    assert [r["language"] for r in rows] == [f"q{i}" for i in range(6)]
+    assert [r["language_group"] for r in rows] == clip.column("language_group").to_pylist()
+
+    pq.write_table(clip.drop_columns(["language_group"]), shard.clip_parquet)
+    with pytest.raises(StageError, match="language_group"):
+        run(shard)
+    pq.write_table(clip.slice(0, 5), shard.clip_parquet)
+    with pytest.raises(StageError, match="not scored"):
+        run(shard)

@@ -24,8 +24,9 @@ Scores:
   null otherwise (``stats.extra['aesthetic_available'] = False``).
 * ``nudenet_unsafe``: NudeNet's highest exposed-body detection score (``tag.nudenet``).
 * ``nsfw_text``: an alt-text keyword hit (whole words, case-insensitive).
-* ``language*``: fastText lid.176 on the alt text (recomputed here, so the tag stage's
-  threshold and model path are the ones that count).
+* ``language*``: copied from the clip stage's parquet, so language ID runs once per sample (the clip
+  stage routes each pair by it, and its lineage digest covers every ``tag.langid_*`` knob and
+  ``tag.language_threshold``, so a knob change re-runs clip and then tag).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import pyarrow.parquet as pq
 from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, TagConfig
 from laion_tasks.hashlists import HashLists, pdq_hash
-from laion_tasks.langid import LANGID_FIELDS, detect_languages, language_group
 from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import Context, read_parquet, ShardStats, StageError, StageSpec
 
@@ -299,10 +299,27 @@ def _block_without_image(
             cols.block(i)
 
 
-def _load_embeddings(rows: _DownloadRows, clip_parquet_uri: str, img_emb_uri: str) -> tuple[np.ndarray, np.ndarray]:
+_LANGUAGE_COLUMNS = ("language", "language_score", "language_group")
+
+
+def _clip_languages(rows: _DownloadRows, clip_table: pa.Table, clip_parquet_uri: str) -> dict[str, pa.Array]:
+    """The clip stage's language columns aligned to the download rows: language ID runs once, in the clip stage."""
+    missing = [c for c in ("key", *_LANGUAGE_COLUMNS) if c not in clip_table.column_names]
+    if missing:
+        raise StageError(f"{clip_parquet_uri}: missing column(s) {missing}; re-run the clip stage")
+    position = {str(k): j for j, k in enumerate(clip_table.column("key").to_pylist())}
+    absent = [k for k in rows.keys if k not in position]
+    if absent:
+        raise StageError(f"{clip_parquet_uri}: {len(absent)} download row(s) not scored, e.g. {absent[0]!r}; "
+                         "re-run the clip stage")
+    take = pa.array([position[k] for k in rows.keys], pa.int64())
+    return {c: clip_table.column(c).take(take).combine_chunks().cast(OUTPUT_SCHEMA.field(c).type)
+            for c in _LANGUAGE_COLUMNS}
+
+
+def _load_embeddings(rows: _DownloadRows, clip_table: pa.Table, img_emb_uri: str) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised image embeddings aligned to the download rows (zeros where none), and which rows have one."""
     n = rows.n
-    clip_table = read_parquet(clip_parquet_uri, "clip parquet")
     with storage.local_copy(img_emb_uri) as emb_path:
         try:
             emb_all = np.load(emb_path, mmap_mode="r")
@@ -465,15 +482,13 @@ def _embedding_heads(
 
 
 def _tag_table(
-    rows: _DownloadRows, detections: list[Any], nsfw_text: list[bool], cols: _Columns, threshold: float
+    rows: _DownloadRows, languages: dict[str, pa.Array], nsfw_text: list[bool], cols: _Columns
 ) -> pa.Table:
     return pa.table(
         {
             "key": pa.array(rows.keys, pa.string()),
             "uid": pa.array([None if u is None else str(u) for u in rows.uids], pa.string()),
-            "language": pa.array([d.language or None for d in detections], pa.string()),
-            "language_score": pa.array([d.confidence for d in detections], pa.float32()),
-            "language_group": pa.array([language_group(d, threshold) for d in detections]),
+            **languages,
             "punsafe": _float_column(cols.punsafe),
             "nsfw_method": pa.array(cols.nsfw_method, pa.string()),
             "nsfw_text": pa.array(nsfw_text, pa.bool_()),
@@ -517,18 +532,19 @@ def tag_shard(
     matches_before = Counter(hashlists.matches) if hashlists else Counter()
     sticky = _previously_blocked(out_parquet_uri)
 
-    detections = detect_languages([c or "" for c in rows.captions], config.langid())
+    clip_table = read_parquet(clip_parquet_uri, "clip parquet")
+    languages = _clip_languages(rows, clip_table, clip_parquet_uri)
     pattern = keyword_pattern(config.nsfw_keywords)
     nsfw_text = [bool(pattern and c and pattern.search(c)) for c in rows.captions]
     _block_without_image(rows, cols, hashlists, sticky)
-    emb, has_emb = _load_embeddings(rows, clip_parquet_uri, img_emb_uri)
+    emb, has_emb = _load_embeddings(rows, clip_table, img_emb_uri)
     models = _ImageModels.load(config, clip_config)
 
     with storage.local_copy(tar_uri) as tar_path:
         blocked_in_tar = _image_pass(tar_path, tar_uri, rows, cols, has_emb, hashlists, models, stats)
         _embedding_heads(cols, emb, config, clip_config, watermark_done=models.watermark is not None)
         # The tags first, then the tar without the blocked samples: a re-run finds the same matches.
-        table = _tag_table(rows, detections, nsfw_text, cols, config.language_threshold)
+        table = _tag_table(rows, languages, nsfw_text, cols)
         stats.bytes_written = _write_parquet(table, out_parquet_uri)
         removed = _rewrite_tar_without(tar_path, tar_uri, blocked_in_tar) if blocked_in_tar else 0
 
@@ -586,7 +602,8 @@ SPEC = StageSpec(
         "tag.nudenet",
         "tag.*_hashlist",
         "tag.pdq_max_distance",
-        *LANGID_FIELDS,
+        # No language-ID knobs: the language is copied from the clip parquet (language ID runs once), so a
+        # change of them re-runs clip, and tag follows through clip's run.
         # the CLIP model whose text tower embeds the zero-shot prompts (not device or batch sizes)
         "clip.english.model",
         "clip.english.pretrained",
