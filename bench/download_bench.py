@@ -49,6 +49,44 @@ def ensure_peer() -> Path:
     return exe
 
 
+def web_mix(images: list[bytes]) -> list[bytes]:
+    """The 200 sample photos re-encoded to a web-like size and format mix (deterministic).
+
+    Web images skew larger than ImageNet's ~500 px (LAION's high-resolution subset alone is 170M images of at
+    least 1024 px). Per 20 images: 1 JPEG upscaled to 2048-2400 px on the long side (5%), 2 PNG and 2 WebP (q80) at
+    the original size (10% each), 6 JPEG (q85) upscaled to 1024-1600 px, and the rest the original JPEG bytes.
+    About a third are at least 1024 px on the long side.
+    """
+    import io
+
+    from PIL import Image
+
+    out = []
+    for i, data in enumerate(images):
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+            buf = io.BytesIO()
+            long_side = max(img.size)
+
+            def scaled(target: int) -> Image.Image:
+                factor = target / long_side
+                return img.resize((round(img.width * factor), round(img.height * factor)), Image.Resampling.LANCZOS)
+
+            if i % 20 == 0:
+                scaled(2048 + (i * 37) % 353).save(buf, "JPEG", quality=85)
+            elif i % 10 == 1:
+                img.save(buf, "PNG")
+            elif i % 10 == 2:
+                img.save(buf, "WEBP", quality=80)
+            elif i % 3 == 0:
+                scaled(1024 + (i * 53) % 577).save(buf, "JPEG", quality=85)
+            else:
+                out.append(data)
+                continue
+            out.append(buf.getvalue())
+    return out
+
+
 # -- server ---------------------------------------------------------------------------
 def _serve(sock: socket.socket, images: list[bytes]) -> None:
     import asyncio

@@ -147,11 +147,18 @@ class HashLists:
             self.matches["url"] += 1
         return hit
 
-    def image_blocked(self, data: bytes) -> bool:
-        """True if md5, sha1 or sha256 of the image bytes is listed. Call before writing them."""
+    def image_blocked(self, data: bytes, sha256: bytes | None = None) -> bool:
+        """True if md5, sha1 or sha256 of the image bytes is listed. Call before writing them.
+
+        ``sha256``: the bytes' digest when the caller already has it (the download stage hashes each body once).
+        """
         if not self.image:
             return False
-        hit = any(hashlib.new(algo, data).digest() in digests for algo, digests in self.image.items())
+
+        def digest(algo: str) -> bytes:
+            return sha256 if algo == "sha256" and sha256 is not None else hashlib.new(algo, data).digest()
+
+        hit = any(digest(algo) in digests for algo, digests in self.image.items())
         if hit:
             self.matches["image"] += 1
         return hit

@@ -155,7 +155,7 @@ def test_blocklisted_url_never_requested_and_image_never_stored(tmp_path: Path) 
         def url_blocked(self, url: str) -> bool:
             return hashlib.md5(url.encode()).hexdigest() in self.urls
 
-        def image_blocked(self, data: bytes) -> bool:
+        def image_blocked(self, data: bytes, sha256: bytes | None = None) -> bool:
             return hashlib.md5(data).hexdigest() in self.images
 
     with FixtureServer() as srv:

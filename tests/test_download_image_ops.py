@@ -105,3 +105,84 @@ def test_draft_decode_matches_full_decode_closely() -> None:
     from PIL import ImageChops, ImageStat
 
     assert max(ImageStat.Stat(ImageChops.difference(fast, canvas)).mean) < 2.0
+
+
+def _jpeg(img: Image.Image, **save: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90, **save)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("size", "orientation"), [((2000, 1500), 1), ((1000, 700), 1), ((500, 400), 1),
+                                                     ((2000, 1000), 6)])
+def test_shrink_on_load_keeps_at_least_the_target_resolution(monkeypatch, size, orientation) -> None:
+    """The DCT-scaled decode never hands the resize fewer pixels than the target, EXIF rotation included."""
+    import laion_tasks.stages.image_ops as ops
+
+    seen: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    real = ops._resize
+    monkeypatch.setattr(ops, "_resize", lambda img, target: seen.append((img.size, target)) or real(img, target))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _jpeg(Image.linear_gradient("L").convert("RGB").resize(size), exif=exif.tobytes())
+    result = process_image(data, ImageOptions(image_size=256, resize_mode="keep_ratio_largest"))
+    (decoded_size, target), = seen
+    assert decoded_size[0] >= target[0] and decoded_size[1] >= target[1], (decoded_size, target)
+    shown = size if orientation == 1 else size[::-1]
+    assert target == ops._target_size(*shown, ImageOptions(image_size=256, resize_mode="keep_ratio_largest"))
+    if max(size) >= 1000:  # 2x or more above the target: the decoder did shrink
+        assert decoded_size[0] < shown[0]
+    assert decoded(result.data).size == target
+    assert (result.original_width, result.original_height) == shown
+
+
+def test_exif_rotation_with_shrink_on_load_puts_content_the_right_way_up() -> None:
+    """A stored-landscape photo with orientation 6 comes out portrait, its top-left corner where EXIF says."""
+    img = Image.new("RGB", (1600, 800), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 400, 400))  # red: stored top-left -> displayed top-right after rotate 90 cw
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    result = process_image(_jpeg(img, exif=exif.tobytes()), ImageOptions(image_size=256, resize_mode="keep_ratio_largest"))
+    out = decoded(result.data).convert("RGB")
+    assert out.size == (128, 256)
+    red, blue = out.getpixel((120, 8)), out.getpixel((8, 248))
+    assert red[0] > 200 and red[2] < 60, red
+    assert blue[2] > 200 and blue[0] < 60, blue
+
+
+def test_cmyk_grayscale_palette_and_16_bit_inputs_come_out_rgb() -> None:
+    cmyk = Image.new("CMYK", (800, 600), (0, 255, 255, 0))  # pure red in CMYK
+    out = io.BytesIO()
+    cmyk.save(out, "JPEG", quality=95)
+    for data, expected in (
+        (out.getvalue(), (255, 0, 0)),
+        (_jpeg(Image.new("L", (900, 600), 128)), (128, 128, 128)),
+    ):
+        result = process_image(data, ImageOptions(image_size=256))
+        img = decoded(result.data)
+        assert result.status == "success" and img.mode == "RGB" and img.size == (256, 256)
+        center = img.getpixel((128, 128))
+        assert all(abs(a - b) <= 6 for a, b in zip(center, expected)), (center, expected)
+    palette = Image.new("P", (300, 200), 0)
+    palette.putpalette([0, 160, 0] + [255, 0, 0] * 255)
+    palette.paste(1, (150, 0, 300, 200))
+    for transparent in (None, 1):
+        out = io.BytesIO()
+        palette.save(out, "PNG", **({"transparency": transparent} if transparent is not None else {}))
+        img = decoded(process_image(out.getvalue(), ImageOptions(resize_mode="no")).data)
+        assert img.getpixel((10, 100))[1] > 140  # green stays green
+        right = img.getpixel((290, 100))
+        assert (min(right) > 240) if transparent else (right[0] > 230 and right[1] < 30), right
+    deep = Image.new("I;16", (400, 300), 40000)
+    out = io.BytesIO()
+    deep.save(out, "PNG")
+    result = process_image(out.getvalue(), ImageOptions(image_size=128))
+    assert result.status == "success" and decoded(result.data).mode == "RGB"
+
+
+def test_the_given_sha256_is_used_and_otherwise_computed() -> None:
+    import hashlib
+
+    data = make_jpeg()
+    assert process_image(data, ImageOptions()).sha256 == hashlib.sha256(data).hexdigest()
+    assert process_image(data, ImageOptions(), sha256="ab" * 32).sha256 == "ab" * 32

@@ -32,7 +32,7 @@ class CrashOnImage:
     def url_blocked(self, url: str) -> bool:
         return False
 
-    def image_blocked(self, data: bytes) -> bool:
+    def image_blocked(self, data: bytes, sha256: bytes | None = None) -> bool:
         if hashlib.md5(data).hexdigest() == self.poison_md5:
             os._exit(3)
         return False

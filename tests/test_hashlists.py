@@ -109,3 +109,15 @@ def test_pdq_hex_is_facebook_canonical_order():
     digest, _ = pdq_hash(Image.fromarray(arr))
     bits = "".join(str(int(b)) for b in vector)
     assert digest.hex() == f"{int(bits, 2):064x}"
+
+
+def test_image_blocked_reuses_a_given_sha256(tmp_path):
+    """The download stage hashes each body once and hands the digest over; the answer is the same."""
+    data = b"some image bytes"
+    lists = HashLists.from_config(
+        TagConfig(image_hashlist=write(tmp_path, "img.txt", f"sha256:{hashlib.sha256(data).hexdigest()}\n"))
+    )
+    assert lists is not None
+    assert lists.image_blocked(data, sha256=hashlib.sha256(data).digest())
+    assert lists.image_blocked(data)
+    assert not lists.image_blocked(data, sha256=hashlib.sha256(b"other").digest())

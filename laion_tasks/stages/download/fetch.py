@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import random
 import time
 from dataclasses import dataclass
@@ -43,14 +44,15 @@ class Blocklist(Protocol):
 
     ``url_blocked`` is asked BEFORE any request to a URL (every redirect hop too), so a
     listed URL is never fetched; ``image_blocked`` is asked on the original bytes right
-    after the fetch, and a listed image is never decoded nor written anywhere. An optional
+    after the fetch (with their sha256, computed once per body), and a listed image is
+    never decoded nor written anywhere. An optional
     ``pdq_blocked(image)`` (with a ``pdq`` list) is asked on the decoded image before the
     resize (see ``workers.pdq_inspector``).
     """
 
     def url_blocked(self, url: str) -> bool: ...
 
-    def image_blocked(self, data: bytes) -> bool: ...
+    def image_blocked(self, data: bytes, sha256: bytes | None = None) -> bool: ...
 
 
 def is_retryable(status: str | None) -> bool:
@@ -225,7 +227,8 @@ class Fetcher:
     async def fetch(self, url: str, process: Any, on_body: Any = None) -> SampleResult:
         """Fetch ``url`` with retries and hand the bytes to ``process`` (async callable).
 
-        ``on_body()`` is called once the body is in, before any work on the bytes.
+        ``on_body()`` is called once the body is in, before any work on the bytes. ``process(data, final_url,
+        sha256)`` gets the body's sha256, computed here once (the hash list and the parquet both use it).
         """
         attempt = 0
         while True:
@@ -245,13 +248,14 @@ class Fetcher:
                 else:
                     if on_body is not None:
                         on_body()
-                    if self.blocklist is not None and self.blocklist.image_blocked(data):
+                    digest = hashlib.sha256(data).digest()
+                    if self.blocklist is not None and self.blocklist.image_blocked(data, sha256=digest):
                         return SampleResult("blocked_hashlist", "image bytes are on a safety hash list; not stored")
                     if self.config.respect_embedded_optouts:
                         refusal = optout.embedded_opt_out(data, self.config.embedded_optout_dmi_values)
                         if refusal is not None:
                             return SampleResult(optout.STATUS, refusal, final_url)
-                    return await process(data, final_url)
+                    return await process(data, final_url, digest.hex())
             attempt += 1
             self.retries += 1
             await asyncio.sleep(delay)

@@ -11,6 +11,8 @@ One shard in, two objects out:
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import tarfile
 import time
@@ -50,17 +52,43 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
-def _tar_writer(handle: Any) -> Any:
-    """webdataset's writer with a fixed mtime, so re-runs write byte-identical tars."""
-    import webdataset
+class SampleTar:
+    """Writes WebDataset samples: the members ``webdataset.TarWriter`` writes (same names, order, owner, mode and
+    fixed mtime, PAX format), so re-runs give byte-identical tars.
 
-    return webdataset.TarWriter(handle, mtime=TAR_MTIME)
+    Not webdataset's own writer: importing webdataset imports torch, seconds of CPU in every download process.
+    The file is written in place (``"w"`` mode), not through tarfile's stream buffer, which copies its whole
+    pending buffer on each write.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self.tarstream = tarfile.open(fileobj=handle, mode="w")
+
+    def __enter__(self) -> "SampleTar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.tarstream.close()
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        for ext in sorted(members):
+            payload = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(payload), TAR_MTIME, 0o444
+            info.uname = info.gname = "bigdata"
+            self.tarstream.addfile(info, io.BytesIO(payload))
 
 
-def _write_sample(sink: Any, ext: str, key: str, row: dict[str, Any], caption: str | None, result: SampleResult) -> None:
+def _tar_writer(handle: Any) -> SampleTar:
+    return SampleTar(handle)
+
+
+def _write_sample(sink: SampleTar, ext: str, key: str, row: dict[str, Any], caption: str | None,
+                  result: SampleResult) -> None:
     """One WebDataset sample: KEY.<ext> image, KEY.txt caption, KEY.json metadata."""
     assert result.image is not None and result.image.data is not None
-    sink.write({"__key__": key, ext: result.image.data, "txt": caption or "", "json": _sample_json(key, row, caption, result)})
+    meta = json.dumps(_sample_json(key, row, caption, result)).encode()
+    sink.write(key, {ext: result.image.data, "txt": (caption or "").encode(), "json": meta})
 
 
 def _shard_keys(table: pa.Table, shard_uri: str) -> list[str]:
@@ -215,7 +243,7 @@ def retry_failed(
                     if member.name.split(".", 1)[0] in retried_keys:
                         continue
                     extracted = old.extractfile(member)
-                    sink.tarstream.addfile(member, extracted)  # webdataset.TarWriter's tarfile
+                    sink.tarstream.addfile(member, extracted)
 
             def on_success(j: int, result: SampleResult) -> None:
                 i = todo[j]

@@ -99,11 +99,11 @@ async def _fetch_rows(
 
     inspect = pdq_inspector(blocklist)
 
-    async def process(data: bytes, final_url: str) -> SampleResult:
+    async def process(data: bytes, final_url: str, sha256: str) -> SampleResult:
         if executor is None:  # decode_threads=0: inline, blocking this loop while it runs
-            image = process_image(data, options, inspect)
+            image = process_image(data, options, inspect, sha256)
         else:
-            image = await loop.run_in_executor(executor, process_image, data, options, inspect)
+            image = await loop.run_in_executor(executor, process_image, data, options, inspect, sha256)
         if image.status == BLOCKED:  # nothing of a listed image leaves the worker: no size, no hash
             return SampleResult(BLOCKED, image.error_message)
         return SampleResult(image.status, image.error_message, final_url, image)
