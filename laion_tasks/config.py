@@ -133,9 +133,10 @@ class DownloadConfig(Section):
     encode_quality: int = 95
     """JPEG/WebP quality of the written images."""
     processes: int = 0
-    """Download worker processes (each: its own event loop + decode threads); 0 means one per core."""
-    decode_threads: int = 1
-    """Decode/resize/encode threads per download worker process (Pillow releases the GIL); 0 = inline on its loop."""
+    """Download worker processes (each: its own event loop, decoding inline or in threads); 0 means one per core."""
+    decode_threads: int = 0
+    """Decode/resize/encode threads per download worker; 0 decodes inline on its loop: with one worker per core a
+    thread only adds hand-offs and GIL switches (about 15% more CPU per image). Raise it with fewer workers than cores."""
 
 
 class ClipModelConfig(Section):

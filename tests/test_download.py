@@ -341,3 +341,25 @@ def test_cli_regroup_then_download(tmp_path: Path) -> None:
         result = runner.invoke(app, ["download", shard, *out, "--retry-failed"], env=env)
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["counts"] == {"success": 2}
+
+
+def test_sample_tar_writes_the_bytes_webdataset_writes(tmp_path):
+    """Our tar writer (no webdataset/torch import in download processes) matches webdataset.TarWriter byte for byte."""
+    import io
+    import json
+
+    import webdataset
+
+    from laion_tasks.stages.download.shard import TAR_MTIME, SampleTar
+
+    samples = [("000000001", {"jpg": b"\xff\xd8" + bytes(range(256)) * 120, "txt": "caf\u00e9".encode(),
+                              "json": json.dumps({"caption": "caf\u00e9", "width": 256}).encode()}),
+               ("000000002", {"jpg": b"\xff\xd8", "txt": b"", "json": b"{}"})]
+    expected = io.BytesIO()
+    with webdataset.TarWriter(expected, mtime=TAR_MTIME) as writer:
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
+    with open(tmp_path / "ours.tar", "wb") as handle, SampleTar(handle) as sink:
+        for key, members in samples:
+            sink.write(key, members)
+    assert (tmp_path / "ours.tar").read_bytes() == expected.getvalue()

@@ -5,15 +5,15 @@ Split by role, as img2dataset is:
 - :mod:`.fetch`: the HTTP client (retries, redirects, SSRF guard, hash lists, opt-outs:
   robots.txt and TDMRep through :mod:`laion_tasks.net`, headers, error statuses);
 - :mod:`.optout`: opt-outs embedded in images (XMP, C2PA) and per-origin short-circuits;
-- :mod:`.workers`: the worker processes, each with its own event loop and decode threads;
+- :mod:`.workers`: the worker processes, each with its own event loop (decoding inline or in threads);
 - :mod:`.shard`: reading a shard and writing its tar and Parquet (:func:`download_shard`,
   :func:`retry_failed`).
 
 Outcomes in :class:`ShardStats`: ``success`` or ``fail:<status>`` for every other status,
 opt-outs and safety blocks included (their status names say so: ``opted_out_*``,
 ``blocked_ssrf``, ``blocked_hashlist``). Decode/resize/encode
-(:mod:`laion_tasks.stages.image_ops`) runs in each worker's thread pool, so its loop never
-blocks on pixels.
+(:mod:`laion_tasks.stages.image_ops`) runs in each worker process, inline on its loop by
+default (``download.decode_threads``).
 
 
 The stage's declaration (:data:`SPEC`) ends this module.

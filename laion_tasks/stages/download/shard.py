@@ -53,8 +53,8 @@ RESULT_SCHEMA = pa.schema(
 
 
 class SampleTar:
-    """Writes WebDataset samples: the members ``webdataset.TarWriter`` writes (same names, order, owner, mode and
-    fixed mtime, PAX format), so re-runs give byte-identical tars.
+    """Writes WebDataset samples: the bytes ``webdataset.TarWriter`` writes (same names, order, owner, mode and
+    fixed mtime), so re-runs give byte-identical tars.
 
     Not webdataset's own writer: importing webdataset imports torch, seconds of CPU in every download process.
     The file is written in place (``"w"`` mode), not through tarfile's stream buffer, which copies its whole
@@ -62,7 +62,8 @@ class SampleTar:
     """
 
     def __init__(self, handle: Any) -> None:
-        self.tarstream = tarfile.open(fileobj=handle, mode="w")
+        # USTAR: for our short ASCII names, exactly the bytes PAX (webdataset's) writes, without its per-member check.
+        self.tarstream = tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT)
 
     def __enter__(self) -> "SampleTar":
         return self

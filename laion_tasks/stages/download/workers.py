@@ -2,9 +2,11 @@
 
 One shard's rows are dealt round-robin to P worker processes (default: one per core), fresh
 interpreters started by :mod:`laion_tasks.subproc`, so they work whatever the host's ``__main__``
-is (an Airflow task process under any executor, the CLI, a pod, pytest). Each runs its own event loop (fetching, with the same guards and opt-out checks) AND decodes,
-resizes and encodes in a small thread pool of its own (Pillow releases the GIL there), then
-sends back only the small result (status + encoded output bytes) over a pipe. The original
+is (an Airflow task process under any executor, the CLI, a pod, pytest). Each runs its own
+event loop (fetching, with the same guards and opt-out checks) AND decodes, resizes and
+encodes, inline on that loop by default (one worker per core is CPU-bound, so a thread would
+only add hand-offs) or in ``download.decode_threads`` threads, then sends back only the small
+result (status + encoded output bytes) over a pipe. The original
 bytes never cross a process boundary, and no single event loop has to carry the whole shard.
 The global and per-host limits are divided by the number of workers; robots.txt is fetched
 and cached once per origin PER WORKER. A blocklist that cannot be pickled makes the run stay
@@ -17,8 +19,10 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import mmap
 import os
 import pickle
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,10 +159,17 @@ def _worker_main(
     config: DownloadConfig,
     blocklist_pickle: bytes | None,
     conn: Any,
+    in_hand: Any,
 ) -> None:
-    """Worker process: fetch + process ``rows``; sends lists of messages: ("body", i) when row
-    i's bytes are in, ("row", i, result) when it is finished, and ("done", ...) at the end."""
+    """Worker process: fetch + process ``rows``; sends lists of messages: ("row", i, result) when row
+    i is finished, and ("done", ...) at the end.
+
+    ``in_hand`` (shared memory, one byte per row of this worker, in ``rows`` order) is set when a row's
+    bytes are in and cleared once its result has been sent: if this process dies on those bytes, the
+    parent still knows which rows it held. A shared byte instead of a message per body saves a pipe
+    write, a parent wake-up and a pickle per image."""
     blocklist = pickle.loads(blocklist_pickle) if blocklist_pickle is not None else None
+    position = {i: j for j, (i, _url) in enumerate(rows)}
 
     pending: list[tuple[Any, ...]] = []  # messages go in batches: fewer sends, recvs and wake-ups
     flush_scheduled = False
@@ -168,6 +179,9 @@ def _worker_main(
         flush_scheduled = False
         if pending:
             conn.send(list(pending))
+            for message in pending:
+                if message[0] == "row":
+                    in_hand[position[message[1]]] = 0
             pending.clear()
 
     def emit(i: int, result: SampleResult) -> None:
@@ -178,8 +192,7 @@ def _worker_main(
             asyncio.get_running_loop().call_soon(flush)
 
     def on_body(i: int) -> None:
-        pending.append(("body", i))
-        flush()  # now: if this process dies on these bytes, the parent must know which row it was
+        in_hand[position[i]] = 1
 
     with asyncio.Runner(loop_factory=_make_loop) as runner:
         retries, downloaded = runner.run(_fetch_rows(rows, emit, config, blocklist, on_body))
@@ -189,14 +202,16 @@ def _worker_main(
     conn.close()
 
 
-def _worker_process(fd: int) -> None:
+def _worker_process(fd: int, flags_fd: int) -> None:
     """Entry point of a worker interpreter (see :mod:`laion_tasks.subproc`): the rows, config and
-    blocklist come as one pickle on stdin; messages go back on pipe ``fd``."""
+    blocklist come as one pickle on stdin; messages go back on pipe ``fd``; file ``flags_fd`` is the
+    shared rows-in-hand map (one byte per row)."""
     from multiprocessing.connection import Connection
 
     rows, config, blocklist_pickle = subproc.receive()
     subproc.exit_with_parent()
-    _worker_main(rows, config, blocklist_pickle, Connection(fd, readable=False))
+    in_hand = mmap.mmap(flags_fd, max(1, len(rows)))
+    _worker_main(rows, config, blocklist_pickle, Connection(fd, readable=False), in_hand)
 
 
 WORKER_CRASH_ATTEMPTS = 3
@@ -279,13 +294,20 @@ def _run_workers(
 
     worker_config = per_process_config(config, processes)
     conns: dict[Any, Any] = {}
-    in_hand: dict[Any, set[int]] = {}  # per worker: rows whose bytes it holds, unfinished
+    in_hand: dict[Any, tuple[list[int], mmap.mmap]] = {}  # per worker: its rows, and which it holds, unfinished
     procs = []
+    maps: list[tuple[Any, mmap.mmap]] = []
     try:
-        for _ in range(processes):  # start them all first: they import in parallel
+        for w in range(processes):  # start them all first: they import in parallel
+            share = rows[w::processes]
+            flags_file = tempfile.TemporaryFile()  # unlinked; shared with the worker by descriptor
+            flags_file.truncate(max(1, len(share)))
+            flags = mmap.mmap(flags_file.fileno(), max(1, len(share)))  # zeroed
+            maps.append((flags_file, flags))
             read_fd, write_fd = os.pipe()
             try:
-                proc = subproc.start_python(__name__, "_worker_process", write_fd, pass_fds=(write_fd,))
+                proc = subproc.start_python(__name__, "_worker_process", write_fd, flags_file.fileno(),
+                                            pass_fds=(write_fd, flags_file.fileno()))
             except BaseException:
                 os.close(read_fd)
                 raise
@@ -293,7 +315,7 @@ def _run_workers(
                 os.close(write_fd)  # the child holds the write end: EOF here when it exits
             reader = Connection(read_fd, writable=False)
             conns[reader] = proc
-            in_hand[reader] = set()
+            in_hand[reader] = ([i for i, _url in share], flags)
             procs.append(proc)
         for w, proc in enumerate(procs):
             subproc.send(proc, (rows[w::processes], worker_config, blocklist_pickle))
@@ -305,14 +327,13 @@ def _run_workers(
                 except EOFError:
                     del conns[reader]
                     reader.close()
-                    for i in in_hand.pop(reader):  # only non-empty if it died mid-row
-                        blame(i)
+                    indices, flags = in_hand.pop(reader)
+                    for j, i in enumerate(indices):  # set only if it died mid-row
+                        if flags[j]:
+                            blame(i)
                     continue
                 for message in messages:
-                    if message[0] == "body":
-                        in_hand[reader].add(message[1])
-                    elif message[0] == "row":
-                        in_hand[reader].discard(message[1])
+                    if message[0] == "row":
                         receive(message[1], message[2])
                     else:  # ("done", retries, bytes, hash-list matches)
                         finished += 1
@@ -329,3 +350,6 @@ def _run_workers(
             subproc.close(proc)
         for reader in conns:
             reader.close()
+        for flags_file, flags in maps:
+            flags.close()
+            flags_file.close()
