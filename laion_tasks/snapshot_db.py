@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import duckdb
 
 from laion_tasks import layout, storage
-from laion_tasks.config import CurateConfig
+from laion_tasks.config import ClipConfig, CurateConfig
 from laion_tasks.stage import StageError
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,18 @@ TABLES: dict[str, dict[str, str]] = {
 
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def clip_kept_sql(clip: ClipConfig, similarity: str = "similarity", group: str = "clip_language_group") -> str:
+    """Boolean SQL: the pair reaches the CLIP threshold of the model that scored it.
+
+    The CLIP stage stores the similarity and the language group that routed the pair;
+    the threshold is applied here, at read time, so changing ``clip.*.threshold``
+    re-runs curation and dedup, never GPU scoring. NULL when the pair was not scored.
+    """
+    english = float(clip.english.threshold)
+    multi = float(clip.multilingual.threshold if clip.use_multilingual else english)
+    return f"({similarity} >= CASE WHEN {group} = 'multi' THEN {multi!r} ELSE {english!r} END)"
 
 
 def table_dir(root: str, snapshot: str, table: str) -> str:

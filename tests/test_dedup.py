@@ -80,7 +80,7 @@ def two_shards(tmp_path):
 
 @pytest.mark.parametrize("buckets", [1, 4, 16])
 def test_dedup_across_shards_and_buckets(tmp_path, two_shards, buckets):
-    config = DedupConfig(buckets=buckets, near_dup_threshold=0.95, centroid_sample_per_shard=100)
+    config = DedupConfig(buckets=buckets, near_dup_threshold=0.95, cluster_size=1)
     stats = dedup_all(two_shards, str(tmp_path / f"work{buckets}"), str(tmp_path / f"out{buckets}"), config)
     v = verdicts(tmp_path / f"out{buckets}")
     assert len(v) == 11  # one row per input row
@@ -90,7 +90,7 @@ def test_dedup_across_shards_and_buckets(tmp_path, two_shards, buckets):
         "0000010004": ("0000000003", "url_alt"),
         "0000010006": ("0000010005", "url_alt"),
     }
-    # near-dups meet in one of their 2 nearest k-means cells (near_dup_probes), even with 16 cells for 9 vectors
+    # near-dups meet through their 3 nearest k-means clusters (near_dup_probes), even with one cluster per vector
     expected["0000010002"] = ("0000000002", "near_embedding")
     removed = {k: (r["dup_of_key"], r["dup_reason"]) for k, r in v.items() if r["dup_reason"]}
     assert removed == expected
@@ -107,8 +107,8 @@ def test_dedup_across_shards_and_buckets(tmp_path, two_shards, buckets):
 
 
 def test_one_probe_with_a_cell_per_vector_misses_the_near_pair(tmp_path, two_shards):
-    """The documented cost of bucketing: near-dups in different cells are not compared."""
-    config = DedupConfig(buckets=16, near_dup_probes=1, centroid_sample_per_shard=100)
+    """The documented cost of clustering: near-dups in different clusters are not compared."""
+    config = DedupConfig(buckets=16, near_dup_probes=1, cluster_size=1)
     dedup_all(two_shards, str(tmp_path / "work"), str(tmp_path / "out"), config)
     v = verdicts(tmp_path / "out")
     assert v["0000010002"]["dup_reason"] is None
