@@ -4,9 +4,9 @@ Built so that the cost per row stays flat and memory stays within ``dedup.memory
 as a snapshot grows to hundreds of millions of rows:
 
 1. ``dedup_centroids`` (one task, only for near-dups): SemDeDup-style spherical k-means
-   with ``embeddings / cluster_size`` clusters, trained on a sample, as a two-level tree
-   (``sqrt(K)`` top cells, each split into its share of the leaves). Assigning a vector
-   then costs ``~2 sqrt(K)`` dot products instead of ``K``.
+   with ``K = embeddings / cluster_size`` clusters, trained on a sample, as a two-level tree
+   (``sqrt(2 probes K)`` top cells, each split into its share of the leaves). Assigning a
+   vector then costs ``~2 sqrt(2 probes K)`` dot products instead of ``K``.
 2. ``dedup_partition`` (one task per *run*, a contiguous batch of shards): one DuckDB query
    per shard gives every row its rank (eligible rows first, then shard and key order) and
    the digests of its (url, alt) and image sha256, with no Python per row. Embeddings are
@@ -186,11 +186,17 @@ def _embedding_rows(has: np.ndarray, emb_rows: int, where: str) -> np.ndarray:
 
 @dataclass
 class Centroids:
-    """Two-level k-means tree: ``top`` cells, each owning ``leaves[offsets[j]:offsets[j+1]]``."""
+    """Two-level k-means tree: ``top`` cells, each owning ``leaves[offsets[j]:offsets[j+1]]``.
+
+    ``rotation`` (PCA of the sample, orthonormal, so cosines are unchanged) is applied to the
+    vectors a run stores: their leading dimensions then carry most of the energy, which lets
+    the near-dup search reject most pairs from a quarter of the dimensions (see :func:`similar_pairs`).
+    """
 
     top: np.ndarray
     leaves: np.ndarray
     offsets: np.ndarray
+    rotation: np.ndarray
 
     @property
     def n_leaves(self) -> int:
@@ -199,48 +205,49 @@ class Centroids:
     def save(self, uri: str) -> int:
         with storage.atomic_local_path(uri, suffix=".npz") as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, top=self.top, leaves=self.leaves, offsets=self.offsets)
+                np.savez(handle, top=self.top, leaves=self.leaves, offsets=self.offsets, rotation=self.rotation)
             return tmp.stat().st_size
 
     @classmethod
     def load(cls, uri: str) -> "Centroids":
         with storage.local_copy(uri) as path, np.load(path) as z:
-            return cls(z["top"].astype(np.float32), z["leaves"].astype(np.float32), z["offsets"].astype(np.int64))
+            return cls(z["top"].astype(np.float32), z["leaves"].astype(np.float32), z["offsets"].astype(np.int64),
+                       z["rotation"].astype(np.float32))
 
-    def assign(self, x: np.ndarray, probes: int) -> np.ndarray:
+    def assign(self, x: np.ndarray, probes: int, top_probes: int | None = None) -> np.ndarray:
         """(n, probes) leaf ids, nearest first, for normalised fp32 vectors.
 
-        The ``probes`` nearest top cells are searched for their ``probes`` nearest leaves each;
-        the best ``probes`` of those are kept.
+        The ``top_probes`` (default ``2 * probes``) nearest top cells are searched for their
+        ``probes`` nearest leaves each; the best ``probes`` of those are kept.
         """
         import faiss
 
         n = x.shape[0]
         probes = max(1, min(probes, self.n_leaves))
-        top_k = min(probes, self.top.shape[0])
+        top_k = max(1, min(top_probes or 2 * probes, self.top.shape[0]))
         _, cells = faiss.knn(x, self.top, top_k, metric=faiss.METRIC_INNER_PRODUCT)
-        best_s = np.full((n, probes), -np.inf, dtype=np.float32)
-        best_l = np.full((n, probes), -1, dtype=np.int64)
-        for rank in range(top_k):
-            col = cells[:, rank]
-            order = np.argsort(col, kind="stable")
-            bounds = np.searchsorted(col[order], np.arange(self.top.shape[0] + 1))
-            for cell in np.flatnonzero(np.diff(bounds)):
-                rows = order[bounds[cell] : bounds[cell + 1]]
-                lo, hi = int(self.offsets[cell]), int(self.offsets[cell + 1])
-                k = min(probes, hi - lo)
-                if k == 0:
-                    continue
-                s, i = faiss.knn(x[rows], self.leaves[lo:hi], k, metric=faiss.METRIC_INNER_PRODUCT)
-                all_s = np.concatenate([best_s[rows], s], axis=1)
-                all_l = np.concatenate([best_l[rows], i + lo], axis=1)
-                pick = np.argsort(-all_s, axis=1, kind="stable")[:, :probes]
-                best_s[rows] = np.take_along_axis(all_s, pick, axis=1)
-                best_l[rows] = np.take_along_axis(all_l, pick, axis=1)
+        cand_s = np.full((n, top_k * probes), -np.inf, dtype=np.float32)
+        cand_l = np.full((n, top_k * probes), -1, dtype=np.int64)
+        flat = cells.ravel()
+        order = np.argsort(flat, kind="stable")
+        bounds = np.searchsorted(flat[order], np.arange(self.top.shape[0] + 1))
+        for cell in np.flatnonzero(np.diff(bounds)):
+            hits = order[bounds[cell] : bounds[cell + 1]]
+            rows, rank = hits // top_k, hits % top_k
+            lo, hi = int(self.offsets[cell]), int(self.offsets[cell + 1])
+            k = min(probes, hi - lo)
+            if k == 0:
+                continue
+            sim, ids = faiss.knn(x[rows], self.leaves[lo:hi], k, metric=faiss.METRIC_INNER_PRODUCT)
+            cols = rank[:, None] * probes + np.arange(k)[None, :]
+            cand_s[rows[:, None], cols] = sim
+            cand_l[rows[:, None], cols] = ids + lo
+        pick = np.argsort(-cand_s, axis=1, kind="stable")[:, :probes]
+        best = np.take_along_axis(cand_l, pick, axis=1)
         # fewer distinct leaves than probes (tiny data): repeat the nearest, it adds no work
-        missing = best_l < 0
-        best_l[missing] = np.broadcast_to(best_l[:, :1], best_l.shape)[missing]
-        return best_l.astype(np.int32)
+        missing = best < 0
+        best[missing] = np.broadcast_to(best[:, :1], best.shape)[missing]
+        return best.astype(np.int32)
 
 
 def _kmeans(x: np.ndarray, k: int, config: DedupConfig) -> np.ndarray:
@@ -260,7 +267,8 @@ def train_centroids(sample: np.ndarray, n_leaves: int, config: DedupConfig) -> C
     import faiss
 
     n_leaves = max(1, min(n_leaves, sample.shape[0]))
-    n_top = max(1, min(int(math.ceil(math.sqrt(n_leaves))), sample.shape[0]))
+    # assigning costs n_top + top_probes * n_leaves / n_top dot products: least at sqrt(top_probes * n_leaves)
+    n_top = max(1, min(int(round(math.sqrt(2 * config.near_dup_probes * n_leaves))), n_leaves, sample.shape[0]))
     rng = np.random.default_rng(config.seed)
     top_fit = sample[np.sort(rng.choice(sample.shape[0], min(sample.shape[0], n_top * 256), replace=False))]
     top = _kmeans(_normalise(top_fit), n_top, config)
@@ -278,7 +286,19 @@ def train_centroids(sample: np.ndarray, n_leaves: int, config: DedupConfig) -> C
         centres = _kmeans(_normalise(sample[members]), share, config)
         leaves.append(centres)
         offsets.append(offsets[-1] + centres.shape[0])
-    return Centroids(top=top, leaves=np.concatenate(leaves), offsets=np.asarray(offsets, dtype=np.int64))
+    return Centroids(top=top, leaves=np.concatenate(leaves), offsets=np.asarray(offsets, dtype=np.int64),
+                     rotation=_pca_rotation(sample))
+
+
+def _pca_rotation(sample: np.ndarray) -> np.ndarray:
+    """Orthonormal (d, d) matrix whose columns are the sample's principal axes, largest first."""
+    d = sample.shape[1]
+    cov = np.zeros((d, d), dtype=np.float64)
+    for start in range(0, min(sample.shape[0], 16 * CHUNK_ROWS), CHUNK_ROWS):
+        part = _normalise(sample[start : start + CHUNK_ROWS])
+        cov += part.T.astype(np.float64) @ part.astype(np.float64)
+    _, vecs = np.linalg.eigh(cov)
+    return np.ascontiguousarray(vecs[:, ::-1], dtype=np.float32)
 
 
 def dedup_centroids(inputs: list[ShardInput], out_uri: str, config: DedupConfig) -> ShardStats:
@@ -449,15 +469,15 @@ def dedup_partition(
             writer.close()
             stats.bytes_written += rows_tmp.stat().st_size
             if tree is not None:
-                stats.bytes_written += _write_run_vectors(prefix, vectors, config)
+                stats.bytes_written += _write_run_vectors(prefix, vectors, config, tree.rotation)
         con.close()
     stats.extra.update({"run": run, "shards": len(inputs), "vectors": int(sum(len(v.rank) for v in vectors)),
                         "sha256_not_hex": bad_sha})
     return stats.done()
 
 
-def _write_run_vectors(prefix: str, vectors: list[_ShardVectors], config: DedupConfig) -> int:
-    """Write the run's vectors sorted by nearest cluster: .vec.npy (fp16), .assign.npy, .rank.npy."""
+def _write_run_vectors(prefix: str, vectors: list[_ShardVectors], config: DedupConfig, rotation: np.ndarray) -> int:
+    """Write the run's vectors, rotated, sorted by nearest cluster: .vec.npy (fp16), .assign.npy, .rank.npy."""
     probes = np.concatenate([v.probes for v in vectors]) if vectors else np.zeros((0, config.near_dup_probes), np.int32)
     rank = np.concatenate([v.rank for v in vectors]) if vectors else np.zeros(0, np.int64)
     order = np.argsort(probes[:, 0], kind="stable")
@@ -476,7 +496,7 @@ def _write_run_vectors(prefix: str, vectors: list[_ShardVectors], config: DedupC
             for start, chunk in _iter_vectors(v.shard.embeddings, v.emb_rows):  # type: ignore[arg-type]
                 where = dest[start_row + start : start_row + start + len(chunk)]
                 sort = np.argsort(where)
-                out[where[sort]] = chunk[sort].astype(np.float16)
+                out[where[sort]] = (chunk[sort] @ rotation).astype(np.float16)
             start_row += len(v.rank)
         out.flush()
         del out
@@ -497,6 +517,32 @@ def _pairs_cpu(queries: np.ndarray, base: np.ndarray, threshold: float) -> tuple
     lims, _dist, ids = index.range_search(queries, float(threshold) - 1e-6)
     q = np.repeat(np.arange(len(queries)), np.diff(lims).astype(np.int64))
     return q, ids.astype(np.int64)
+
+
+def similar_pairs(queries: np.ndarray, base: np.ndarray, threshold: float, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(query, base) index pairs with cosine >= threshold, for rotated unit vectors.
+
+    Exact, but cheaper than a full search: the dot product over the leading quarter of the
+    dimensions plus the product of the two tails' norms bounds the cosine from above
+    (Cauchy-Schwarz), so only pairs whose bound reaches the threshold get a full dot product.
+    """
+    head = max(1, base.shape[1] // 4)
+    b_head = np.ascontiguousarray(base[:, :head])
+    b_tail = np.linalg.norm(base[:, head:], axis=1)
+    qs, bs = [], []
+    for start in range(0, len(queries), block):
+        q = queries[start : start + block]
+        bound = q[:, :head] @ b_head.T
+        bound += np.linalg.norm(q[:, head:], axis=1)[:, None] * b_tail[None, :]
+        qi, bi = np.nonzero(bound >= threshold - 1e-3)
+        if qi.size:
+            full = np.einsum("ij,ij->i", q[qi], base[bi])
+            hit = full >= threshold - 1e-6
+            qs.append(qi[hit] + start)
+            bs.append(bi[hit])
+    if not qs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(qs).astype(np.int64), np.concatenate(bs).astype(np.int64)
 
 
 def _pairs_gpu(queries: np.ndarray, base: np.ndarray, threshold: float, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -609,7 +655,7 @@ def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig) ->
             if config.faiss_gpu:
                 qa, qb = _pairs_gpu(x, base, config.near_dup_threshold, config.gpu_knn)
             else:
-                qa, qb = _pairs_cpu(x, base, config.near_dup_threshold)
+                qa, qb = similar_pairs(x, base, config.near_dup_threshold)
             queries += x.shape[0]
             pairs += int((qa != qb).sum())
             pointer = greedy_pointers(x.shape[0], qa, qb, ranks)
