@@ -127,7 +127,8 @@ class ClipModelConfig(Section):
     checkpoint: str | None = None
     """Local checkpoint file or directory; overrides ``pretrained``."""
     threshold: float = 0.28
-    """Pairs with cosine similarity below this are ``filtered_clip_similarity``."""
+    """Pairs this model scored below this cosine similarity are not ``clip_kept``; applied by curate and
+    dedup from the stored similarity, so changing it never re-scores."""
 
 
 class ClipConfig(Section):
@@ -253,15 +254,15 @@ class SubsetConfig(Section):
 def _default_subsets() -> dict[str, SubsetConfig]:
     return {
         "laion2B-en": SubsetConfig(
-            where="language = 'en' AND similarity >= 0.28", description="English pairs, CLIP ViT-B/32 >= 0.28"
+            where="language = 'en' AND clip_kept", description="English pairs at clip.english.threshold"
         ),
         "laion2B-multi": SubsetConfig(
-            where="language_group = 'multi' AND similarity >= 0.26",
-            description="Other detected languages, multilingual CLIP >= 0.26",
+            where="language_group = 'multi' AND clip_kept",
+            description="Other detected languages at clip.multilingual.threshold",
         ),
         "laion1B-nolang": SubsetConfig(
-            where="language_group = 'nolang' AND similarity >= 0.28",
-            description="No language detected, CLIP ViT-B/32 >= 0.28",
+            where="language_group = 'nolang' AND clip_kept",
+            description="No language detected, at clip.english.threshold",
         ),
         "laion400m": SubsetConfig(
             where="language = 'en' AND similarity >= 0.3 AND coalesce(punsafe, 0) <= 0.5 "

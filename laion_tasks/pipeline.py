@@ -239,31 +239,30 @@ def tag_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = 
 # -- curate and card -------------------------------------------------------------
 
 
-def curate_one(settings: Settings, snapshot: str, subset: str, *, force: bool = True) -> dict[str, Any]:
-    """Write one subset. Forced by default: upstream shards may have changed under the same config."""
-    from laion_tasks.stages.curate import CURATE_DIGEST_SECTIONS, curate_subset
+def curate_all(settings: Settings, snapshot: str, *, force: bool = True) -> dict[str, Any]:
+    """Write every configured subset from one scan; lineage records one ``curate`` shard per subset.
+
+    Forced by default: upstream shards may have changed under the same config.
+    """
+    from laion_tasks.stages.curate import CURATE_DIGEST_SECTIONS, curate_with_lineage
 
     lineage = open_lineage(settings, snapshot)
-    root = settings.storage.root
-    if subset not in settings.curate.subsets:
-        raise StageError(f"unknown subset {subset!r}; configured: {sorted(settings.curate.subsets)}")
-    extra: dict[str, Any] = {}
-
-    def fn() -> ShardStats:
-        stats = curate_subset(root, snapshot, subset, settings.curate.subsets[subset], settings.curate)
-        extra.update(stats.extra)
-        return stats
-
-    jobs = [(subset, layout.snapshot_root(root, snapshot), fn)]
-    result = run_shards(lineage, snapshot, "curate", settings.digest(*CURATE_DIGEST_SECTIONS), jobs, force=force)
-    return {**result.to_dict(), "subset": subset, **extra}
+    names = list(settings.curate.subsets)
+    results = curate_with_lineage(
+        lineage, settings.storage.root, snapshot, names, settings.curate, settings.clip,
+        settings.digest(*CURATE_DIGEST_SECTIONS), force=force,
+    )
+    return {
+        name: {"skipped": skipped, "counts": dict(stats.counts) if stats else {}, **(stats.extra if stats else {})}
+        for name, (stats, skipped) in results.items()
+    }
 
 
 def write_card(settings: Settings, snapshot: str) -> dict[str, Any]:
     from laion_tasks.card import write_dataset_card
 
     lineage = open_lineage(settings, snapshot)
-    uri = write_dataset_card(settings.storage.root, snapshot, lineage, config=settings.curate)
+    uri = write_dataset_card(settings.storage.root, snapshot, lineage, config=settings.curate, clip=settings.clip)
     return {"card": uri}
 
 

@@ -228,14 +228,20 @@ def _table_select(con: duckdb.DuckDBPyConnection, table: str, glob: str | None) 
     return f"SELECT {shard} AS shard, {cols} FROM {source}", present
 
 
-def build_view_sql(dedup_on_key: bool = True) -> str:
-    """The ``samples`` view over the four table views (``images``, ``clip``, ``tags``, ``dedup_one``)."""
+def build_view_sql(dedup_on_key: bool = True, clip: ClipConfig | None = None) -> str:
+    """The ``samples`` view over the four table views (``images``, ``clip``, ``tags``, ``dedup_one``).
+
+    ``clip_kept`` applies the configured CLIP thresholds (``clip.*.threshold``) to the stored
+    similarity, by the language group that routed the pair to its model.
+    """
+    kept = clip_kept_sql(clip or ClipConfig(), "c.similarity", "c.language_group")
     dedup_join = "d.shard = i.shard AND d.key = i.key" if dedup_on_key else "d.uid = i.uid"
     image_cols = ", ".join(f"i.{c}" for c in IMAGES_COLUMNS)
     return f"""
 SELECT
   i.shard, {image_cols},
   c.similarity, c.clip_status, c.clip_model, c.has_embedding,
+  c.language_group AS clip_language_group, {kept} AS clip_kept,
   coalesce(t.language, c.language) AS language,
   coalesce(t.language_score, c.language_score) AS language_score,
   coalesce(t.language_group, c.language_group) AS language_group,
@@ -252,8 +258,13 @@ LEFT JOIN dedup_one AS d ON {dedup_join}
 """
 
 
-def open_snapshot(root: str, snapshot: str, config: CurateConfig | None = None) -> SnapshotDB:
-    """Open the ``samples`` view of a snapshot (local or s3:// root). Close it when done."""
+def open_snapshot(
+    root: str, snapshot: str, config: CurateConfig | None = None, clip: ClipConfig | None = None
+) -> SnapshotDB:
+    """Open the ``samples`` view of a snapshot (local or s3:// root). Close it when done.
+
+    ``clip`` gives the CLIP thresholds behind ``clip_kept`` (default: ClipConfig()'s).
+    """
     config = config or CurateConfig()
     base_tmp = Path(config.duckdb_temp_dir) if config.duckdb_temp_dir else None
     if base_tmp is not None:
@@ -289,7 +300,7 @@ def open_snapshot(root: str, snapshot: str, config: CurateConfig | None = None) 
                 "CASE WHEN bool_or(dup_of IS NULL) THEN NULL ELSE min(dup_reason) END AS dup_reason "
                 "FROM dedup WHERE uid IS NOT NULL GROUP BY uid"
             )
-        view_sql = build_view_sql(dedup_on_key)
+        view_sql = build_view_sql(dedup_on_key, clip)
         con.execute(f"CREATE VIEW {SAMPLES_VIEW} AS {view_sql}")
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -139,12 +139,13 @@ def dedup_resolve(snapshot: str) -> dict[str, Any]:
     return pipeline.dedup_resolve_task(settings, snapshot)
 
 
-@task
-def curate(snapshot: str, subset: str) -> dict[str, Any]:
+@task(task_id="curate_subsets")
+def curate(snapshot: str) -> dict[str, Any]:
+    """Every subset from one scan of the snapshot; each subset's Asset is an outlet of this task."""
     from laion_tasks import pipeline
 
     settings, _ = run_settings()
-    return pipeline.curate_one(settings, snapshot, subset)
+    return pipeline.curate_all(settings, snapshot)
 
 
 @task
@@ -186,14 +187,9 @@ def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str
     deduped = dedup_resolve(snapshot)
     bucketed >> deduped
     card = dataset_card(snapshot)
-    for name in settings.curate.subsets:
-        outlets = [subset_asset(static_snapshot, name)] if static_snapshot else []
-        curated = curate.override(task_id=f"curate_{_task_safe(name)}", outlets=outlets)(snapshot, name)
-        deduped >> curated >> card
-
-
-def _task_safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+    outlets = [subset_asset(static_snapshot, name) for name in settings.curate.subsets] if static_snapshot else []
+    curated = curate.override(outlets=outlets)(snapshot)
+    deduped >> curated >> card
 
 
 @task

@@ -24,11 +24,8 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Only count what each subset would hold; write nothing."),
     ) -> None:
         """Evaluate the configured subset predicates over a snapshot and write each subset (Parquet, optional WebDataset)."""
-        from laion_tasks import layout, storage
-        from laion_tasks.lineage import StageRun, run_stage
-        from laion_tasks.snapshot_db import SnapshotDB, open_snapshot
         from laion_tasks.stage import StageError
-        from laion_tasks.stages.curate import CURATE_DIGEST_SECTIONS, curate_subset, subset_counts
+        from laion_tasks.stages.curate import CURATE_DIGEST_SECTIONS, curate_with_lineage, subset_counts
 
         settings = settings_from(config)
         root = root or settings.storage.root
@@ -37,33 +34,21 @@ def register(app: typer.Typer) -> None:
         if unknown:
             raise typer.BadParameter(f"unknown subset(s) {unknown}; configured: {sorted(settings.curate.subsets)}")
         if dry_run:
-            counts = subset_counts(root, snapshot, settings.curate)
+            counts = subset_counts(root, snapshot, settings.curate, clip=settings.clip)
             echo_json({n: {"outcomes": counts.outcomes(n), "unavailable": counts.unavailable.get(n)} for n in names})
             return
         lin = lineage_from(settings, lineage)
-        digest = settings.digest(*CURATE_DIGEST_SECTIONS)
         if lin is not None:
             lin.ensure_snapshot(snapshot, root, settings.digest())
-        db: SnapshotDB | None = None
-        report: dict[str, object] = {}
         try:
-            for name in names:
-                def work(name: str = name):  # type: ignore[no-untyped-def]
-                    nonlocal db
-                    db = db or open_snapshot(root, snapshot, settings.curate)  # opened only if something runs
-                    return curate_subset(root, snapshot, name, settings.curate.subsets[name], settings.curate, db=db)
-
-                run = StageRun(snapshot, "curate", name, layout.snapshot_root(root, snapshot), digest)
-                try:
-                    stats, skipped = run_stage(lin, run, work, force=force, output_exists=storage.exists)
-                except StageError as exc:
-                    typer.echo(f"curate {name}: {exc}", err=True)
-                    raise typer.Exit(1) from exc
-                report[name] = {"skipped": True} if skipped else stats.to_dict() if stats else None
-        finally:
-            if db is not None:
-                db.close()
-        echo_json(report)
+            # the subsets not done are written together, from one scan of the snapshot
+            results = curate_with_lineage(lin, root, snapshot, names, settings.curate, settings.clip,
+                                          settings.digest(*CURATE_DIGEST_SECTIONS), force=force)
+        except StageError as exc:
+            typer.echo(f"curate: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        echo_json({n: {"skipped": True} if skipped else stats.to_dict() if stats else None
+                   for n, (stats, skipped) in results.items()})
 
     @app.command("card")
     def card(
@@ -78,5 +63,6 @@ def register(app: typer.Typer) -> None:
 
         settings = settings_from(config)
         root = root or settings.storage.root
-        uri = write_dataset_card(root, snapshot, lineage_from(settings, lineage), None, out, config=settings.curate)
+        uri = write_dataset_card(root, snapshot, lineage_from(settings, lineage), None, out, config=settings.curate,
+                                 clip=settings.clip)
         typer.echo(uri)
