@@ -268,9 +268,9 @@ def write_card(settings: Settings, snapshot: str) -> dict[str, Any]:
 
 # -- dedup ---------------------------------------------------------------------
 # Four steps, so that no task holds the snapshot in memory: centroids (one task, a
-# sample per shard) -> partition (mapped over shard batches: rows routed to hash-prefix
-# and embedding buckets) -> buckets (mapped over bucket batches) -> resolve (pointers
-# to final representatives, written per shard under dedup/).
+# sample) -> partition (one run per download batch: ranks, digests, vectors sorted by
+# k-means cluster) -> near (mapped over buckets of clusters) -> resolve (DuckDB: exact
+# groups, pointers to final representatives, written per shard under dedup/).
 
 
 def dedup_work_dir(settings: Settings, snapshot: str) -> str:
@@ -281,91 +281,96 @@ def _all_shards(settings: Settings, snapshot: str) -> list[str]:
     return _shard_ids(storage.list_uris(layout.shards_dir(settings.storage.root, snapshot), ".parquet"))
 
 
-def _centroids_uri(settings: Settings, snapshot: str) -> str:
-    return storage.join(dedup_work_dir(settings, snapshot), "centroids.npy")
-
-
 DEDUP_DIGEST_SECTIONS = ("download", "clip", "tag", "dedup")
 
 
+def _dedup_inputs(settings: Settings, snapshot: str, shards: Iterable[str]) -> list[Any]:
+    from laion_tasks.stages.dedup import ShardInput
+
+    root = settings.storage.root
+    return [
+        ShardInput(shard, layout.images_parquet_uri(root, snapshot, shard), layout.clip_parquet_uri(root, snapshot, shard),
+                   layout.clip_image_emb_uri(root, snapshot, shard), layout.tags_parquet_uri(root, snapshot, shard))
+        for shard in shards
+    ]
+
+
+def dedup_runs(settings: Settings, snapshot: str) -> dict[int, list[str]]:
+    """Run index -> its shards: the download batches, numbered by their first shard's position
+    (so ranks follow shard order). Only these runs are read, so files of an older plan are ignored."""
+    shards = sorted(_all_shards(settings, snapshot))
+    position = {s: i for i, s in enumerate(shards)}
+    return {position[b[0]]: b for b in make_batches(shards, settings.orchestration.max_mapped_tasks)}
+
+
+def _run_prefixes(settings: Settings, snapshot: str) -> list[str]:
+    from laion_tasks.stages.dedup import run_prefix
+
+    return [run_prefix(dedup_work_dir(settings, snapshot), run) for run in sorted(dedup_runs(settings, snapshot))]
+
+
 def dedup_centroids_task(settings: Settings, snapshot: str, *, force: bool = False) -> dict[str, Any]:
-    from laion_tasks.stages.dedup import dedup_centroids
+    from laion_tasks.stages.dedup import centroids_uri, dedup_centroids
 
     if not settings.dedup.near_dup:
         return {"skipped": "dedup.near_dup is off"}
     lineage = open_lineage(settings, snapshot)
     root = settings.storage.root
-    shards = _all_shards(settings, snapshot)
-    clips = [layout.clip_parquet_uri(root, snapshot, s) for s in shards]
-    embs = [layout.clip_image_emb_uri(root, snapshot, s) for s in shards]
-    out = _centroids_uri(settings, snapshot)
-    jobs = [("centroids", layout.snapshot_root(root, snapshot), lambda: dedup_centroids(clips, embs, out, settings.dedup))]
+    inputs = _dedup_inputs(settings, snapshot, _all_shards(settings, snapshot))
+    out = centroids_uri(dedup_work_dir(settings, snapshot))
+    jobs = [("centroids", layout.snapshot_root(root, snapshot), lambda: dedup_centroids(inputs, out, settings.dedup))]
     return run_shards(lineage, snapshot, "dedup_centroids", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=force).to_dict()
 
 
 def dedup_partition_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
-    from laion_tasks.stages.dedup import dedup_partition
+    """One download batch is one dedup run (ranks, digests and clustered vectors of its shards)."""
+    from laion_tasks.stages.dedup import centroids_uri, dedup_partition, run_name
 
     lineage = open_lineage(settings, snapshot)
-    root = settings.storage.root
     work = dedup_work_dir(settings, snapshot)
-    centroids = _centroids_uri(settings, snapshot) if settings.dedup.near_dup else None
-
-    def call(shard: str) -> ShardStats:
-        return dedup_partition(
-            layout.images_parquet_uri(root, snapshot, shard),
-            layout.clip_parquet_uri(root, snapshot, shard),
-            layout.clip_image_emb_uri(root, snapshot, shard),
-            shard,
-            work,
-            settings.dedup,
-            centroids,
-        )
-
-    jobs = per_shard_jobs(batch, lambda shard: layout.images_parquet_uri(root, snapshot, shard), call)
+    runs = {tuple(shards): run for run, shards in dedup_runs(settings, snapshot).items()}
+    run = runs.get(tuple(batch["shards"]))
+    if run is None:
+        raise StageError(f"dedup_partition: batch {batch['shards'][:3]}... is not a batch of the current download plan")
+    centroids = centroids_uri(work) if settings.dedup.near_dup else None
+    inputs = _dedup_inputs(settings, snapshot, batch["shards"])
+    fn = lambda: dedup_partition(inputs, run, work, settings.dedup, settings.clip, centroids)  # noqa: E731
+    jobs = [(run_name(run), layout.images_parquet_uri(settings.storage.root, snapshot, batch["shards"][0]), fn)]
     return run_shards(lineage, snapshot, "dedup_partition", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=force).to_dict()
 
 
 def plan_dedup(settings: Settings, snapshot: str) -> list[Batch]:
+    if not settings.dedup.near_dup:
+        return []
     return [{"buckets": batch} for batch in make_batches(range(settings.dedup.buckets), settings.orchestration.max_mapped_tasks)]
 
 
-def _decision_uri(settings: Settings, snapshot: str, bucket: int) -> str:
-    from laion_tasks.stages.dedup import bucket_name
-
-    return storage.join(dedup_work_dir(settings, snapshot), "decisions", f"{bucket_name(bucket)}.parquet")
-
-
 def dedup_bucket_batch(settings: Settings, snapshot: str, batch: Batch, *, force: bool = False) -> dict[str, Any]:
-    from laion_tasks.stages.dedup import bucket_dir, bucket_name, dedup_bucket
+    """Near-duplicate decisions for a batch of buckets (contiguous cluster ranges)."""
+    from laion_tasks.stages.dedup import decision_uri, dedup_near
 
     lineage = open_lineage(settings, snapshot)
     work = dedup_work_dir(settings, snapshot)
+    runs = _run_prefixes(settings, snapshot)
 
     def jobs() -> Iterable[tuple[str, str, Callable[[], ShardStats]]]:
         for bucket in batch["buckets"]:
-            pieces = storage.list_uris(bucket_dir(work, bucket), ".parquet")
-            if not pieces:
-                continue
-            out = _decision_uri(settings, snapshot, bucket)
-            yield bucket_name(bucket), bucket_dir(work, bucket), (
-                lambda pieces=pieces, out=out: dedup_bucket(pieces, out, settings.dedup)
-            )
+            out = decision_uri(work, bucket)
+            yield f"{bucket:05d}", work, (lambda bucket=bucket, out=out: dedup_near(bucket, work, out, settings.dedup, runs))
 
-    # Buckets are rebuilt whenever partitions change, so they are always recomputed.
+    # Runs are rewritten whenever partitions change, so buckets are always recomputed.
     return run_shards(lineage, snapshot, "dedup_bucket", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs(), force=True).to_dict()
 
 
 def dedup_resolve_task(settings: Settings, snapshot: str) -> dict[str, Any]:
-    from laion_tasks.stages.dedup import dedup_resolve
+    from laion_tasks.stages.dedup import decision_uri, dedup_resolve
 
     lineage = open_lineage(settings, snapshot)
-    root = settings.storage.root
     work = dedup_work_dir(settings, snapshot)
-    decisions = storage.list_uris(storage.join(work, "decisions"), ".parquet")
-    shards = _all_shards(settings, snapshot)
-    out = layout.dedup_dir(root, snapshot)
-    jobs = [("resolve", work, lambda: dedup_resolve(decisions, work, shards, out, settings.dedup))]
+    out = layout.dedup_dir(settings.storage.root, snapshot)
+    runs = _run_prefixes(settings, snapshot)
+    decisions = [decision_uri(work, b) for b in range(settings.dedup.buckets)] if settings.dedup.near_dup else []
+    jobs = [("resolve", work, lambda: dedup_resolve(work, out, settings.dedup, runs, decisions))]
     return run_shards(lineage, snapshot, "dedup", settings.digest(*DEDUP_DIGEST_SECTIONS), jobs, force=True).to_dict()
 
 

@@ -612,15 +612,18 @@ def cluster_range(bucket: int, n_buckets: int, n_clusters: int) -> tuple[int, in
     return bucket * n_clusters // n_buckets, (bucket + 1) * n_clusters // n_buckets
 
 
-def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig) -> ShardStats:
-    """Near-duplicate decisions for one bucket's clusters across every run (module doc, step 3)."""
+def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig, runs: list[str] | None = None) -> ShardStats:
+    """Near-duplicate decisions for one bucket's clusters across the runs (module doc, step 3).
+
+    ``runs``: run prefixes to read (default: every committed run under ``work_dir``).
+    """
     stats = ShardStats(output_uri=out_uri)
     tree = Centroids.load(centroids_uri(work_dir))
     lo, hi = cluster_range(bucket, config.buckets, tree.n_leaves)
     decisions: list[pa.Table] = [DECISION_SCHEMA.empty_table()]
     with contextlib.ExitStack() as stack:
-        runs = []
-        for prefix in list_runs(work_dir):
+        loaded = []
+        for prefix in list_runs(work_dir) if runs is None else runs:
             if not storage.exists(f"{prefix}.vec.npy"):
                 continue
             vec = np.load(stack.enter_context(storage.local_copy(f"{prefix}.vec.npy")), mmap_mode="r")
@@ -632,11 +635,11 @@ def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig) ->
             extra = np.asarray(assign[:, 1:])
             vis_row, vis_col = np.nonzero((extra >= lo) & (extra < hi))
             keep = extra[vis_row, vis_col] != primary[vis_row]
-            runs.append((vec, rank, primary, int(p_lo), int(p_hi), vis_row[keep], extra[vis_row[keep], vis_col[keep]]))
+            loaded.append((vec, rank, primary, int(p_lo), int(p_hi), vis_row[keep], extra[vis_row[keep], vis_col[keep]]))
         pairs = queries = 0
         for cluster in range(lo, hi):
             base_parts, base_rank, q_parts, q_rank = [], [], [], []
-            for vec, rank, primary, p_lo, p_hi, vis_row, vis_cluster in runs:
+            for vec, rank, primary, p_lo, p_hi, vis_row, vis_cluster in loaded:
                 a, b = p_lo + np.searchsorted(primary[p_lo:p_hi], [cluster, cluster + 1])
                 if b > a:
                     base_parts.append(np.asarray(vec[a:b], dtype=np.float32))
@@ -672,13 +675,20 @@ def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig) ->
 # ---------------------------------------------------------------- 4. resolve
 
 
-def dedup_resolve(work_dir: str, out_dir: str, config: DedupConfig, max_hops: int = 64) -> ShardStats:
-    """Exact groups plus near-dup decisions -> one verdict per row, in ``<out_dir>/<shard>.parquet``."""
+def dedup_resolve(
+    work_dir: str, out_dir: str, config: DedupConfig, runs: list[str] | None = None,
+    decisions: list[str] | None = None, max_hops: int = 64,
+) -> ShardStats:
+    """Exact groups plus near-dup decisions -> one verdict per row, in ``<out_dir>/<shard>.parquet``.
+
+    ``runs`` / ``decisions``: what to read (default: everything under ``work_dir``).
+    """
     stats = ShardStats(output_uri=out_dir)
-    runs = [f"{p}.rows.parquet" for p in list_runs(work_dir)]
+    runs = [f"{p}.rows.parquet" for p in (list_runs(work_dir) if runs is None else runs)]
     if not runs:
         raise StageError(f"dedup_resolve: no runs under {storage.join(work_dir, 'runs')}")
-    decisions = storage.list_uris(storage.join(work_dir, "decisions"), ".parquet")
+    if decisions is None:
+        decisions = storage.list_uris(storage.join(work_dir, "decisions"), ".parquet")
     with tempfile.TemporaryDirectory(prefix="laion-dedup-") as tmp, contextlib.ExitStack() as stack:
         con = _duckdb(config.memory_limit, Path(tmp) / "spill")
         run_files = [str(stack.enter_context(storage.local_copy(u))) for u in runs]
