@@ -257,3 +257,16 @@ def test_representative_is_the_downloaded_copy(tmp_path):
     stats = curate_snapshot(root, snap, config, clip=ClipConfig())["all"]
     assert stats.counts["kept"] == 2  # both groups keep a row
     assert stats.counts["drop:duplicate"] == 0
+
+
+def test_pruned_search_finds_exactly_the_pairs_above_the_threshold():
+    from laion_tasks.stages.dedup import similar_pairs
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(600, 64)) + 3 * unit(rng.normal(size=64))
+    x[300:] = x[:300] + 0.25 * rng.normal(size=(300, 64))  # a spread of similarities around the threshold
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    qa, qb = similar_pairs(x, x[::2], 0.95, block=128)
+    sims = x @ x[::2].T
+    assert set(zip(qa.tolist(), qb.tolist())) == set(zip(*np.nonzero(sims >= 0.95 - 1e-6)))
+    assert 300 < len(qa) < 600 * 300  # more than the 300 self-pairs, far fewer than all pairs
