@@ -144,7 +144,7 @@ def main() -> None:
         finally:
             shutil.rmtree(root, ignore_errors=True)
         Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, args)
+        write_markdown(results, args)  # after each size, so a long run leaves its finished sizes
 
 
 def write_markdown(results: list[dict], args: argparse.Namespace) -> None:
