@@ -340,8 +340,6 @@ def dedup_partition_batch(settings: Settings, snapshot: str, batch: Batch, *, fo
 
 
 def plan_dedup(settings: Settings, snapshot: str) -> list[Batch]:
-    if not settings.dedup.near_dup:
-        return []
     return [{"buckets": batch} for batch in make_batches(range(settings.dedup.buckets), settings.orchestration.max_mapped_tasks)]
 
 
@@ -349,6 +347,8 @@ def dedup_bucket_batch(settings: Settings, snapshot: str, batch: Batch, *, force
     """Near-duplicate decisions for a batch of buckets (contiguous cluster ranges)."""
     from laion_tasks.stages.dedup import decision_uri, dedup_near
 
+    if not settings.dedup.near_dup:
+        return {"skipped": "dedup.near_dup is off"}
     lineage = open_lineage(settings, snapshot)
     work = dedup_work_dir(settings, snapshot)
     runs = _run_prefixes(settings, snapshot)
