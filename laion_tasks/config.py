@@ -241,7 +241,7 @@ class DedupConfig(Section):
     seed: int = 0
     """Seed of the k-means sample and training."""
     memory_limit: str = "4GB"
-    """Memory budget of every dedup step: DuckDB's limit (it spills beyond) and the k-means sample cap."""
+    """Memory budget of every dedup step: DuckDB gets 3/4 of it (and spills beyond); it also caps the k-means sample."""
 
 
 class SubsetConfig(Section):
@@ -287,7 +287,8 @@ class CurateConfig(Section):
     rows_per_file: int = 1_000_000
     """Rows per subset Parquet part file."""
     duckdb_memory_limit: str = "2GB"
-    """DuckDB memory limit; larger work spills to disk."""
+    """Memory budget of a curation process: DuckDB gets 3/4 of it and spills to disk beyond; Arrow
+    batches on their way to the subset files use the rest."""
     duckdb_temp_dir: str | None = None
     """Where DuckDB spills (and s3 metadata is staged); None: a fresh system temp dir."""
     duckdb_threads: int = 0
@@ -465,6 +466,17 @@ class Settings(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def memory_bytes(text: str) -> int:
+    """``"4GB"`` / ``"512MiB"`` / ``"1e9"`` -> bytes (DuckDB's notation: GB = 1000^3, GiB = 1024^3)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
+    if not m:
+        raise ValueError(f"not a memory size: {text!r}")
+    unit = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** unit)
 
 
 def _set_nested(target: dict[str, Any], path: list[str], value: Any) -> None:

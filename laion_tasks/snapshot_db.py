@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import duckdb
 
 from laion_tasks import layout, storage
-from laion_tasks.config import ClipConfig, CurateConfig
+from laion_tasks.config import ClipConfig, CurateConfig, memory_bytes
 from laion_tasks.stage import StageError
 
 log = logging.getLogger(__name__)
@@ -170,11 +170,12 @@ class SnapshotDB:
 
 
 def connect_duckdb(config: CurateConfig, work_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB that spills to ``work_dir/spill`` beyond ``config.duckdb_memory_limit``."""
+    """An in-memory DuckDB that spills to ``work_dir/spill``; it gets 3/4 of ``config.duckdb_memory_limit``,
+    so the process, with the Arrow batches it streams, stays within that budget."""
     spill = work_dir / "spill"
     spill.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(":memory:")
-    con.execute(f"SET memory_limit = {_sql_str(config.duckdb_memory_limit)}")
+    con.execute(f"SET memory_limit = '{memory_bytes(config.duckdb_memory_limit) * 3 // 4 // 2**20}MiB'")
     con.execute(f"SET temp_directory = {_sql_str(str(spill))}")
     if config.duckdb_threads:
         con.execute(f"SET threads = {int(config.duckdb_threads)}")

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_tasks import storage
-from laion_tasks.config import ClipConfig, DedupConfig
+from laion_tasks.config import ClipConfig, DedupConfig, memory_bytes
 from laion_tasks.stage import ShardStats, StageError
 
 log = logging.getLogger(__name__)
@@ -116,15 +115,6 @@ def list_runs(work_dir: str) -> list[str]:
     return [u[: -len(".rows.parquet")] for u in storage.list_uris(storage.join(work_dir, "runs"), ".rows.parquet")]
 
 
-def parse_bytes(text: str) -> int:
-    """``"4GB"`` / ``"512MiB"`` / ``"1e9"`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
-    if not m:
-        raise ValueError(f"not a memory size: {text!r}")
-    unit = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** unit)
-
-
 def _normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -152,7 +142,8 @@ def _duckdb(memory_limit: str, spill: Path):  # type: ignore[no-untyped-def]
 
     con = duckdb.connect()
     # duckdb 2 keeps an execute() result open until fetched: fetch every statement's result
-    con.execute(f"SET memory_limit='{memory_limit}'").fetchall()
+    # DuckDB gets 3/4 of the budget; the numpy and Arrow arrays of the step use the rest
+    con.execute(f"SET memory_limit='{memory_bytes(memory_limit) * 3 // 4 // 2**20}MiB'").fetchall()
     con.execute(f"SET temp_directory='{spill}'").fetchall()
     con.execute("SET preserve_insertion_order=false").fetchall()
     return con
@@ -316,7 +307,7 @@ def dedup_centroids(inputs: list[ShardInput], out_uri: str, config: DedupConfig)
     with storage.local_copy(shards[0].embeddings) as path:  # type: ignore[arg-type]
         dim = int(np.load(path, mmap_mode="r").shape[1])
     # the sample is held as fp16; faiss trains on fp32 copies of one top cell at a time
-    cap = max(n_leaves, parse_bytes(config.memory_limit) // (4 * 2 * dim))
+    cap = max(n_leaves, memory_bytes(config.memory_limit) // (4 * 2 * dim))
     want = min(total, n_leaves * config.kmeans_sample_per_cluster, cap)
     rng = np.random.default_rng(config.seed)
     samples = []
