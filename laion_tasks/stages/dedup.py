@@ -12,7 +12,9 @@ as a snapshot grows to hundreds of millions of rows:
    the digests of its (url, alt) and image sha256, with no Python per row. Embeddings are
    read memory-mapped, in chunks, and assigned to their ``near_dup_probes`` nearest
    clusters. The run writes ``runs/<run>.rows.parquet`` plus its vectors sorted by nearest
-   cluster (``.vec.npy`` fp16, ``.assign.npy``, ``.rank.npy``): four objects per run.
+   cluster (``.vec.npy`` fp16, ``.primary.npy``, ``.rank.npy``) and the (cluster, row) pairs
+   of their other probes sorted by cluster (``.visit.npy``): five objects per run, and a bucket
+   finds its slice of each by binary search, without reading the rest.
 3. ``dedup_near`` (one task per bucket, a contiguous range of clusters): for each cluster,
    FAISS searches its members' normalised vectors with every vector that has the cluster
    among its probes (range search on the CPU, exact kNN on the GPU), for pairs at cosine
@@ -468,7 +470,8 @@ def dedup_partition(
 
 
 def _write_run_vectors(prefix: str, vectors: list[_ShardVectors], config: DedupConfig, rotation: np.ndarray) -> int:
-    """Write the run's vectors, rotated, sorted by nearest cluster: .vec.npy (fp16), .assign.npy, .rank.npy."""
+    """Write the run's vectors, rotated, sorted by nearest cluster (.vec.npy fp16, .primary.npy, .rank.npy),
+    and .visit.npy: (cluster, row) for every other probe of a row, sorted by cluster."""
     probes = np.concatenate([v.probes for v in vectors]) if vectors else np.zeros((0, config.near_dup_probes), np.int32)
     rank = np.concatenate([v.rank for v in vectors]) if vectors else np.zeros(0, np.int64)
     order = np.argsort(probes[:, 0], kind="stable")
@@ -492,7 +495,13 @@ def _write_run_vectors(prefix: str, vectors: list[_ShardVectors], config: DedupC
         out.flush()
         del out
         written += tmp.stat().st_size
-    written += _write_npy(f"{prefix}.assign.npy", probes[order])
+    sorted_probes = probes[order]
+    written += _write_npy(f"{prefix}.primary.npy", np.ascontiguousarray(sorted_probes[:, 0]))
+    rows = np.repeat(np.arange(len(order), dtype=np.int64), sorted_probes.shape[1] - 1)
+    clusters = sorted_probes[:, 1:].astype(np.int64).ravel()
+    keep = clusters != np.repeat(sorted_probes[:, 0], sorted_probes.shape[1] - 1)  # a repeated nearest adds nothing
+    visit = np.stack([clusters[keep], rows[keep]], axis=1)
+    written += _write_npy(f"{prefix}.visit.npy", visit[np.argsort(visit[:, 0], kind="stable")])
     written += _write_npy(f"{prefix}.rank.npy", rank[order])
     return written
 
@@ -618,15 +627,14 @@ def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig, ru
             if not storage.exists(f"{prefix}.vec.npy"):
                 continue
             vec = np.load(stack.enter_context(storage.local_copy(f"{prefix}.vec.npy")), mmap_mode="r")
-            assign = np.load(stack.enter_context(storage.local_copy(f"{prefix}.assign.npy")), mmap_mode="r")
+            primary = np.load(stack.enter_context(storage.local_copy(f"{prefix}.primary.npy")), mmap_mode="r")
+            visit = np.load(stack.enter_context(storage.local_copy(f"{prefix}.visit.npy")), mmap_mode="r")
             rank = np.load(stack.enter_context(storage.local_copy(f"{prefix}.rank.npy")), mmap_mode="r")
-            primary = np.asarray(assign[:, 0])
             p_lo, p_hi = np.searchsorted(primary, [lo, hi])
             # visitors: vectors whose 2nd..Nth probe falls in this bucket's clusters
-            extra = np.asarray(assign[:, 1:])
-            vis_row, vis_col = np.nonzero((extra >= lo) & (extra < hi))
-            keep = extra[vis_row, vis_col] != primary[vis_row]
-            loaded.append((vec, rank, primary, int(p_lo), int(p_hi), vis_row[keep], extra[vis_row[keep], vis_col[keep]]))
+            v_lo, v_hi = np.searchsorted(visit[:, 0], [lo, hi])
+            mine = np.asarray(visit[v_lo:v_hi])
+            loaded.append((vec, rank, primary, int(p_lo), int(p_hi), mine[:, 1], mine[:, 0]))
         pairs = queries = 0
         for cluster in range(lo, hi):
             base_parts, base_rank, q_parts, q_rank = [], [], [], []
@@ -635,7 +643,8 @@ def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig, ru
                 if b > a:
                     base_parts.append(np.asarray(vec[a:b], dtype=np.float32))
                     base_rank.append(np.asarray(rank[a:b]))
-                rows = np.sort(vis_row[vis_cluster == cluster])
+                v_a, v_b = np.searchsorted(vis_cluster, [cluster, cluster + 1])  # sorted by cluster
+                rows = np.sort(vis_row[v_a:v_b])
                 if rows.size:
                     q_parts.append(np.asarray(vec[rows], dtype=np.float32))
                     q_rank.append(np.asarray(rank[rows]))
