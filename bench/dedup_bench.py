@@ -252,11 +252,17 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp")
     ap.add_argument("--timeout", type=int, default=4 * 3600)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dedup.md"))
+    ap.add_argument("--merge", nargs="+", help="only write the table from these result .json files (sizes run in parallel)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
+        return
+    if args.merge:
+        merged = [r for path in args.merge for r in json.loads(Path(path).read_text())]
+        Path(args.out).with_suffix(".json").write_text(json.dumps(merged, indent=1))
+        write_markdown(sorted(merged, key=lambda r: r["rows"]), args)
         return
     results = []
     for rows in args.rows:
