@@ -6,7 +6,7 @@ shards, and that the funnel and every subset still count each candidate exactly 
 The tests share one crawl and run in file order; each builds on the previous state.
 
 Scenarios 3 (CLIP thresholds applied in curate) and 7 (dedup keeps an eligible copy)
-test behaviour that lands with the curate/dedup rework (issue 12, items 4 and 5).
+test issue 12, items 4 and 5.
 """
 
 from __future__ import annotations
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.slow
 
 SNAP = demo.DEMO_CRAWL
 SUBSETS = ("laion2B-en", "laion2B-multi", "research-safe")
-NEEDS_ITEM_4 = pytest.mark.xfail(
-    strict=True, reason="issue 12 item 4: CLIP thresholds applied in curate (lands with the curate/dedup rework)"
-)
-NEEDS_ITEM_5 = pytest.mark.xfail(
-    strict=True, reason="issue 12 item 5: dedup picks the representative among eligible rows (curate/dedup rework)"
-)
 SHARD_STAGES = ("download", "clip", "tag", "dedup_partition")
 
 
@@ -213,7 +207,7 @@ def test_1_tag_prompt_reruns_tag_and_dependents(crawl: Crawl) -> None:
     sims = sorted(
         s for shard in crawl.shards()
         for s, status in zip(*crawl.table("clip", shard, ["similarity", "clip_status"]).to_pydict().values())
-        if s is not None and status == "kept"
+        if s is not None and status == "scored"
     )
     threshold = round(sims[len(sims) // 2], 6)  # scenario 3 rides on this run: half the kept pairs fall below
     crawl.state["threshold"] = threshold
@@ -232,7 +226,6 @@ def test_1_tag_prompt_reruns_tag_and_dependents(crawl: Crawl) -> None:
     assert_each_candidate_once(crawl)
 
 
-@NEEDS_ITEM_4
 def test_3_clip_threshold_reruns_curate_not_scoring(crawl: Crawl) -> None:
     ran, threshold = crawl.state["threshold_run"], crawl.state["threshold"]
     assert not ran["clip"], "a threshold is applied to the stored similarity, no shard is re-scored"
@@ -308,7 +301,6 @@ def test_5_more_wat_files_extract_only_the_new_one(crawl: Crawl) -> None:
     assert rows[0]["status"] != "success" and rows[-1]["status"] == "success", rows
 
 
-@NEEDS_ITEM_5
 def test_7_duplicate_pair_keeps_the_downloaded_copy(crawl: Crawl) -> None:
     last = sorted(crawl.rows_by_url(crawl.dup_url), key=lambda r: (r["key"], r["shard"]))[-1]
     assert last["dedup"]["dup_reason"] is None, "the downloaded copy represents the pair, not the failed one"
