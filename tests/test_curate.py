@@ -334,12 +334,12 @@ def test_cli_curate_records_lineage_and_skips_done_subsets(tmp_path: Path, monke
 def test_clip_threshold_is_applied_in_curate(tmp_path: Path) -> None:
     """Changing clip.english.threshold changes the subsets without re-scoring (issue 12.4)."""
     from laion_tasks.config import ClipConfig, ClipModelConfig, Settings
-    from laion_tasks.stages.clip_score import clip_config_digest
+    from laion_tasks.stages.clip_score import SPEC as CLIP_SPEC
 
     root = str(tmp_path / "root")
     rows = make_snapshot(root, SNAP, shards=2, per_shard=60, seed=5)
     stricter = ClipConfig(english=ClipModelConfig(threshold=0.35))
-    assert clip_config_digest(Settings(clip=stricter)) == clip_config_digest(Settings())  # nothing re-scored
+    assert CLIP_SPEC.config_digest(Settings(clip=stricter), "0") == CLIP_SPEC.config_digest(Settings(), "0")  # nothing re-scored
     config = CurateConfig(subsets={"en": CurateConfig().subsets["laion2B-en"]})
     stats = curate_snapshot(root, SNAP, config, clip=stricter)["en"]
 
