@@ -207,7 +207,9 @@ def test_1_tag_prompt_reruns_tag_and_dependents(crawl: Crawl) -> None:
     sims = sorted(
         s for shard in crawl.shards()
         for s, status in zip(*crawl.table("clip", shard, ["similarity", "clip_status"]).to_pydict().values())
+        # the pairs kept under the current thresholds (clip applies none: it stores the similarity)
         if s is not None and status == "scored"
+        and s >= max(settings.clip.english.threshold, settings.clip.multilingual.threshold)
     )
     threshold = round(sims[len(sims) // 2], 6)  # scenario 3 rides on this run: half the kept pairs fall below
     crawl.state["threshold"] = threshold
