@@ -925,7 +925,12 @@ def _run_partition(ctx: Context, shard: str) -> ShardStats:
 
 
 def _run_bucket(ctx: Context, bucket: str) -> ShardStats:
+    """Buckets exist with near_dup off too (an empty decision file each): a mapped task over no
+    batches would be skipped in Airflow, and resolve after it."""
     work = work_dir(ctx)
+    if not ctx.settings.dedup.near_dup:
+        out = decision_uri(work, int(bucket))
+        return ShardStats(output_uri=out, bytes_written=_write_parquet(out, DECISION_SCHEMA.empty_table())).done()
     return dedup_near(int(bucket), work, decision_uri(work, int(bucket)), ctx.settings.dedup, _current_runs(ctx))
 
 
@@ -969,7 +974,7 @@ SPECS = {
             result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_threshold", *ELIGIBILITY_FIELDS),
             output=lambda ctx, bucket: decision_uri(work_dir(ctx), int(bucket)),
             run_shard=_run_bucket,
-            shards=lambda ctx: [f"{b:05d}" for b in range(ctx.settings.dedup.buckets)] if ctx.settings.dedup.near_dup else [],
+            shards=lambda ctx: [f"{b:05d}" for b in range(ctx.settings.dedup.buckets)],
             plan_name="dedup_bucket",
             input_uri=lambda ctx, _: storage.join(work_dir(ctx), "runs"),
             section="dedup",
