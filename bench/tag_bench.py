@@ -119,37 +119,34 @@ def make_dedup_shards(root: Path, rows: int, per_shard: int, dim: int = 0, near_
 
 def bench_dedup(root: Path, near: bool, buckets: int, probes: int = 2) -> dict:
     pin_one_core()
-    from laion_tasks import storage
-    from laion_tasks.config import DedupConfig
+    from laion_tasks.config import ClipConfig, DedupConfig
     from laion_tasks.stages import dedup
 
-    config = DedupConfig(buckets=buckets, near_dup=near, resolve_memory_limit="4GB", near_dup_probes=probes)
+    config = DedupConfig(buckets=buckets, near_dup=near, memory_limit="4GB", near_dup_probes=probes)
     shards = sorted(p.stem for p in root.glob("[0-9]*.parquet") if ".clip" not in p.name)
-    work, out = root / "work", root / "out"
+    work, out = str(root / "work"), str(root / "out")
+    inputs = {s: dedup.ShardInput(s, str(root / f"{s}.parquet"), str(root / f"{s}.clip.parquet") if near else None,
+                                  str(root / f"{s}.img.npy") if near else None) for s in shards}
     times = {}
     t0 = time.perf_counter()
     centroids = None
     if near:
-        centroids = str(work / "centroids.npy")
-        dedup.dedup_centroids([str(root / f"{s}.clip.parquet") for s in shards],
-                              [str(root / f"{s}.img.npy") for s in shards], centroids, config)
+        centroids = dedup.centroids_uri(work)
+        dedup.dedup_centroids(list(inputs.values()), centroids, config)
         times["centroids"] = time.perf_counter() - t0
     t = time.perf_counter()
-    for s in shards:
-        clip = str(root / f"{s}.clip.parquet") if near else None
-        emb = str(root / f"{s}.img.npy") if near else None
-        dedup.dedup_partition(str(root / f"{s}.parquet"), clip, emb, s, str(work), config, centroids)
+    for run, ids in enumerate(dedup.make_runs(shards, 16)):
+        dedup.dedup_partition([inputs[s] for s in ids], run, work, config, ClipConfig(), centroids)
     times["partition"] = time.perf_counter() - t
     t = time.perf_counter()
     decisions = []
-    for b in range(buckets):
-        pieces = storage.list_uris(dedup.bucket_dir(str(work), b), ".parquet")
-        if pieces:
-            decisions.append(str(work / "decisions" / f"{b:05d}.parquet"))
-            dedup.dedup_bucket(pieces, decisions[-1], config)
+    if near:
+        for b in range(buckets):
+            decisions.append(dedup.decision_uri(work, b))
+            dedup.dedup_near(b, work, decisions[-1], config)
     times["buckets"] = time.perf_counter() - t
     t = time.perf_counter()
-    stats = dedup.dedup_resolve(decisions, str(work), shards, str(out), config)
+    stats = dedup.dedup_resolve(work, out, config, decisions=decisions)
     times["resolve"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     result = {"times": times, "counts": dict(stats.counts),
@@ -162,7 +159,7 @@ def bench_dedup(root: Path, near: bool, buckets: int, probes: int = 2) -> dict:
         per_shard = pq.read_metadata(root / f"{shards[0]}.parquet").num_rows
         found = set()
         for s_i, s in enumerate(shards):
-            reasons = pq.read_table(out / f"{s}.parquet", columns=["dup_reason"]).column("dup_reason").to_pylist()
+            reasons = pq.read_table(Path(out) / f"{s}.parquet", columns=["dup_reason"]).column("dup_reason").to_pylist()
             found |= {s_i * per_shard + i for i, r in enumerate(reasons) if r == "near_embedding"}
         result["near_recall"] = len(truth & found) / max(1, len(truth))
         result["near_found"] = len(found)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from laion_tasks import layout, storage
-from laion_tasks.config import CurateConfig, Settings, SubsetConfig
+from laion_tasks.config import ClipConfig, CurateConfig, Settings, SubsetConfig
 from laion_tasks.lineage import FunnelRow, Lineage
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot
 from laion_tasks.stage import ShardStats
@@ -85,7 +85,7 @@ def _similarity_hist(db: SnapshotDB, where: str = "true") -> list[tuple[float, b
         (b / 100.0, bool(k), int(n))
         for b, k, n in _rows(
             db,
-            f"SELECT floor(similarity * 100)::INTEGER AS b, clip_status = 'kept' AS k, count(*) "
+            f"SELECT floor(similarity * 100)::INTEGER AS b, coalesce(clip_kept, false) AS k, count(*) "
             f"FROM {SAMPLES_VIEW} WHERE similarity IS NOT NULL AND ({where}) GROUP BY ALL ORDER BY b, k",
         )
     ]
@@ -375,6 +375,7 @@ def write_dataset_card(
     out_dir: str | None = None,
     *,
     config: CurateConfig | None = None,
+    clip: ClipConfig | None = None,
 ) -> str:
     """Write ``README.md`` + charts for a snapshot and a README per subset; return the card's URI.
 
@@ -385,7 +386,7 @@ def write_dataset_card(
     config = config or CurateConfig()
     out_dir = out_dir or layout.card_dir(root, snapshot)
     subsets = subsets or {}
-    with open_snapshot(root, snapshot, config) as db:
+    with open_snapshot(root, snapshot, config, clip) as db:
         counts = count_subsets(db, config.subsets, config)
         names = list(config.subsets) + [n for n in subsets if n not in config.subsets]
         infos = [

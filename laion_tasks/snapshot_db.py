@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import duckdb
 
 from laion_tasks import layout, storage
-from laion_tasks.config import CurateConfig
+from laion_tasks.config import ClipConfig, CurateConfig, memory_bytes
 from laion_tasks.stage import StageError
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,18 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def clip_kept_sql(clip: ClipConfig, similarity: str = "similarity", group: str = "clip_language_group") -> str:
+    """Boolean SQL: the pair reaches the CLIP threshold of the model that scored it.
+
+    The CLIP stage stores the similarity and the language group that routed the pair;
+    the threshold is applied here, at read time, so changing ``clip.*.threshold``
+    re-runs curation and dedup, never GPU scoring. NULL when the pair was not scored.
+    """
+    english = float(clip.english.threshold)
+    multi = float(clip.multilingual.threshold if clip.use_multilingual else english)
+    return f"({similarity} >= CASE WHEN {group} = 'multi' THEN {multi!r} ELSE {english!r} END)"
+
+
 def table_dir(root: str, snapshot: str, table: str) -> str:
     return storage.join(layout.snapshot_root(root, snapshot), table)
 
@@ -158,11 +170,12 @@ class SnapshotDB:
 
 
 def connect_duckdb(config: CurateConfig, work_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB that spills to ``work_dir/spill`` beyond ``config.duckdb_memory_limit``."""
+    """An in-memory DuckDB that spills to ``work_dir/spill``; it gets 3/4 of ``config.duckdb_memory_limit``,
+    so the process, with the Arrow batches it streams, stays within that budget."""
     spill = work_dir / "spill"
     spill.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(":memory:")
-    con.execute(f"SET memory_limit = {_sql_str(config.duckdb_memory_limit)}")
+    con.execute(f"SET memory_limit = '{memory_bytes(config.duckdb_memory_limit) * 3 // 4 // 2**20}MiB'")
     con.execute(f"SET temp_directory = {_sql_str(str(spill))}")
     if config.duckdb_threads:
         con.execute(f"SET threads = {int(config.duckdb_threads)}")
@@ -216,14 +229,20 @@ def _table_select(con: duckdb.DuckDBPyConnection, table: str, glob: str | None) 
     return f"SELECT {shard} AS shard, {cols} FROM {source}", present
 
 
-def build_view_sql(dedup_on_key: bool = True) -> str:
-    """The ``samples`` view over the four table views (``images``, ``clip``, ``tags``, ``dedup_one``)."""
+def build_view_sql(dedup_on_key: bool = True, clip: ClipConfig | None = None) -> str:
+    """The ``samples`` view over the four table views (``images``, ``clip``, ``tags``, ``dedup_one``).
+
+    ``clip_kept`` applies the configured CLIP thresholds (``clip.*.threshold``) to the stored
+    similarity, by the language group that routed the pair to its model.
+    """
+    kept = clip_kept_sql(clip or ClipConfig(), "c.similarity", "c.language_group")
     dedup_join = "d.shard = i.shard AND d.key = i.key" if dedup_on_key else "d.uid = i.uid"
     image_cols = ", ".join(f"i.{c}" for c in IMAGES_COLUMNS)
     return f"""
 SELECT
   i.shard, {image_cols},
   c.similarity, c.clip_status, c.clip_model, c.has_embedding,
+  c.language_group AS clip_language_group, {kept} AS clip_kept,
   coalesce(t.language, c.language) AS language,
   coalesce(t.language_score, c.language_score) AS language_score,
   coalesce(t.language_group, c.language_group) AS language_group,
@@ -240,8 +259,13 @@ LEFT JOIN dedup_one AS d ON {dedup_join}
 """
 
 
-def open_snapshot(root: str, snapshot: str, config: CurateConfig | None = None) -> SnapshotDB:
-    """Open the ``samples`` view of a snapshot (local or s3:// root). Close it when done."""
+def open_snapshot(
+    root: str, snapshot: str, config: CurateConfig | None = None, clip: ClipConfig | None = None
+) -> SnapshotDB:
+    """Open the ``samples`` view of a snapshot (local or s3:// root). Close it when done.
+
+    ``clip`` gives the CLIP thresholds behind ``clip_kept`` (default: ClipConfig()'s).
+    """
     config = config or CurateConfig()
     base_tmp = Path(config.duckdb_temp_dir) if config.duckdb_temp_dir else None
     if base_tmp is not None:
@@ -277,7 +301,7 @@ def open_snapshot(root: str, snapshot: str, config: CurateConfig | None = None) 
                 "CASE WHEN bool_or(dup_of IS NULL) THEN NULL ELSE min(dup_reason) END AS dup_reason "
                 "FROM dedup WHERE uid IS NOT NULL GROUP BY uid"
             )
-        view_sql = build_view_sql(dedup_on_key)
+        view_sql = build_view_sql(dedup_on_key, clip)
         con.execute(f"CREATE VIEW {SAMPLES_VIEW} AS {view_sql}")
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)

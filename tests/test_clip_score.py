@@ -141,7 +141,7 @@ def test_gpu_decode_path_in_stage_isolates_bad_jpegs(
 def test_embeddings_equal_open_clip_reference(skimage_shard, tmp_path: Path) -> None:
     samples, parquet, tar = skimage_shard
     stats, rows, img, txt = run(tmp_path, parquet, tar, tiny_config(use_multilingual=False))
-    assert stats.counts["kept"] + stats.counts["drop:filtered_clip_similarity"] == 8
+    assert stats.counts["success"] == 8
     images = [Image.open(io.BytesIO(s.image)) for s in samples]
     ref_img, ref_txt = reference_encode("laion-tiny-clip", images, [s.caption for s in samples])
     assert cosine_rows(img, ref_img).min() >= 0.999
@@ -150,7 +150,7 @@ def test_embeddings_equal_open_clip_reference(skimage_shard, tmp_path: Path) -> 
     np.testing.assert_allclose([r["similarity"] for r in rows], ref_sim, atol=1e-4)
     for r in rows:
         assert r["clip_model"] == "laion-tiny-clip"
-        assert r["clip_status"] == ("kept" if r["similarity"] >= 0.0 else "filtered_clip_similarity")
+        assert r["clip_status"] == "scored"  # no threshold in this stage: curate applies clip.*.threshold
 
 
 def test_bad_input_gets_a_status_and_the_rest_is_scored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -187,12 +187,9 @@ def test_bad_input_gets_a_status_and_the_rest_is_scored(tmp_path: Path, caplog: 
     assert status["empty"] == status["blank"] == status["none"] == "empty_caption"
     assert status["nodl"] == status["nodl2"] == "no_image"
     for key in ("ok1", "ok2", "gif"):  # a GIF payload under a .png name still decodes with Pillow
-        assert status[key] in ("kept", "filtered_clip_similarity")
+        assert status[key] == "scored"
     assert dict(stats.counts) == {
-        **{k: v for k, v in {
-            "kept": sum(s == "kept" for s in status.values()),
-            "drop:filtered_clip_similarity": sum(s == "filtered_clip_similarity" for s in status.values()),
-        }.items() if v},
+        "success": 3,
         "fail:decode_error": 3,
         "fail:empty_caption": 3,
         "skip:no_image": 2,
@@ -226,9 +223,8 @@ def test_language_routing_uses_per_language_models(tmp_path: Path) -> None:
         ref_img, ref_txt = reference_encode(model, [decoded[i] for i in idx], [captions[i] for i in idx])
         assert cosine_rows(img[idx], ref_img).min() >= 0.999
         assert cosine_rows(txt[idx], ref_txt).min() >= 0.999
-        threshold = -0.05 if model == "laion-tiny-clip-multi" else 0.0
         for i in idx:
-            assert rows[i]["clip_status"] == ("kept" if rows[i]["similarity"] >= threshold else "filtered_clip_similarity")
+            assert rows[i]["clip_status"] == "scored"
     # The two tiny models really differ, so routing is observable.
     other_img, _ = reference_encode("laion-tiny-clip", [decoded[1]], [DE])
     assert cosine_rows(img[[1]], other_img)[0] < 0.99

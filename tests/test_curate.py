@@ -329,3 +329,72 @@ def test_cli_curate_records_lineage_and_skips_done_subsets(tmp_path: Path, monke
     dry = runner.invoke(app, ["curate", "--snapshot", SNAP, "--dry-run", "--subset", "laion2B-en"])
     assert dry.exit_code == 0, dry.output
     assert json.loads(dry.output[dry.output.index("{") :])["laion2B-en"]["outcomes"] == report["laion2B-en"]["counts"]
+
+
+def test_clip_threshold_is_applied_in_curate(tmp_path: Path) -> None:
+    """Changing clip.english.threshold changes the subsets without re-scoring (issue 12.4)."""
+    from laion_tasks.config import ClipConfig, ClipModelConfig, Settings
+    from laion_tasks.stages.clip_score import SPEC as CLIP_SPEC
+
+    root = str(tmp_path / "root")
+    rows = make_snapshot(root, SNAP, shards=2, per_shard=60, seed=5)
+    stricter = ClipConfig(english=ClipModelConfig(threshold=0.35))
+    assert CLIP_SPEC.config_digest(Settings(clip=stricter), "0") == CLIP_SPEC.config_digest(Settings(), "0")  # nothing re-scored
+    config = CurateConfig(subsets={"en": CurateConfig().subsets["laion2B-en"]})
+    stats = curate_snapshot(root, SNAP, config, clip=stricter)["en"]
+
+    def expected(r: dict) -> str:
+        if r["status"] != "success":
+            return "drop:not_downloaded"
+        if r["similarity"] is None:
+            return "drop:not_clip_scored"
+        if r["similarity"] < (0.26 if r["language_group"] == "multi" else 0.35):
+            return "drop:clip_filtered"
+        if r["hashlist_blocked"]:
+            return "drop:hashlist_blocked"
+        if r["dup_of"] is not None:
+            return "drop:duplicate"
+        return "kept" if r["language"] == "en" else "drop:predicate"
+
+    assert dict(stats.counts) == dict(Counter(expected(r) for r in rows))
+    default = curate_snapshot(root, SNAP, config)["en"]
+    assert default.counts["kept"] > stats.counts["kept"] > 0
+
+
+class _RecordingCon:
+    """A DuckDB connection that records the SQL it runs."""
+
+    def __init__(self, con) -> None:  # type: ignore[no-untyped-def]
+        self._con, self.sql_log = con, []
+
+    def execute(self, sql: str, *args):  # type: ignore[no-untyped-def]
+        self.sql_log.append(sql)
+        return self._con.execute(sql, *args)
+
+    def sql(self, sql: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.sql_log.append(sql)
+        return self._con.sql(sql, *args, **kwargs)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._con, name)
+
+
+def test_all_subsets_come_from_one_scan(tmp_path: Path) -> None:
+    from laion_tasks.snapshot_db import SAMPLES_VIEW
+    from laion_tasks.stages.curate import curate_subsets
+
+    root = str(tmp_path / "root")
+    make_snapshot(root, SNAP, shards=2, per_shard=40, seed=6)
+    config = CurateConfig(rows_per_file=7)
+    with open_snapshot(root, SNAP, config) as db:
+        recorder = _RecordingCon(db.con)
+        db.con = recorder  # type: ignore[assignment]
+        results = curate_subsets(db, config.subsets, config)
+    assert len(results) == 7
+    scans = [q for q in recorder.sql_log if f"FROM {SAMPLES_VIEW}" in q and "LIMIT 0" not in q
+             and "json_serialize_sql" not in q]
+    assert len(scans) == 1, scans
+    # and each subset still equals what curating it alone gives
+    for name in ("laion2B-en", "research-safe"):
+        alone = curate_subset(root, SNAP, name, config.subsets[name], config)
+        assert dict(alone.counts) == dict(results[name].counts)

@@ -80,7 +80,7 @@ def two_shards(tmp_path):
 
 @pytest.mark.parametrize("buckets", [1, 4, 16])
 def test_dedup_across_shards_and_buckets(tmp_path, two_shards, buckets):
-    config = DedupConfig(buckets=buckets, near_dup_threshold=0.95, centroid_sample_per_shard=100)
+    config = DedupConfig(buckets=buckets, near_dup_threshold=0.95, cluster_size=1)
     stats = dedup_all(two_shards, str(tmp_path / f"work{buckets}"), str(tmp_path / f"out{buckets}"), config)
     v = verdicts(tmp_path / f"out{buckets}")
     assert len(v) == 11  # one row per input row
@@ -90,7 +90,7 @@ def test_dedup_across_shards_and_buckets(tmp_path, two_shards, buckets):
         "0000010004": ("0000000003", "url_alt"),
         "0000010006": ("0000010005", "url_alt"),
     }
-    # near-dups meet in one of their 2 nearest k-means cells (near_dup_probes), even with 16 cells for 9 vectors
+    # near-dups meet through their 3 nearest k-means clusters (near_dup_probes), even with one cluster per vector
     expected["0000010002"] = ("0000000002", "near_embedding")
     removed = {k: (r["dup_of_key"], r["dup_reason"]) for k, r in v.items() if r["dup_reason"]}
     assert removed == expected
@@ -107,8 +107,8 @@ def test_dedup_across_shards_and_buckets(tmp_path, two_shards, buckets):
 
 
 def test_one_probe_with_a_cell_per_vector_misses_the_near_pair(tmp_path, two_shards):
-    """The documented cost of bucketing: near-dups in different cells are not compared."""
-    config = DedupConfig(buckets=16, near_dup_probes=1, centroid_sample_per_shard=100)
+    """The documented cost of clustering: near-dups in different clusters are not compared."""
+    config = DedupConfig(buckets=16, near_dup_probes=1, cluster_size=1)
     dedup_all(two_shards, str(tmp_path / "work"), str(tmp_path / "out"), config)
     v = verdicts(tmp_path / "out")
     assert v["0000010002"]["dup_reason"] is None
@@ -161,3 +161,113 @@ def test_same_result_for_any_bucket_count_on_exact_dups(tmp_path):
     kept = [k for k, (d, _) in results[0].items() if d is None]
     # every distinct image keeps exactly one representative among rows that have an image
     assert len(kept) >= 53 and rng is not None
+
+
+def _planted(tmp_path: Path, shards: int = 4, per_shard: int = 1500, seed: int = 3):
+    """CLIP-like unit vectors (shared direction + topic + noise) with 2% planted copies: half exact
+    (same image bytes and embedding), half near (cosine 0.972-0.995). Returns inputs and the pairs."""
+    rng = np.random.default_rng(seed)
+    n, dim = shards * per_shard, 64
+    mu = unit(rng.normal(size=dim))
+    topics = rng.normal(size=(200, dim))
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    x = np.sqrt(0.4) * mu + np.sqrt(0.3) * topics[rng.integers(0, 200, n)] + np.sqrt(0.3) * rng.normal(size=(n, dim)) / np.sqrt(dim)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    picked = rng.choice(n, n // 25, replace=False)
+    copies, originals = picked[: len(picked) // 2], picked[len(picked) // 2 :]
+    exact = np.arange(len(copies)) % 2 == 0
+    sha = [f"img{i}" for i in range(n)]
+    for c, o, e in zip(copies, originals, exact):
+        if e:
+            x[c], sha[c] = x[o], sha[o]
+        else:
+            cos = rng.uniform(0.972, 0.995)
+            noise = rng.normal(size=dim)
+            noise -= (noise @ x[o]) * x[o]
+            x[c] = cos * x[o] + np.sqrt(1 - cos**2) * unit(noise)
+    inputs = {}
+    for s in range(shards):
+        rows = [{"url": f"http://x/{i}.jpg", "caption": f"c{i}", "sha": sha[i], "emb": x[i]}
+                for i in range(s * per_shard, (s + 1) * per_shard)]
+        inputs[f"{s:06d}"] = write_shard(tmp_path / "in", f"{s:06d}", rows)
+    key = lambda i: f"{i // per_shard:06d}{i % per_shard:04d}"  # noqa: E731
+    return inputs, [(key(o), key(c)) for o, c in zip(originals, copies)]
+
+
+def test_planted_duplicates_recall_and_precision(tmp_path):
+    inputs, pairs = _planted(tmp_path)
+    config = DedupConfig(cluster_size=100, buckets=4, near_dup_threshold=0.95)
+    dedup_all(inputs, str(tmp_path / "work"), str(tmp_path / "out"), config, max_runs=2)
+    v = verdicts(tmp_path / "out")
+    rep = {k: r["dup_of_key"] or k for k, r in v.items()}
+    recall = np.mean([rep[a] == rep[b] for a, b in pairs])
+    planted = {frozenset(p) for p in pairs}
+    removed = [(k, r["dup_of_key"]) for k, r in v.items() if r["dup_of_key"]]
+    precision = np.mean([frozenset(p) in planted for p in removed])
+    assert recall >= 0.95, recall
+    assert precision >= 0.99, precision
+
+
+def test_object_count_is_runs_plus_buckets_not_shards_times_buckets(tmp_path):
+    inputs, _ = _planted(tmp_path, shards=6, per_shard=200)
+    config = DedupConfig(cluster_size=50, buckets=16)
+    dedup_all(inputs, str(tmp_path / "work"), str(tmp_path / "out"), config, max_runs=2)
+    work = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
+    # per run: rows parquet, vectors, their nearest clusters, ranks, other probes; per bucket: one decision file;
+    # one centroids file
+    assert len(work) == 5 * 2 + 16 + 1
+    assert len(list((tmp_path / "out").glob("*.parquet"))) == 6  # one verdict file per shard
+
+
+def test_representative_is_the_downloaded_copy(tmp_path):
+    """A URL+alt pair whose first copy failed to download keeps the other copy (issue 12.5)."""
+    from laion_tasks import layout
+    from laion_tasks.config import ClipConfig, CurateConfig, SubsetConfig
+    from laion_tasks.stages.curate import curate_snapshot
+
+    root, snap = str(tmp_path / "root"), "CC-TEST"
+    rows = {
+        "000000": [("http://a/0.jpg", "a cat", "failed_to_download", None, None)],
+        "000001": [("http://a/0.jpg", "a cat", "success", "img0", 0.40),  # same (url, alt), downloaded
+                   ("http://b/1.jpg", "a dog", "success", "img1", 0.10),  # below the CLIP threshold ...
+                   ("http://b/2.jpg", "a dog", "success", "img1", 0.40)],  # ... so its sha256 twin represents
+    }
+    inputs = {}
+    for shard, items in rows.items():
+        keys = [f"{shard}{i:04d}" for i in range(len(items))]
+        images = layout.images_parquet_uri(root, snap, shard)
+        clip = layout.clip_parquet_uri(root, snap, shard)
+        Path(images).parent.mkdir(parents=True, exist_ok=True)
+        Path(clip).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({
+            "key": keys, "uid": [hashlib.sha256(f"{u}\x00{c}".encode()).hexdigest()[:32] for u, c, *_ in items],
+            "url": [r[0] for r in items], "caption": [r[1] for r in items], "status": [r[2] for r in items],
+            "sha256": [hashlib.sha256(r[3].encode()).hexdigest() if r[3] else None for r in items],
+        }), images)
+        pq.write_table(pa.table({
+            "key": keys, "similarity": pa.array([r[4] for r in items], pa.float32()),
+            "clip_status": ["scored" if r[4] is not None else "no_image" for r in items],
+            "language_group": ["en"] * len(items), "has_embedding": [False] * len(items),
+        }), clip)
+        inputs[shard] = (images, clip, None)
+    dedup_all(inputs, str(tmp_path / "work"), layout.dedup_dir(root, snap), DedupConfig(near_dup=False), ClipConfig())
+    v = verdicts(Path(layout.dedup_dir(root, snap)))
+    assert v["0000010000"]["dup_of"] is None and v["0000000000"]["dup_of_key"] == "0000010000"
+    assert v["0000010002"]["dup_of"] is None and v["0000010001"]["dup_of_key"] == "0000010002"
+    config = CurateConfig(subsets={"all": SubsetConfig(where="true")})
+    stats = curate_snapshot(root, snap, config, clip=ClipConfig())["all"]
+    assert stats.counts["kept"] == 2  # both groups keep a row
+    assert stats.counts["drop:duplicate"] == 0
+
+
+def test_pruned_search_finds_exactly_the_pairs_above_the_threshold():
+    from laion_tasks.stages.dedup import similar_pairs
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(600, 64)) + 3 * unit(rng.normal(size=64))
+    x[300:] = x[:300] + 0.25 * rng.normal(size=(300, 64))  # a spread of similarities around the threshold
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    qa, qb = similar_pairs(x, x[::2], 0.95, block=128)
+    sims = x @ x[::2].T
+    assert set(zip(qa.tolist(), qb.tolist())) == set(zip(*np.nonzero(sims >= 0.95 - 1e-6)))
+    assert 300 < len(qa) < 600 * 300  # more than the 300 self-pairs, far fewer than all pairs

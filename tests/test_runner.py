@@ -17,7 +17,7 @@ from laion_tasks.lineage import Lineage
 EXECUTION_ONLY = (
     "*.processes", "*.decode_threads", "*.max_concurrency", "*.max_per_host", "*.backoff_*", "clip.batch_size",
     "*.num_workers", "*.workers", "*.device", "*.precision", "*.gpu_jpeg_decode", "*.channels_last", "*.compile",
-    "*.execution", "*.k8s_*", "*.gpu_pool", "*.image_batch_size", "*duckdb_*", "*.resolve_memory_limit",
+    "*.execution", "*.k8s_*", "*.gpu_pool", "*.image_batch_size", "*duckdb_*", "*.memory_limit", "dedup.faiss_gpu",
     "*.add_batch_size", "*.opt_out_cache_ttl_s", "eval.batch_size", "eval.decode_threads", "train.shard_access", "download.shard_size",
 )  # fmt: skip
 

@@ -184,3 +184,14 @@ def test_train_pod_spec_renders_without_a_cluster(tmp_path_factory: pytest.TempP
     rebuilt = load_settings(environ={k: v for k, v in env.items() if k.startswith("LAION_") and v is not None})
     assert rebuilt.train == settings.train
     assert SPEC.config_digest(rebuilt, "laion400m") == SPEC.config_digest(settings, "laion400m")
+
+
+def test_sample_counts_come_from_the_subset_metadata(tmp_path: Path) -> None:
+    """Curate's sizes.json gives the sample counts: no tar is read to count (issue 15)."""
+    import json as _json
+
+    wds = tmp_path / "webdataset"
+    wds.mkdir()
+    (wds / "sizes.json").write_text(_json.dumps({"00000.tar": 7, "00001.tar": 3}))
+    shards = [str(wds / "00000.tar"), str(wds / "00001.tar"), str(tmp_path / "other" / "x.tar")]
+    assert tr._sizes_from_metadata(shards) == {shards[0]: 7, shards[1]: 3}

@@ -111,7 +111,7 @@ def dataset_card(snapshot: str) -> dict[str, Any]:
 
     settings, _ = run_settings()
     ctx = runner.open_context(settings, snapshot)
-    return {"card": write_dataset_card(settings.storage.root, snapshot, ctx.lineage, config=settings.curate)}
+    return {"card": write_dataset_card(settings.storage.root, snapshot, ctx.lineage, config=settings.curate, clip=settings.clip)}
 
 
 def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str | None = None) -> None:
@@ -148,14 +148,12 @@ def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str
     deduped = stage_task("dedup")(snapshot)
     bucketed >> deduped
     card = dataset_card(snapshot)
-    for name in settings.curate.subsets:
-        outlets = [subset_asset(static_snapshot, name)] if static_snapshot else []
-        curated = stage_task("curate").override(task_id=f"curate_{_task_safe(name)}", outlets=outlets)(snapshot, {"shards": [name]})
-        deduped >> curated >> card
-
-
-def _task_safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+    # one task curates every subset from one scan (lineage keeps a curate shard per subset)
+    # and publishes every subset's Asset
+    subsets = list(settings.curate.subsets)
+    outlets = [subset_asset(static_snapshot, name) for name in subsets] if static_snapshot else []
+    curated = stage_task("curate").override(task_id="curate_subsets", outlets=outlets)(snapshot, {"shards": subsets})
+    deduped >> curated >> card
 
 
 @task

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         if unknown:
             raise typer.BadParameter(f"unknown subset(s) {unknown}; configured: {sorted(settings.curate.subsets)}")
         if dry_run:
-            counts = subset_counts(settings.storage.root, snapshot, settings.curate)
+            counts = subset_counts(settings.storage.root, snapshot, settings.curate, clip=settings.clip)
             echo_json({n: {"outcomes": counts.outcomes(n), "unavailable": counts.unavailable.get(n)} for n in names})
             return
         try:
@@ -57,5 +57,6 @@ def register(app: typer.Typer) -> None:
 
         settings = settings_from(config)
         root = root or settings.storage.root
-        uri = write_dataset_card(root, snapshot, lineage_from(settings, lineage), None, out, config=settings.curate)
+        uri = write_dataset_card(root, snapshot, lineage_from(settings, lineage), None, out, config=settings.curate,
+                                 clip=settings.clip)
         typer.echo(uri)

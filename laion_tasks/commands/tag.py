@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Deduplicate every shard of a snapshot in this process (centroids, partition, buckets, resolve)."""
         from laion_tasks import layout, storage
-        from laion_tasks.stages.dedup import dedup_all
+        from laion_tasks.stages.dedup import ShardInput, dedup_all
 
         settings = settings_from(config)
         root = settings.storage.root
@@ -39,15 +39,16 @@ def register(app: typer.Typer) -> None:
         shard_ids = [Path(u).stem for u in storage.list_uris(images_dir, ".parquet")]
         if not shard_ids:
             raise typer.BadParameter(f"no download parquet under {images_dir}")
-        inputs = {}
+        inputs = []
         for shard in shard_ids:
             clip = layout.clip_parquet_uri(root, snapshot, shard)
             emb = layout.clip_image_emb_uri(root, snapshot, shard)
             has_clip = storage.exists(clip) and storage.exists(emb)
-            inputs[shard] = (layout.images_parquet_uri(root, snapshot, shard), clip if has_clip else None,
-                             emb if has_clip else None)
+            tags = layout.tags_parquet_uri(root, snapshot, shard)
+            inputs.append(ShardInput(shard, layout.images_parquet_uri(root, snapshot, shard), clip if has_clip else None,
+                                     emb if has_clip else None, tags if storage.exists(tags) else None))
         work = storage.join(layout.snapshot_root(root, snapshot), "dedup_work")
-        stats = dedup_all(inputs, work, layout.dedup_dir(root, snapshot), settings.dedup)
+        stats = dedup_all(inputs, work, layout.dedup_dir(root, snapshot), settings.dedup, settings.clip)
         echo_json(stats.to_dict())
 
     @app.command("langid")

@@ -1,17 +1,18 @@
-"""CLIP scoring: image-text cosine similarity, a threshold filter and fp16 embeddings per shard.
+"""CLIP scoring: image-text cosine similarity, the caption's language and fp16 embeddings per shard.
 
 Input is one download shard: a WebDataset tar (``KEY.jpg``/``KEY.webp`` + ``.txt`` + ``.json``)
 and the parquet of *all* its samples (``status == "success"`` means the image is in the tar).
 Output, aligned row for row with that parquet:
 
-* a parquet with ``similarity``, ``clip_status`` and the caption's language, so nothing is
-  lost: filtered pairs stay with ``filtered_clip_similarity``;
+* a parquet with ``similarity``, ``clip_status`` and the caption's language. No threshold is
+  applied here: curate and dedup compare the stored similarity with ``clip.*.threshold``,
+  so changing a threshold re-runs curation, never GPU scoring;
 * two ``.npy`` fp16 arrays (image and text embeddings, L2-normalised, zeros where
   ``has_embedding`` is false) that the index stage memory-maps.
 
-As in LAION-5B, English captions are scored with the English model and its threshold (0.28
-for ViT-B/32), other detected languages with the multilingual model (0.26), and captions
-with no detected language with the English model.
+As in LAION-5B, English captions are scored with the English model (threshold 0.28 for
+ViT-B/32), other detected languages with the multilingual model (0.26), and captions with no
+detected language with the English model; ``language_group`` records the route.
 
 Throughput: a torch DataLoader reads the tar by offset in parallel workers, decodes and
 preprocesses with the model's own open_clip transform (bit-identical to open_clip), and pins
@@ -50,12 +51,11 @@ log = logging.getLogger(__name__)
 TENSOR_DECODE_ON_CPU = False
 """Test hook: run the GPU decode path (torchvision decode_jpeg + tensor resize) on the CPU."""
 
-ClipStatus = Literal["kept", "filtered_clip_similarity", "no_image", "decode_error", "empty_caption"]
+ClipStatus = Literal["scored", "no_image", "decode_error", "empty_caption"]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "webp", "png")
 JPEG_EXTENSIONS = ("jpg", "jpeg")
 OUTCOME = {
-    "kept": "kept",
-    "filtered_clip_similarity": "drop:filtered_clip_similarity",
+    "scored": "success",
     "decode_error": "fail:decode_error",
     "empty_caption": "fail:empty_caption",
     "no_image": "skip:no_image",
@@ -479,8 +479,7 @@ def clip_score_shard(
     """Score one download shard; write the per-row parquet and the two aligned fp16 embedding arrays.
 
     Every input row gets exactly one ``clip_status``: ``no_image`` (download failed),
-    ``empty_caption``, ``decode_error``, or, when scored, ``kept`` / ``filtered_clip_similarity``
-    against the threshold of the model that scored it.
+    ``empty_caption``, ``decode_error``, or ``scored`` (no threshold here: see the module doc).
     """
     stats = ShardStats(output_uri=out_parquet_uri)
     started = time.perf_counter()
@@ -551,8 +550,8 @@ def clip_score_shard(
             txt_emb[i] = 0
             log.info("%s: key %s: decode error: %s", tar_uri, inputs.keys[i], errors.get(i, "not scored"))
         else:
-            status[i] = "kept" if similarity[i] >= route_cfg[i].threshold else "filtered_clip_similarity"
-    has_embedding = np.array([s in ("kept", "filtered_clip_similarity") for s in status], dtype=bool)
+            status[i] = "scored"
+    has_embedding = np.array([s == "scored" for s in status], dtype=bool)
 
     for s in status:
         stats.add(OUTCOME[s])  # type: ignore[index]

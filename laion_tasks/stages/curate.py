@@ -5,7 +5,8 @@ drop reason, so every download row lands in exactly one outcome):
 
 1. ``drop:not_downloaded``   download ``status`` is not ``'success'``;
 2. ``drop:not_clip_scored``  no CLIP similarity (no clip row, or no_image / decode_error / empty_caption);
-3. ``drop:clip_filtered``    CLIP stage did not keep it (``clip_status != 'kept'``), when
+3. ``drop:clip_filtered``    below the CLIP threshold of the model that scored it (``clip.english.threshold``
+                             or ``clip.multilingual.threshold``, applied here, not in the GPU stage), when
                              ``curate.require_clip_kept`` (default: LAION subsets are subsets of LAION-5B);
 4. ``drop:hashlist_blocked`` the tag stage matched a URL / image hash list;
 5. ``drop:duplicate``        dedup names another sample as its representative (``dup_of`` set);
@@ -38,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_tasks import layout, storage
-from laion_tasks.config import CurateConfig, SubsetConfig
+from laion_tasks.config import ClipConfig, CurateConfig, SubsetConfig
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot, predicate_columns
 from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 
@@ -53,7 +54,7 @@ TAR_RE = re.compile(r"^\d{5,}\.tar$")
 _BASE_CHECKS: list[tuple[str, str]] = [
     ("drop:not_downloaded", "status IS DISTINCT FROM 'success'"),
     ("drop:not_clip_scored", "similarity IS NULL"),
-    ("drop:clip_filtered", "clip_status IS DISTINCT FROM 'kept'"),
+    ("drop:clip_filtered", "NOT coalesce(clip_kept, false)"),
     ("drop:hashlist_blocked", "coalesce(hashlist_blocked, false)"),
     ("drop:duplicate", "dup_of IS NOT NULL"),
 ]
@@ -205,60 +206,148 @@ def count_subsets(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cura
 
 
 def subset_counts(
-    root: str, snapshot: str, config: CurateConfig, *, db: SnapshotDB | None = None
+    root: str, snapshot: str, config: CurateConfig, *, db: SnapshotDB | None = None, clip: ClipConfig | None = None
 ) -> SubsetCounts:
     """Counts for every configured subset without writing anything (for the card and `laion curate --dry-run`)."""
     if db is not None:
         return count_subsets(db, config.subsets, config)
-    with open_snapshot(root, snapshot, config) as own:
+    with open_snapshot(root, snapshot, config, clip) as own:
         return count_subsets(own, config.subsets, config)
 
 
 # -- writing -------------------------------------------------------------------
 
 
-def _subset_rows_sql(subset: SubsetConfig, config: CurateConfig, select: str) -> str:
-    return (
-        f"SELECT {select} FROM (SELECT *, ('0x' || substr(sha256(coalesce(url, '') || coalesce(caption, '')), 1, 16))"
-        f"::UBIGINT AS h64 FROM {SAMPLES_VIEW}) "
-        f"WHERE {eligible_sql(config)} AND coalesce(({subset.where}), false) ORDER BY shard, key"
-    )
+SCAN_TABLE = "curate_scan"
 
 
-def _write_parquet_parts(db: SnapshotDB, out_dir: str, subset: SubsetConfig, config: CurateConfig) -> list[dict[str, Any]]:
-    """Stream the subset's rows into ``part-NNNNN.parquet`` files of ``rows_per_file`` rows."""
-    reader = db.con.sql(_subset_rows_sql(subset, config, LAION_COLUMNS_SQL)).to_arrow_reader(
-        min(config.rows_per_file, 65_536)
+def _scan_snapshot(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: CurateConfig) -> tuple[SubsetCounts, list[str]]:
+    """The one scan of a run: materialise what every subset needs into ``curate_scan``; count from it.
+
+    Per sample: its base outcome, one flag per subset (``s0``, ``s1``, ...) and one non-NULL flag per
+    predicate column; the LAION columns only for eligible samples that enter some subset (NULL
+    otherwise, which DuckDB stores for almost nothing). The table lives in DuckDB's buffer pool
+    and spills to the temp directory beyond ``duckdb_memory_limit``.
+    """
+    columns_by_subset = {name: _validated_columns(db, name, s) for name, s in subsets.items()}
+    columns = sorted(set().union(*columns_by_subset.values())) if subsets else []
+    flags = [f"coalesce(({s.where}), false) AS s{i}" for i, s in enumerate(subsets.values())]
+    nonnull = [f"{c} IS NOT NULL AS n{i}" for i, c in enumerate(columns)]
+    any_subset = " OR ".join(f"s{i}" for i in range(len(subsets))) or "false"
+    keep = f"base_outcome = '{ELIGIBLE}' AND ({any_subset})"
+    laion = ", ".join(f'CASE WHEN {keep} THEN "{c}" END AS "{c}"' for c in LAION_COLUMNS)
+    inner = ", ".join(["base_outcome", *[f"s{i}" for i in range(len(subsets))], *[f"n{i}" for i in range(len(columns))]])
+    db.con.execute(f"DROP TABLE IF EXISTS {SCAN_TABLE}")
+    db.con.execute(
+        f"""
+        CREATE TEMP TABLE {SCAN_TABLE} AS
+        SELECT {inner}, {keep} AS keep, CASE WHEN {keep} THEN shard END AS _shard, {laion}
+        FROM (
+          SELECT {base_outcome_sql(config)} AS base_outcome, {", ".join(flags + nonnull) or "NULL AS _none"},
+                 shard, {LAION_COLUMNS_SQL}
+          FROM (SELECT *, ('0x' || substr(sha256(coalesce(url, '') || coalesce(caption, '')), 1, 16))::UBIGINT AS h64
+                FROM {SAMPLES_VIEW})
+        )
+        """
     )
-    parts: list[dict[str, Any]] = []
-    batches = iter(reader)
-    pending: pa.RecordBatch | None = None
-    while True:
-        index = len(parts)
-        uri = storage.join(out_dir, f"part-{index:05d}.parquet")
-        rows = 0
-        with storage.atomic_local_path(uri, suffix=".parquet") as tmp:
-            with pq.ParquetWriter(tmp, reader.schema, compression="zstd") as writer:
-                while rows < config.rows_per_file:
-                    if pending is None:
-                        pending = next(batches, None)
-                        if pending is None:
-                            break
-                    room = config.rows_per_file - rows
-                    chunk, pending = (pending, None) if pending.num_rows <= room else (
-                        pending.slice(0, room), pending.slice(room)
-                    )
-                    if chunk.num_rows:
-                        writer.write_batch(chunk)
-                        rows += chunk.num_rows
-            size = tmp.stat().st_size
-        parts.append({"name": uri.replace("\\", "/").rsplit("/", 1)[-1], "rows": rows, "bytes": size})
-        if pending is None:
-            # Peek: stop unless more rows follow (an empty subset still gets one empty part with the schema).
-            pending = next(batches, None)
-            if pending is None:
-                break
-    return parts
+    sums = [f"count_if(s{i})" for i in range(len(subsets))] + [f"count_if(n{i})" for i in range(len(columns))]
+    rows = db.con.execute(
+        f"SELECT base_outcome, {', '.join(['count(*)'] + sums)} FROM {SCAN_TABLE} GROUP BY base_outcome"
+    ).fetchall()
+    base = {o: 0 for o in BASE_OUTCOMES if o != "drop:clip_filtered" or config.require_clip_kept}
+    matched = {name: 0 for name in subsets}
+    nonnull_eligible = {c: 0 for c in columns}
+    for row in rows:
+        base[row[0]] = int(row[1])
+        if row[0] != ELIGIBLE:
+            continue
+        for i, name in enumerate(subsets):
+            matched[name] = int(row[2 + i])
+        for i, c in enumerate(columns):
+            nonnull_eligible[c] = int(row[2 + len(subsets) + i])
+    eligible = base[ELIGIBLE]
+    unavailable: dict[str, str] = {}
+    for name, cols in columns_by_subset.items():
+        empty = sorted(c for c in cols if nonnull_eligible[c] == 0)
+        if eligible and empty:
+            hints = "; ".join(_NULL_HINTS[c] for c in empty if c in _NULL_HINTS)
+            unavailable[name] = (
+                f"column(s) {', '.join(empty)} are NULL for all {eligible} eligible samples"
+                + (f": {hints}" if hints else "")
+            )
+    return SubsetCounts(base=base, matched=matched, unavailable=unavailable), [f"s{i}" for i in range(len(subsets))]
+
+
+class _RollingParquetWriter:
+    """``part-NNNNN.parquet`` files of at most ``rows_per_file`` rows, each committed atomically."""
+
+    def __init__(self, out_dir: str, schema: pa.Schema, rows_per_file: int) -> None:
+        self.out_dir, self.schema, self.rows_per_file = out_dir, schema, max(1, rows_per_file)
+        self.parts: list[dict[str, Any]] = []
+        self._ctx: Any = None
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self._rows = 0
+
+    def _open(self) -> None:
+        name = f"part-{len(self.parts):05d}.parquet"
+        self._ctx = storage.atomic_local_path(storage.join(self.out_dir, name), suffix=".parquet")
+        self._tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self._rows = 0
+        self.parts.append({"name": name, "rows": 0, "bytes": 0})
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None or self._rows >= self.rows_per_file:
+                self.close_current()
+                self._open()
+            assert self._writer is not None
+            room = self.rows_per_file - self._rows
+            chunk, table = table.slice(0, room), table.slice(room)
+            self._writer.write_table(chunk)
+            self._rows += chunk.num_rows
+            self.parts[-1]["rows"] = self._rows
+
+    def close_current(self, exc: BaseException | None = None) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        assert self._tmp is not None
+        if exc is None:
+            self.parts[-1]["bytes"] = self._tmp.stat().st_size
+            self._ctx.__exit__(None, None, None)
+        else:
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+        self._writer = self._ctx = None
+
+    def finish(self) -> list[dict[str, Any]]:
+        if not self.parts:  # an empty subset still gets one empty part with the schema
+            self._open()
+        self.close_current()
+        return self.parts
+
+
+def _write_parquet_parts(db: SnapshotDB, out_dirs: dict[str, str], flags: dict[str, str], config: CurateConfig) -> dict[str, list[dict[str, Any]]]:
+    """One ordered read of the scan table, each batch routed to every subset it belongs to."""
+    cols = ", ".join(f'"{c}"' for c in LAION_COLUMNS)
+    chosen = list(out_dirs)
+    reader = db.con.sql(
+        f"SELECT {cols}, {', '.join(flags[n] for n in chosen)} FROM {SCAN_TABLE} WHERE keep ORDER BY _shard, key"
+    ).to_arrow_reader(65_536)
+    schema = pa.schema([reader.schema.field(c) for c in LAION_COLUMNS])
+    writers = {n: _RollingParquetWriter(out_dirs[n], schema, config.rows_per_file) for n in chosen}
+    try:
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            data = table.select(LAION_COLUMNS)
+            for name in chosen:
+                writers[name].write(data.filter(table.column(flags[name])))
+        return {n: w.finish() for n, w in writers.items()}
+    except BaseException as exc:
+        for w in writers.values():
+            w.close_current(exc)
+        raise
 
 
 def _split_member(name: str) -> tuple[str | None, str | None]:
@@ -334,28 +423,34 @@ def iter_tar_samples(handle: IO[bytes], wanted: set[str]) -> Iterator[tuple[str,
         yield Path(current).name, members
 
 
-def _iter_subset_keys_by_shard(db: SnapshotDB, subset: SubsetConfig, config: CurateConfig) -> Iterator[tuple[str, set[str]]]:
-    reader = db.con.sql(_subset_rows_sql(subset, config, "shard, key")).to_arrow_reader(65_536)
+def _iter_subset_keys_by_shard(db: SnapshotDB, flag: str) -> Iterator[tuple[str, set[str]]]:
+    """(shard, keys) of one subset from the scan table, a batch at a time."""
+    reader = db.con.sql(f"SELECT _shard, key FROM {SCAN_TABLE} WHERE keep AND {flag} ORDER BY _shard, key").to_arrow_reader(65_536)
     shard: str | None = None
     keys: set[str] = set()
     for batch in reader:
-        for s, k in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if s != shard:
+        shards = batch.column(0).to_numpy(zero_copy_only=False)
+        cuts = [0, *(int(i) + 1 for i in (shards[1:] != shards[:-1]).nonzero()[0]), len(shards)]
+        names = batch.column(1).to_pylist()
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if a == b:
+                continue
+            if shards[a] != shard:
                 if shard is not None:
                     yield shard, keys
-                shard, keys = s, set()
-            keys.add(k)
+                shard, keys = str(shards[a]), set()
+            keys.update(names[a:b])
     if shard is not None:
         yield shard, keys
 
 
-def _write_webdataset(db: SnapshotDB, out_dir: str, subset: SubsetConfig, config: CurateConfig) -> dict[str, Any]:
+def _write_webdataset(db: SnapshotDB, out_dir: str, flag: str, config: CurateConfig) -> dict[str, Any]:
     """Copy the subset's samples (all their files: jpg, txt, json) out of the download tars."""
     wds_dir = storage.join(out_dir, WDS_DIR)
     writer = _RollingTarWriter(wds_dir, config.samples_per_tar)
     missing = 0
     try:
-        for shard, keys in _iter_subset_keys_by_shard(db, subset, config):
+        for shard, keys in _iter_subset_keys_by_shard(db, flag):
             tar_uri = layout.images_tar_uri(db.root, db.snapshot, shard)
             found: set[str] = set()
             try:
@@ -400,6 +495,78 @@ def _remove_stale(out_dir: str, keep: set[str]) -> None:
             storage.delete(uri)
 
 
+def curate_subsets(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: CurateConfig) -> dict[str, ShardStats]:
+    """Write several subsets from one scan of the snapshot; return each one's per-sample outcomes.
+
+    Each subset's outcomes sum to the snapshot's download rows. ``stats.extra`` holds
+    ``status`` (``ok`` | ``unavailable``), ``reason``, ``rows`` and the files.
+    """
+    root, snapshot = db.root, db.snapshot
+    out_dirs = {name: layout.subset_dir(root, snapshot, name) for name in subsets}
+    for out_dir in out_dirs.values():
+        manifest_uri = storage.join(out_dir, MANIFEST)
+        if storage.exists(manifest_uri):
+            storage.delete(manifest_uri)  # until the new manifest lands, the subset reads as not done
+    counts, flag_names = _scan_snapshot(db, subsets, config)
+    flags = dict(zip(subsets, flag_names))
+    available = [n for n in subsets if n not in counts.unavailable]
+    parts = _write_parquet_parts(db, {n: out_dirs[n] for n in available}, flags, config) if available else {}
+    results: dict[str, ShardStats] = {}
+    for name, subset in subsets.items():
+        out_dir = out_dirs[name]
+        outcomes = counts.outcomes(name)
+        stats = ShardStats(counts=Counter(outcomes))
+        manifest: dict[str, Any] = {
+            "subset": name,
+            "snapshot": snapshot,
+            "where": subset.where,
+            "description": subset.description,
+            "require_clip_kept": config.require_clip_kept,
+            "counts": dict(sorted(outcomes.items())),
+            "total_samples": counts.total,
+        }
+        keep: set[str] = set()
+        if name in counts.unavailable:
+            manifest.update(status="unavailable", reason=counts.unavailable[name], rows=0, parquet=[])
+            log.warning("subset %s unavailable: %s", name, counts.unavailable[name])
+        else:
+            written = parts[name]
+            rows = sum(p["rows"] for p in written)
+            if rows != outcomes.get("kept", 0):
+                raise StageError(f"subset {name}: wrote {rows} rows but counted {outcomes.get('kept', 0)} kept samples")
+            keep |= {p["name"] for p in written}
+            stats.bytes_written += sum(p["bytes"] for p in written)
+            manifest.update(
+                status="ok",
+                reason=None,
+                rows=rows,
+                columns=LAION_COLUMNS,
+                hash=HASH_DEFINITION,
+                parquet=[{"name": p["name"], "rows": p["rows"]} for p in written],
+            )
+            if subset.write_images:
+                wds = _write_webdataset(db, out_dir, flags[name], config)
+                keep |= {f"{WDS_DIR}/{s['name']}" for s in wds["shards"]} | {f"{WDS_DIR}/sizes.json"}
+                stats.bytes_written += wds.pop("bytes")
+                manifest["webdataset"] = wds
+        _remove_stale(out_dir, keep)
+        blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        manifest_uri = storage.join(out_dir, MANIFEST)
+        storage.write_bytes(manifest_uri, blob)
+        stats.output_uri = manifest_uri
+        stats.checksum = hashlib.sha256(blob).hexdigest()
+        stats.extra = {
+            "status": manifest["status"],
+            "reason": manifest["reason"],
+            "rows": manifest["rows"],
+            "files": len(manifest["parquet"]),
+            **({"webdataset_samples": manifest["webdataset"]["samples"]} if "webdataset" in manifest else {}),
+        }
+        results[name] = stats
+    db.con.execute(f"DROP TABLE IF EXISTS {SCAN_TABLE}")
+    return results
+
+
 def curate_subset(
     root: str,
     snapshot: str,
@@ -408,81 +575,25 @@ def curate_subset(
     config: CurateConfig,
     *,
     db: SnapshotDB | None = None,
+    clip: ClipConfig | None = None,
 ) -> ShardStats:
-    """Write one subset; return its per-sample outcomes (summing to the snapshot's download rows).
-
-    ``db`` lets several subsets share one :class:`SnapshotDB` (and one S3 staging).
-    ``stats.extra`` holds ``status`` (``ok`` | ``unavailable``), ``reason``, ``rows`` and the files.
-    """
+    """Write one subset (see :func:`curate_subsets`); ``clip`` gives the CLIP thresholds."""
     if db is None:
-        with open_snapshot(root, snapshot, config) as own:
-            return curate_subset(root, snapshot, name, subset, config, db=own)
-    out_dir = layout.subset_dir(root, snapshot, name)
-    manifest_uri = storage.join(out_dir, MANIFEST)
-    if storage.exists(manifest_uri):
-        storage.delete(manifest_uri)  # until the new manifest lands, the subset reads as not done
-
-    counts = count_subsets(db, {name: subset}, config)
-    outcomes = counts.outcomes(name)
-    stats = ShardStats(counts=Counter(outcomes))
-    manifest: dict[str, Any] = {
-        "subset": name,
-        "snapshot": snapshot,
-        "where": subset.where,
-        "description": subset.description,
-        "require_clip_kept": config.require_clip_kept,
-        "counts": dict(sorted(outcomes.items())),
-        "total_samples": counts.total,
-    }
-    keep: set[str] = set()
-    if name in counts.unavailable:
-        manifest.update(status="unavailable", reason=counts.unavailable[name], rows=0, parquet=[])
-        log.warning("subset %s unavailable: %s", name, counts.unavailable[name])
-    else:
-        parts = _write_parquet_parts(db, out_dir, subset, config)
-        rows = sum(p["rows"] for p in parts)
-        if rows != outcomes.get("kept", 0):
-            raise StageError(f"subset {name}: wrote {rows} rows but counted {outcomes.get('kept', 0)} kept samples")
-        keep |= {p["name"] for p in parts}
-        stats.bytes_written += sum(p["bytes"] for p in parts)
-        manifest.update(
-            status="ok",
-            reason=None,
-            rows=rows,
-            columns=LAION_COLUMNS,
-            hash=HASH_DEFINITION,
-            parquet=[{"name": p["name"], "rows": p["rows"]} for p in parts],
-        )
-        if subset.write_images:
-            wds = _write_webdataset(db, out_dir, subset, config)
-            keep |= {f"{WDS_DIR}/{s['name']}" for s in wds["shards"]} | {f"{WDS_DIR}/sizes.json"}
-            stats.bytes_written += wds.pop("bytes")
-            manifest["webdataset"] = wds
-    _remove_stale(out_dir, keep)
-    blob = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    storage.write_bytes(manifest_uri, blob)
-    stats.output_uri = manifest_uri
-    stats.checksum = hashlib.sha256(blob).hexdigest()
-    stats.extra = {
-        "status": manifest["status"],
-        "reason": manifest["reason"],
-        "rows": manifest["rows"],
-        "files": len(manifest["parquet"]),
-        **({"webdataset_samples": manifest["webdataset"]["samples"]} if "webdataset" in manifest else {}),
-    }
-    return stats
+        with open_snapshot(root, snapshot, config, clip) as own:
+            return curate_subsets(own, {name: subset}, config)[name]
+    return curate_subsets(db, {name: subset}, config)[name]
 
 
 def curate_snapshot(
-    root: str, snapshot: str, config: CurateConfig, names: list[str] | None = None
+    root: str, snapshot: str, config: CurateConfig, names: list[str] | None = None, *, clip: ClipConfig | None = None
 ) -> dict[str, ShardStats]:
-    """Every (or the named) configured subset over one shared :class:`SnapshotDB`."""
+    """Every (or the named) configured subset: one metadata copy, one scan."""
     chosen = names or list(config.subsets)
     unknown = [n for n in chosen if n not in config.subsets]
     if unknown:
         raise StageError(f"unknown subset(s) {unknown}; configured: {sorted(config.subsets)}")
-    with open_snapshot(root, snapshot, config) as db:
-        return {n: curate_subset(root, snapshot, n, config.subsets[n], config, db=db) for n in chosen}
+    with open_snapshot(root, snapshot, config, clip) as db:
+        return curate_subsets(db, {n: config.subsets[n] for n in chosen}, config)
 
 
 def read_manifest(root: str, snapshot: str, name: str) -> dict[str, Any] | None:
@@ -497,11 +608,16 @@ def read_manifest(root: str, snapshot: str, name: str) -> dict[str, Any] | None:
 
 
 def _run_curate(ctx: Context, name: str) -> ShardStats:
+    """One scan per batch: the first subset that runs writes every configured subset (those
+    that were current are rewritten identically), the others take their stats from it."""
     config = ctx.settings.curate
     if name not in config.subsets:
         raise StageError(f"unknown subset {name!r}; configured: {sorted(config.subsets)}")
-    db = ctx.resource("snapshot_db", lambda: open_snapshot(ctx.root, ctx.snapshot, config))  # shared by a batch's subsets
-    return curate_subset(ctx.root, ctx.snapshot, name, config.subsets[name], config, db=db)
+    written: dict[str, ShardStats] = ctx.resource("curated_subsets", dict)
+    if name not in written:
+        db = ctx.resource("snapshot_db", lambda: open_snapshot(ctx.root, ctx.snapshot, config, ctx.settings.clip))
+        written.update(curate_subsets(db, {n: s for n, s in config.subsets.items() if n not in written}, config))
+    return written[name]
 
 
 SPEC = StageSpec(

@@ -181,28 +181,38 @@ def _write_metadata(
 def _iter_vectors(
     metadata_path: Path, embedding_paths: list[str], batch_size: int, ids: np.ndarray | None = None
 ) -> Iterator[np.ndarray]:
-    """fp32, L2-normalised vectors in id order (all ids, or the sorted subset ``ids``)."""
+    """fp32, L2-normalised vectors in id order (all ids, or the sorted subset ``ids``).
+
+    The id -> (shard, row) map is read from metadata.parquet a batch at a time, never whole:
+    memory is one batch of ids and vectors, whatever the subset's size.
+    """
     import pyarrow.parquet as pq
 
-    table = pq.read_table(metadata_path, columns=["_shard", "_row"])
-    shards = table.column("_shard").to_numpy()
-    rows = table.column("_row").to_numpy()
-    if ids is not None:
-        shards, rows = shards[ids], rows[ids]
+    source = pq.ParquetFile(metadata_path)
     pending: list[np.ndarray] = []
     pending_n = 0
-    bounds = np.flatnonzero(np.diff(shards)) + 1
-    for seg_start, seg_end in zip(np.r_[0, bounds], np.r_[bounds, len(shards)]):
-        if seg_start == seg_end:
-            continue
-        emb = np.load(embedding_paths[int(shards[seg_start])], mmap_mode="r")
-        for start in range(seg_start, seg_end, batch_size):
-            stop = min(start + batch_size, seg_end)
-            pending.append(np.asarray(emb[rows[start:stop]], dtype=np.float32))
-            pending_n += stop - start
-            if pending_n >= batch_size:
-                yield _normalised(np.concatenate(pending))
-                pending, pending_n = [], 0
+    offset = 0
+    open_shard, emb = -1, None
+    for batch in source.iter_batches(batch_size=max(batch_size, 1), columns=["_shard", "_row"]):
+        shards = batch.column(0).to_numpy()
+        rows = batch.column(1).to_numpy()
+        if ids is not None:
+            lo, hi = np.searchsorted(ids, [offset, offset + len(shards)])
+            pick = ids[lo:hi] - offset
+            shards, rows = shards[pick], rows[pick]
+        offset += batch.num_rows
+        bounds = np.flatnonzero(np.diff(shards)) + 1
+        for seg_start, seg_end in zip(np.r_[0, bounds], np.r_[bounds, len(shards)]):
+            if seg_start == seg_end:
+                continue
+            if int(shards[seg_start]) != open_shard:
+                open_shard = int(shards[seg_start])
+                emb = np.load(embedding_paths[open_shard], mmap_mode="r")
+            pending.append(np.asarray(emb[rows[seg_start:seg_end]], dtype=np.float32))  # type: ignore[index]
+            pending_n += seg_end - seg_start
+        if pending_n >= batch_size:
+            yield _normalised(np.concatenate(pending))
+            pending, pending_n = [], 0
     if pending:
         yield _normalised(np.concatenate(pending))
 

@@ -6,9 +6,11 @@ prepares its inputs (shard list, sample count, flags), launches it as a subproce
 (``python -m laion_tasks.train_entry`` single-process, or ``torchrun`` over N GPUs),
 and publishes the final checkpoint atomically to storage.
 
-Accounting: every sample in the shards is scanned once; samples with an image and a
-caption are ``success`` (they are what open_clip_train trains on), others are
-``drop:missing_image`` / ``drop:missing_caption`` (open_clip_train would skip them).
+Accounting: samples with an image and a caption are ``success`` (they are what
+open_clip_train trains on), others are ``drop:missing_image`` / ``drop:missing_caption``
+(open_clip_train would skip them). A curated subset's ``sizes.json`` (written by curate,
+which copies whole samples) gives the counts without reading the tars; shards it does not
+list are scanned once. The trainer's output goes to a file, never into memory.
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ def count_shard_samples(shard_uri: str) -> Counter[str]:
     except (tarfile.TarError, OSError, storage.StorageError, ValueError) as exc:
         raise StageError(f"{shard_uri}: unreadable WebDataset shard: {type(exc).__name__}: {exc}") from exc
     return counts
+
+
+def _sizes_from_metadata(shards: list[str]) -> dict[str, int]:
+    """Samples per shard from the ``sizes.json`` beside the shards (curate writes it), where present."""
+    out: dict[str, int] = {}
+    for directory in sorted({s.rsplit("/", 1)[0] for s in shards if "/" in s}):
+        uri = storage.join(directory, "sizes.json")
+        if storage.exists(uri):
+            sizes = json.loads(storage.read_text(uri))
+            out.update({storage.join(directory, name): int(n) for name, n in sizes.items()})
+    return out
 
 
 def shard_pattern(shards: list[str]) -> str:
@@ -140,15 +153,28 @@ def _stage_shards(shards: list[str], config: TrainConfig, work: Path) -> list[st
     return out
 
 
-def _final_losses(log_text: str) -> dict[str, float | int]:
+def _final_losses(log_path: Path) -> dict[str, float | int]:
+    """The last logged loss and the number of logged steps, reading the log a line at a time."""
     last: dict[str, float | int] = {}
     steps = 0
-    for match in LOSS_RE.finditer(log_text):
-        steps += 1
-        last = {"epoch": int(match.group(1)), "loss_name": match.group(4), "loss": float(match.group(5))}  # type: ignore[dict-item]
+    if not log_path.exists():
+        return last
+    with open(log_path, errors="replace") as handle:
+        for line in handle:
+            for match in LOSS_RE.finditer(line):
+                steps += 1
+                last = {"epoch": int(match.group(1)), "loss_name": match.group(4), "loss": float(match.group(5))}  # type: ignore[dict-item]
     if last:
         last["logged_steps"] = steps
     return last
+
+
+def _tail(path: Path, size: int = 4000) -> str:
+    if not path.exists():
+        return ""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, path.stat().st_size - size))
+        return handle.read().decode("utf-8", "replace")
 
 
 def train_clip(
@@ -171,8 +197,12 @@ def train_clip(
     if not train_shards:
         raise StageError(f"no training shards given for {output_uri}")
     stats = ShardStats()
+    sizes = _sizes_from_metadata(list(train_shards))
     for shard in train_shards:
-        stats.counts.update(count_shard_samples(shard))
+        if shard in sizes:
+            stats.add("success", sizes[shard])
+        else:
+            stats.counts.update(count_shard_samples(shard))
     usable = stats.counts.get("success", 0)
     if usable == 0:
         raise StageError(f"{train_shards[0]} (+{len(train_shards) - 1}): no sample with an image and a caption")
@@ -188,28 +218,35 @@ def train_clip(
         log.info("launching open_clip_train: %s", " ".join(command))
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        console = work / "console.log"
+        with open(console, "wb") as out:
+            proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         run_dir = logs_dir / run_name
         log_path = run_dir / "out.log"
-        log_text = log_path.read_text() if log_path.exists() else ""
         if proc.returncode != 0:
             raise StageError(
                 f"open_clip_train failed (exit {proc.returncode}) on {train_shards[0]}: "
-                f"{(proc.stderr or log_text)[-4000:]}"
+                f"{_tail(console) or _tail(log_path)}"
             )
         checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
         if not checkpoint.exists():
-            raise StageError(f"open_clip_train finished but wrote no {checkpoint}: {log_text[-2000:]}")
+            raise StageError(f"open_clip_train finished but wrote no {checkpoint}: {_tail(log_path, 2000)}")
         checkpoint_uri = storage.join(output_uri, CHECKPOINT_NAME)
         with storage.atomic_local_path(checkpoint_uri) as tmp:
             shutil.copyfile(checkpoint, tmp)
-        storage.write_text(storage.join(output_uri, "train.log"), log_text)
+        log_bytes = 0
+        if log_path.exists():
+            log_bytes = log_path.stat().st_size
+            with storage.atomic_local_path(storage.join(output_uri, "train.log")) as tmp:
+                shutil.copyfile(log_path, tmp)
+        else:
+            storage.write_text(storage.join(output_uri, "train.log"), "")
         params = run_dir / "params.txt"
         if params.exists():
             storage.write_text(storage.join(output_uri, "params.txt"), params.read_text())
         stats.output_uri = checkpoint_uri
         stats.checksum = storage.file_sha256(checkpoint)
-        stats.bytes_written = checkpoint.stat().st_size + len(log_text.encode())
+        stats.bytes_written = checkpoint.stat().st_size + log_bytes
         stats.extra = {
             "model": config.model,
             "num_samples": samples,
@@ -218,7 +255,7 @@ def train_clip(
             "device": "cuda" if use_cuda else "cpu",
             "processes": config.gpus if use_cuda and config.gpus > 1 else 1,
             "open_clip_train_args": args,
-            **_final_losses(log_text),
+            **_final_losses(log_path),
         }
         summary = {"checkpoint": checkpoint_uri, "counts": dict(stats.counts), **stats.extra}
         storage.write_text(storage.join(output_uri, "train.json"), json.dumps(summary, indent=2))
