@@ -7,7 +7,7 @@ only concatenates them under the summary, so RESULTS.md always shows the latest 
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["extract", "download", "clip", "tag", "curate", "index", "eval"]
+ORDER = ["extract", "download", "clip", "tag", "dedup", "curate", "index", "eval"]
 
 
 def main() -> None:

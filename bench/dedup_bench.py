@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp")
     ap.add_argument("--timeout", type=int, default=4 * 3600)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dedup.md"))
+    ap.add_argument("--reuse", action="store_true", help="reuse data already generated under --workdir")
     ap.add_argument("--merge", nargs="+", help="only write the table from these result .json files (sizes run in parallel)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -267,12 +268,16 @@ def main() -> None:
     results = []
     for rows in args.rows:
         data = Path(args.workdir) / f"laion-dedup-bench-{rows}"
-        shutil.rmtree(data, ignore_errors=True)
+        if not (args.reuse and (data / "shards.json").exists()):
+            shutil.rmtree(data, ignore_errors=True)
         try:
-            t = time.perf_counter()
-            shards = generate(data, rows, args.shard_size, args.exact, args.near, seed=rows)
-            (data / "shards.json").write_text(json.dumps(shards))
-            print(f"{rows} rows generated in {time.perf_counter() - t:.0f} s", flush=True)
+            for old in ("work-ours", "out-ours", "work-peer", "out-peer"):
+                shutil.rmtree(data / old, ignore_errors=True)
+            if not (data / "shards.json").exists():
+                t = time.perf_counter()
+                shards = generate(data, rows, args.shard_size, args.exact, args.near, seed=rows)
+                (data / "shards.json").write_text(json.dumps(shards))
+                print(f"{rows} rows generated in {time.perf_counter() - t:.0f} s", flush=True)
             entry = {"rows": rows, "ours": run_child("ours", data, args)}
             print(json.dumps(entry), flush=True)
             if rows <= args.peer_rows:

@@ -536,19 +536,24 @@ def _pairs_cpu(queries: np.ndarray, base: np.ndarray, threshold: float) -> tuple
 def similar_pairs(queries: np.ndarray, base: np.ndarray, threshold: float, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """(query, base) index pairs with cosine >= threshold, for rotated unit vectors.
 
-    Exact, but cheaper than a full search: by Cauchy-Schwarz the cosine is at most the dot
-    product over the leading quarter of the dimensions plus |q tail| * max |b tail|, so only
-    pairs whose bound reaches the threshold (a few per thousand after the PCA rotation) get
-    a full dot product.
+    Exact, but cheaper than a full search. By Cauchy-Schwarz the cosine is at most the dot
+    product over the leading quarter of the dimensions plus the product of the two tails'
+    norms. A first filter uses the largest tail norm of the base (one comparison per pair),
+    the second the pair's own tail norms (on the survivors only); only pairs that pass both
+    (about one in a thousand after the PCA rotation) get a full dot product.
     """
     head = max(1, base.shape[1] // 4)
     b_head = np.ascontiguousarray(base[:, :head].T)
-    b_tail = float(np.linalg.norm(base[:, head:], axis=1).max()) if base.shape[1] > head else 0.0
+    b_tail = np.linalg.norm(base[:, head:], axis=1) if base.shape[1] > head else np.zeros(len(base), np.float32)
+    b_tail_max = float(b_tail.max()) if len(b_tail) else 0.0
     qs, bs = [], []
     for start in range(0, len(queries), block):
         q = queries[start : start + block]
-        need = (threshold - 1e-3) - np.linalg.norm(q[:, head:], axis=1) * b_tail
-        qi, bi = np.nonzero(q[:, :head] @ b_head >= need[:, None])
+        q_tail = np.linalg.norm(q[:, head:], axis=1)
+        dots = q[:, :head] @ b_head
+        qi, bi = np.nonzero(dots >= ((threshold - 1e-3) - q_tail * b_tail_max)[:, None])
+        keep = dots[qi, bi] + q_tail[qi] * b_tail[bi] >= threshold - 1e-3
+        qi, bi = qi[keep], bi[keep]
         if qi.size:
             full = np.einsum("ij,ij->i", q[qi], base[bi])
             hit = full >= threshold - 1e-6
