@@ -169,24 +169,18 @@ def _validated_columns(db: SnapshotDB, name: str, subset: SubsetConfig) -> set[s
     return columns
 
 
-def count_subsets(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: CurateConfig) -> SubsetCounts:
-    """One scan: base outcomes, per-subset matches and the non-NULL count of every predicate column."""
-    columns_by_subset = {name: _validated_columns(db, name, s) for name, s in subsets.items()}
-    columns = sorted(set().union(*columns_by_subset.values())) if subsets else []
-    matches = [f"count_if(coalesce(({s.where}), false)) AS m{i}" for i, s in enumerate(subsets.values())]
-    nonnull = [f"count({c}) AS n{i}" for i, c in enumerate(columns)]
-    select = ", ".join(["count(*) AS n"] + matches + nonnull)
-    rows = db.con.execute(
-        f"SELECT base_outcome, {select} FROM "
-        f"(SELECT {base_outcome_sql(config)} AS base_outcome, * FROM {SAMPLES_VIEW}) GROUP BY base_outcome"
-    ).fetchall()
+def _tally(
+    rows: list[tuple], subsets: dict[str, SubsetConfig], columns: list[str], columns_by_subset: dict[str, set[str]], config: CurateConfig
+) -> SubsetCounts:
+    """Turn the per-base-outcome rows of a scan (count, one match count per subset, one non-NULL count
+    per predicate column) into counts; a subset whose predicate column is NULL for every eligible
+    sample is ``unavailable``, not silently empty."""
     base = {o: 0 for o in BASE_OUTCOMES if o != "drop:clip_filtered" or config.require_clip_kept}
     matched = {name: 0 for name in subsets}
     nonnull_eligible = {c: 0 for c in columns}
     for row in rows:
-        outcome, n = row[0], int(row[1])
-        base[outcome] = n
-        if outcome != ELIGIBLE:
+        base[row[0]] = int(row[1])
+        if row[0] != ELIGIBLE:
             continue
         for i, name in enumerate(subsets):
             matched[name] = int(row[2 + i])
@@ -203,6 +197,20 @@ def count_subsets(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cura
                 + (f": {hints}" if hints else "")
             )
     return SubsetCounts(base=base, matched=matched, unavailable=unavailable)
+
+
+def count_subsets(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: CurateConfig) -> SubsetCounts:
+    """One scan: base outcomes, per-subset matches and the non-NULL count of every predicate column."""
+    columns_by_subset = {name: _validated_columns(db, name, s) for name, s in subsets.items()}
+    columns = sorted(set().union(*columns_by_subset.values())) if subsets else []
+    matches = [f"count_if(coalesce(({s.where}), false)) AS m{i}" for i, s in enumerate(subsets.values())]
+    nonnull = [f"count({c}) AS n{i}" for i, c in enumerate(columns)]
+    select = ", ".join(["count(*) AS n"] + matches + nonnull)
+    rows = db.con.execute(
+        f"SELECT base_outcome, {select} FROM "
+        f"(SELECT {base_outcome_sql(config)} AS base_outcome, * FROM {SAMPLES_VIEW}) GROUP BY base_outcome"
+    ).fetchall()
+    return _tally(rows, subsets, columns, columns_by_subset, config)
 
 
 def subset_counts(
@@ -254,28 +262,7 @@ def _scan_snapshot(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cur
     rows = db.con.execute(
         f"SELECT base_outcome, {', '.join(['count(*)'] + sums)} FROM {SCAN_TABLE} GROUP BY base_outcome"
     ).fetchall()
-    base = {o: 0 for o in BASE_OUTCOMES if o != "drop:clip_filtered" or config.require_clip_kept}
-    matched = {name: 0 for name in subsets}
-    nonnull_eligible = {c: 0 for c in columns}
-    for row in rows:
-        base[row[0]] = int(row[1])
-        if row[0] != ELIGIBLE:
-            continue
-        for i, name in enumerate(subsets):
-            matched[name] = int(row[2 + i])
-        for i, c in enumerate(columns):
-            nonnull_eligible[c] = int(row[2 + len(subsets) + i])
-    eligible = base[ELIGIBLE]
-    unavailable: dict[str, str] = {}
-    for name, cols in columns_by_subset.items():
-        empty = sorted(c for c in cols if nonnull_eligible[c] == 0)
-        if eligible and empty:
-            hints = "; ".join(_NULL_HINTS[c] for c in empty if c in _NULL_HINTS)
-            unavailable[name] = (
-                f"column(s) {', '.join(empty)} are NULL for all {eligible} eligible samples"
-                + (f": {hints}" if hints else "")
-            )
-    return SubsetCounts(base=base, matched=matched, unavailable=unavailable), [f"s{i}" for i in range(len(subsets))]
+    return _tally(rows, subsets, columns, columns_by_subset, config), [f"s{i}" for i in range(len(subsets))]
 
 
 class _RollingParquetWriter:
