@@ -49,7 +49,8 @@ def build_app():  # type: ignore[no-untyped-def]
         from fastapi.responses import HTMLResponse
 
         log.exception("LAION lineage plugin could not start")
-        app = FastAPI(title="LAION lineage (unavailable)", dependencies=dependencies)
+        # FastAPI's built-in schema/docs routes skip app-level dependencies: keep them off.
+        app = FastAPI(title="LAION lineage (unavailable)", dependencies=dependencies, openapi_url=None, docs_url=None, redoc_url=None)
         message = f"{type(exc).__name__}: {exc}"
 
         @app.get("/", response_class=HTMLResponse)

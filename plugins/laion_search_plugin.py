@@ -8,7 +8,9 @@ Authentication: Airflow mounts plugin ``fastapi_apps`` with ``app.mount`` and ad
 auth of its own, so every route of this app depends on Airflow's
 ``requires_authenticated()``: it resolves the user from the ``Authorization: Bearer``
 JWT or the UI's ``_token`` cookie through the configured auth manager (401 without one,
-403 for an invalid token). The nav link renders the page in an iframe on the same origin,
+403 for an invalid token). FastAPI's own ``/openapi.json``, ``/docs`` and ``/redoc`` would skip
+that dependency, so they are off and the schema is an ordinary, guarded route
+(:mod:`laion_tasks.serve.schema`). The nav link renders the page in an iframe on the same origin,
 so the browser sends the cookie and a logged-in user just sees the page.
 
 Import stays cheap (no torch, no faiss: the index opens on the first query) and never
@@ -58,7 +60,8 @@ def _error_app(message: str, dependencies: list[Any]):  # type: ignore[no-untype
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
 
-    app = FastAPI(title="LAION search (unavailable)", dependencies=dependencies)
+    # FastAPI's built-in schema/docs routes skip app-level dependencies: keep them off.
+    app = FastAPI(title="LAION search (unavailable)", dependencies=dependencies, openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

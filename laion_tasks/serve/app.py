@@ -7,6 +7,7 @@ Endpoints (relative, so the same app works standalone and mounted under Airflow)
 * ``GET  /api/search?text=``   text query (also ``POST /api/search`` with JSON: text | embedding | image_url)
 * ``POST /api/search/image``   multipart image upload
 * ``POST /api/export?format=parquet|json``   the same query's results as a downloader input file
+* ``GET  /openapi.json``       the API's schema; like every route, behind the ``dependencies`` (no /docs, /redoc)
 
 The index is opened on first use and re-checked while missing, so an Airflow webserver
 started before the first index build picks it up without a restart.
@@ -30,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from laion_tasks.config import Settings
 from laion_tasks.serve.limits import BodyLimitMiddleware
+from laion_tasks.serve.schema import NO_BUILTIN_DOCS, add_openapi_route
 from laion_tasks.serve.theme import static_file
 from laion_tasks.serve.searcher import Filters, IndexNotReady, KnnIndex, QueryError
 
@@ -230,7 +232,9 @@ def create_app(index_dir: str, settings: Settings, dependencies: Sequence[Any] =
         title="LAION search",
         description=f"kNN search over {index_dir}",
         dependencies=[d if hasattr(d, "dependency") else Depends(d) for d in dependencies],
+        **NO_BUILTIN_DOCS,
     )
+    add_openapi_route(app)
     app.state.search = state
     # Counted while streaming: a chunked or lying body is cut off at the limit (413).
     app.add_middleware(

@@ -23,6 +23,7 @@ from laion_tasks.config import Settings
 from laion_tasks.lineage import Lineage
 from laion_tasks.serve import lineage_pages as pages
 from laion_tasks.serve import lineage_queries as q
+from laion_tasks.serve.schema import NO_BUILTIN_DOCS, add_openapi_route
 from laion_tasks.serve.theme import static_file
 
 CARD_ROOTS = ("card", "subsets")
@@ -38,7 +39,8 @@ def _href(*segments: str) -> str:
 
 
 def create_lineage_app(settings: Settings, dependencies: Sequence[Any] = ()) -> FastAPI:
-    app = FastAPI(title="LAION lineage", dependencies=list(dependencies))
+    app = FastAPI(title="LAION lineage", dependencies=list(dependencies), **NO_BUILTIN_DOCS)
+    add_openapi_route(app)
     storage.configure(settings.storage)
     root = settings.storage.root
 
