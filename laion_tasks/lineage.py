@@ -7,7 +7,8 @@ skip finished work, and :func:`funnel` answers "where did my candidates go?".
 One row of ``shard_run`` is one attempt of one stage on one shard. A run's *skip key* is
 (stage, shard, ``config_digest`` of the knobs that change the stage's results,
 ``inputs_digest`` of the exact upstream outputs it read). At most one row per
-(snapshot, stage, shard) is ``done``: the current generation. Finishing a run demotes
+(snapshot, stage, shard) is ``done``: the current generation, enforced by the unique
+partial index ``uq_shard_run_one_done``. Finishing a run demotes
 the previous done row to ``superseded``, so every count (funnel, card, views) adds up
 the current generation only, each candidate once per stage. ``shard_outcome`` holds a
 run's counts by outcome, ``shard_diagnostic`` its diagnostics. The done row and its
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import socket
 from dataclasses import dataclass
 from importlib import metadata
@@ -66,6 +68,15 @@ shard_run_table = sa.Table(
 )
 sa.Index("ix_shard_run_lookup", shard_run_table.c.snapshot_id, shard_run_table.c.stage, shard_run_table.c.shard_id)
 sa.Index("ix_shard_run_status", shard_run_table.c.snapshot_id, shard_run_table.c.stage, shard_run_table.c.status)
+sa.Index(  # migration 0003: the database, not only finish(), allows one current run per shard
+    "uq_shard_run_one_done",
+    shard_run_table.c.snapshot_id,
+    shard_run_table.c.stage,
+    shard_run_table.c.shard_id,
+    unique=True,
+    postgresql_where=sa.text("status = 'done'"),
+    sqlite_where=sa.text("status = 'done'"),
+)
 
 shard_outcome_table = sa.Table(
     "shard_outcome",
@@ -149,6 +160,48 @@ def _one_migration_at_a_time(conn: sa.Connection) -> None:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
     elif conn.dialect.name == "sqlite":
         conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock now, not at the first DDL
+
+
+SHARD_LOCK_SALT = b"laion-lineage-shard-done"
+"""Salts the PostgreSQL advisory lock key of a (snapshot, stage, shard): see :func:`_lock_shard`."""
+
+
+def _shard_lock_key(snapshot_id: str, stage: str, shard_id: str) -> int:
+    """A signed 64-bit key (pg_advisory_xact_lock's bigint) from a hash of the shard's identity.
+
+    Two shards whose keys collide only wait for each other's finish; nothing is lost.
+    """
+    ident = "\x1f".join((snapshot_id, stage, shard_id)).encode()
+    digest = hashlib.blake2b(ident, digest_size=8, key=SHARD_LOCK_SALT).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _serialise_writes(conn: sa.Connection) -> None:
+    """On SQLite, take the database write lock before the first read of a transaction.
+
+    A deferred transaction that reads first and then writes under WAL can fail with
+    SQLITE_BUSY at its first write, without waiting, when another writer committed in
+    between; ``BEGIN IMMEDIATE`` waits (busy timeout) for the lock instead, so writers
+    run one at a time. PostgreSQL needs nothing here.
+    """
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _lock_shard(conn: sa.Connection, snapshot_id: str, stage: str, shard_id: str) -> None:
+    """Hold a lock on one (snapshot, stage, shard) until the transaction ends.
+
+    On PostgreSQL, a transaction-scoped advisory lock on a hash of the key: a
+    ``SELECT ... FOR UPDATE`` of the current done row locks nothing when there is no done
+    row yet, the case of a shard's first two attempts finishing at once. Statements after
+    the lock see every finish that committed before it (READ COMMITTED takes a new
+    snapshot per statement). On SQLite, :func:`_serialise_writes` already holds the
+    database's single write lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _shard_lock_key(snapshot_id, stage, shard_id)}
+        )
 
 
 class Lineage:
@@ -250,10 +303,20 @@ class Lineage:
         The previous ``done`` row of the same shard (whatever its digests) is demoted to
         ``superseded``: the shard's output now holds this run's result, and lineage shows
         exactly one done record per (stage, shard).
+
+        Two attempts of one shard may finish at once (a zombie task and its retry). The
+        shard is locked before the demote, so the finishes run one after the other: the
+        later one supersedes the earlier one and is the done row; neither fails. Both
+        attempts wrote the shard's one output object; the done row is the later
+        finisher's record of it. Without the lock, under PostgreSQL READ COMMITTED neither demote
+        sees the other's uncommitted done row, and the second promote would hit
+        ``uq_shard_run_one_done``.
         """
         t = shard_run_table
         with self.engine.begin() as conn:
+            _serialise_writes(conn)
             row = conn.execute(sa.select(t).where(t.c.id == run_id)).mappings().one()
+            _lock_shard(conn, row["snapshot_id"], row["stage"], row["shard_id"])
             conn.execute(
                 t.update()
                 .where(
