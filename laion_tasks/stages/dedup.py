@@ -96,12 +96,33 @@ class ShardInput:
     tags: str | None = None
 
 
-def run_name(run: int) -> str:
-    return f"run-{run:05d}"
+def run_name(run: int, shards: list[str]) -> str:
+    """``run-<index>-<digest of its shard ids>``: a run's files are named by what it holds, so a
+    re-plan that moves a shard into another run (a grown crawl, a new ``max_mapped_tasks``) names
+    a new run, which is computed, instead of finding an old file without the shard's rows."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(sorted(shards)).encode()).hexdigest()[:12]
+    return f"run-{run:05d}-{digest}"
 
 
-def run_prefix(work_dir: str, run: int) -> str:
-    return storage.join(work_dir, "runs", run_name(run))
+def run_prefix(work_dir: str, run: int, shards: list[str]) -> str:
+    return storage.join(work_dir, "runs", run_name(run, shards))
+
+
+RUN_FILES = (".rows.parquet", ".vec.npy", ".primary.npy", ".visit.npy", ".rank.npy")
+
+
+def remove_stale_runs(work_dir: str, current: list[str]) -> int:
+    """Delete the files of runs that are not in the current plan (a superseded grouping); returns how many."""
+    keep = set(current)
+    removed = 0
+    for uri in storage.list_uris(storage.join(work_dir, "runs")):
+        prefix = next((uri[: -len(s)] for s in RUN_FILES if uri.endswith(s)), None)
+        if prefix is not None and prefix not in keep:
+            storage.delete(uri)
+            removed += 1
+    return removed
 
 
 def decision_uri(work_dir: str, bucket: int) -> str:
@@ -409,7 +430,7 @@ def dedup_partition(
     centroids: str | None = None,
 ) -> ShardStats:
     """Rank, digest and cluster one run of shards (see module doc, step 2)."""
-    prefix = run_prefix(work_dir, run)
+    prefix = run_prefix(work_dir, run, [s.shard for s in inputs])
     stats = ShardStats(output_uri=f"{prefix}.rows.parquet")
     tree = Centroids.load(centroids) if centroids and config.near_dup else None
     vectors: list[_ShardVectors] = []
@@ -680,18 +701,135 @@ def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig, ru
                 qa, qb = similar_pairs(x, base, config.near_dup_threshold)
             queries += x.shape[0]
             pairs += int((qa != qb).sum())
-            pointer = greedy_pointers(x.shape[0], qa, qb, ranks)
-            removed = np.flatnonzero(pointer >= 0)
-            if removed.size:
-                decisions.append(pa.table({"rank": ranks[removed], "dup": ranks[pointer[removed]]}, schema=DECISION_SCHEMA))
+            ra, rb = ranks[qa], ranks[qb]
+            differ = ra != rb
+            if differ.any():
+                edge = np.unique(np.stack([np.maximum(ra, rb)[differ], np.minimum(ra, rb)[differ]], axis=1), axis=0)
+                decisions.append(pa.table({"rank": edge[:, 0], "dup": edge[:, 1]}, schema=DECISION_SCHEMA))
             stats.add("success", int(base.shape[0]))
     out = pa.concat_tables(decisions)
     stats.bytes_written = _write_parquet(out_uri, out)
-    stats.extra.update({"clusters": [lo, hi], "queries": queries, "pairs": pairs, "removed_entries": out.num_rows})
+    stats.extra.update({"clusters": [lo, hi], "queries": queries, "pairs": pairs, "edges": out.num_rows})
     return stats.done()
 
 
 # ---------------------------------------------------------------- 4. resolve
+
+
+def resolve_verdicts(con, rows: str, edges: str, *, max_hops: int = 64, sql_rounds: int = 32) -> int:  # type: ignore[no-untyped-def]
+    """Verdicts for the rows of one scope: creates table ``dd(rank, kind, dup)``, one row per dropped row.
+
+    ``rows``: a relation with ``rank, ua1, ua2, sh1, sh2`` (the scope: every row for the snapshot-wide
+    verdict, the rows one subset qualifies for in curate); ``edges``: a relation ``(rank, dup)`` of
+    near-duplicate pairs (either order; pairs with a row outside the scope are ignored).
+
+    The rules, stated in the README:
+
+    1. Exact copies (same url and alt, or same image sha256) are one sample: each points to the
+       smallest rank of its copies in the scope. Identity is transitive, so these pointers are followed.
+    2. Near duplicates are *not* transitive: among the exact representatives, a row is dropped only
+       in favour of a kept row it is itself similar to (greedy in rank order: the lexicographically
+       first maximal independent set of the similarity graph). No chain A~B~C drops C for A.
+    3. Because the scope is exactly the rows that qualify, every duplicate group with a qualifying
+       member keeps one (its smallest qualifying rank is always kept).
+
+    The greedy pass runs as rounds of joins (a row is decided once all its smaller-rank neighbours
+    are); the few rows still open after ``sql_rounds`` (long chains) are finished in Python.
+    Returns the number of rounds used.
+    """
+    con.execute(f"CREATE OR REPLACE TEMP TABLE sc AS SELECT rank, ua1, ua2, sh1, sh2 FROM ({rows})").fetchall()
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE ex AS
+        WITH ua AS (SELECT ua1, ua2, min(rank) AS rep FROM sc WHERE ua1 IS NOT NULL GROUP BY ua1, ua2 HAVING count(*) > 1),
+             sh AS (SELECT sh1, sh2, min(rank) AS rep FROM sc WHERE sh1 IS NOT NULL GROUP BY sh1, sh2 HAVING count(*) > 1),
+             p AS (SELECT sc.rank, 0 AS kind, ua.rep AS dup FROM sc JOIN ua USING (ua1, ua2) WHERE sc.rank <> ua.rep
+                   UNION ALL
+                   SELECT sc.rank, 1 AS kind, sh.rep AS dup FROM sc JOIN sh USING (sh1, sh2) WHERE sc.rank <> sh.rep),
+             m AS (SELECT rank, min(struct_pack(k := kind, d := dup)) AS m FROM p GROUP BY rank)
+        SELECT rank, m.k AS kind, m.d AS dup FROM m
+        """
+    ).fetchall()
+    for hop in range(max_hops + 1):
+        # a copy whose representative is itself a copy (a url_alt pair that is also a sha256 pair) takes its pointer
+        if not con.execute("SELECT count(*) FROM ex JOIN ex AS t ON ex.dup = t.rank").fetchall()[0][0]:
+            break
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE ex AS SELECT ex.rank, ex.kind, coalesce(t.dup, ex.dup) AS dup "
+            "FROM ex LEFT JOIN ex AS t ON ex.dup = t.rank"
+        ).fetchall()
+    else:
+        raise StageError(f"dedup_resolve: exact-copy pointers did not converge in {max_hops} hops")
+    # near pairs between exact representatives (a copy's pair is its representative's: the same sample)
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE e AS
+        WITH g AS (SELECT rank, dup FROM ({edges})),
+             root AS (SELECT sc.rank, coalesce(ex.dup, sc.rank) AS root FROM sc LEFT JOIN ex USING (rank)
+                      WHERE sc.rank IN (SELECT rank FROM g UNION SELECT dup FROM g))
+        SELECT DISTINCT greatest(a.root, b.root) AS hi, least(a.root, b.root) AS lo
+        FROM g JOIN root AS a ON a.rank = g.rank JOIN root AS b ON b.rank = g.dup
+        WHERE a.root <> b.root
+        """
+    ).fetchall()
+    # state: 0 open, 1 kept, 2 dropped
+    con.execute("CREATE OR REPLACE TEMP TABLE st AS SELECT hi AS rank, 0 AS s FROM e UNION SELECT lo, 0 FROM e").fetchall()
+    rounds = 0
+    while rounds < sql_rounds and con.execute("SELECT count(*) FROM st WHERE s = 0").fetchall()[0][0]:
+        rounds += 1
+        con.execute(
+            """
+            CREATE OR REPLACE TEMP TABLE st AS
+            SELECT st.rank,
+                   CASE WHEN st.s <> 0 THEN st.s
+                        WHEN coalesce(n.kept, 0) > 0 THEN 2
+                        WHEN coalesce(n.open, 0) = 0 THEN 1
+                        ELSE 0 END AS s
+            FROM st LEFT JOIN (
+              SELECT e.hi AS rank, count_if(m.s = 1) AS kept, count_if(m.s <> 2) AS open
+              FROM e JOIN st AS m ON m.rank = e.lo GROUP BY e.hi) AS n USING (rank)
+            """
+        ).fetchall()
+    open_rows = con.execute("SELECT count(*) FROM st WHERE s = 0").fetchall()[0][0]
+    if open_rows:
+        _finish_greedy(con)
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE nd AS
+        SELECT e.hi AS rank, min(e.lo) AS dup
+        FROM e JOIN st AS k ON k.rank = e.lo AND k.s = 1 JOIN st AS x ON x.rank = e.hi AND x.s = 2
+        GROUP BY e.hi
+        """
+    ).fetchall()
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE dd AS
+        SELECT rank, 2 AS kind, dup FROM nd
+        UNION ALL
+        SELECT ex.rank, CASE WHEN nd.rank IS NULL THEN ex.kind ELSE 2 END AS kind, coalesce(nd.dup, ex.dup) AS dup
+        FROM ex LEFT JOIN nd ON nd.rank = ex.dup
+        """
+    ).fetchall()
+    return hop + rounds
+
+
+def _finish_greedy(con) -> None:  # type: ignore[no-untyped-def]
+    """The open rows of the greedy pass (long chains), decided in rank order in Python."""
+    open_ranks = [r[0] for r in con.execute("SELECT rank FROM st WHERE s = 0 ORDER BY rank").fetchall()]
+    state = dict(con.execute(
+        "SELECT m.rank, m.s FROM e JOIN st AS o ON o.rank = e.hi AND o.s = 0 JOIN st AS m ON m.rank = e.lo"
+    ).fetchall())
+    lower: dict[int, list[int]] = {}
+    for hi, lo in con.execute("SELECT e.hi, e.lo FROM e JOIN st AS o ON o.rank = e.hi AND o.s = 0").fetchall():
+        lower.setdefault(hi, []).append(lo)
+    for rank in open_ranks:
+        state[rank] = 2 if any(state.get(lo) == 1 for lo in lower.get(rank, ())) else 1
+    decided = pa.table({"rank": pa.array(open_ranks, pa.int64()), "s": pa.array([state[r] for r in open_ranks], pa.int32())})
+    con.register("_decided", decided)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE st AS SELECT st.rank, coalesce(x.s, st.s) AS s FROM st LEFT JOIN _decided AS x USING (rank)"
+    ).fetchall()
+    con.unregister("_decided")
 
 
 def dedup_resolve(
@@ -713,37 +851,11 @@ def dedup_resolve(
         run_files = [str(stack.enter_context(storage.local_copy(u))) for u in runs]
         near_files = [str(stack.enter_context(storage.local_copy(u))) for u in decisions]
         con.execute(f"CREATE VIEW r AS SELECT * FROM read_parquet({_sql_list(run_files)})").fetchall()
-        near = f"SELECT rank, 2 AS kind, dup FROM read_parquet({_sql_list(near_files)})" if near_files else \
-            "SELECT NULL::BIGINT AS rank, 2 AS kind, NULL::BIGINT AS dup WHERE false"
-        # exact groups by hash aggregation (spills past memory_limit); representative = smallest rank
-        con.execute(
-            f"""
-            CREATE TABLE d AS
-            WITH ua AS (SELECT ua1, ua2, min(rank) AS rep FROM r WHERE ua1 IS NOT NULL GROUP BY ua1, ua2
-                        HAVING count(*) > 1),
-                 sh AS (SELECT sh1, sh2, min(rank) AS rep FROM r WHERE sh1 IS NOT NULL GROUP BY sh1, sh2
-                        HAVING count(*) > 1),
-                 all_d AS (
-                   SELECT r.rank, 0 AS kind, ua.rep AS dup FROM r JOIN ua USING (ua1, ua2) WHERE r.rank <> ua.rep
-                   UNION ALL
-                   SELECT r.rank, 1 AS kind, sh.rep AS dup FROM r JOIN sh USING (sh1, sh2) WHERE r.rank <> sh.rep
-                   UNION ALL {near})
-            SELECT rank, min(struct_pack(k := kind, d := dup)) AS m FROM all_d GROUP BY rank
-            """
-        ).fetchall()
-        con.execute("CREATE OR REPLACE TABLE d AS SELECT rank, m.k AS kind, m.d AS dup FROM d").fetchall()
-        for hop in range(max_hops + 1):
-            # pointer jumping: a row whose representative is itself removed takes that row's pointer
-            moved = con.execute("SELECT count(*) FROM d JOIN d AS t ON d.dup = t.rank").fetchall()[0][0]
-            if not moved:
-                break
-            con.execute(
-                "CREATE OR REPLACE TABLE d AS SELECT d.rank, d.kind, coalesce(t.dup, d.dup) AS dup "
-                "FROM d LEFT JOIN d AS t ON d.dup = t.rank"
-            ).fetchall()
-        else:
-            raise StageError(f"dedup_resolve: representative pointers did not converge in {max_hops} hops")
-        stats.extra["hops"] = hop
+        near = f"SELECT rank, dup FROM read_parquet({_sql_list(near_files)})" if near_files else \
+            "SELECT NULL::BIGINT AS rank, NULL::BIGINT AS dup WHERE false"
+        hop = resolve_verdicts(con, "SELECT * FROM r", near, max_hops=max_hops)
+        con.execute("CREATE OR REPLACE TABLE d AS SELECT * FROM dd").fetchall()
+        stats.extra["rounds"] = hop
         for kind, n in con.execute("SELECT kind, count(*) FROM d GROUP BY kind").fetchall():
             stats.add(f"drop:dup_{REASONS[kind]}", int(n))
         total = con.execute("SELECT count(*) FROM r").fetchall()[0][0]
@@ -895,14 +1007,16 @@ def _run_of(ctx: Context, shard: str) -> tuple[int, list[str]] | None:
 
 
 def _current_runs(ctx: Context) -> list[str]:
-    return [run_prefix(work_dir(ctx), run) for run in sorted(dedup_runs(ctx))]
+    return [run_prefix(work_dir(ctx), run, shards) for run, shards in sorted(dedup_runs(ctx).items())]
 
 
 def _partition_output(ctx: Context, shard: str) -> str:
+    """The rows file of the run that holds the shard *now*: named by the run's members, so a shard
+    that changed run (or whose run changed) has no output yet and is partitioned again."""
     found = _run_of(ctx, shard)
     if found is None:  # a shard that left the plan: its old run is simply no longer read
         return storage.join(work_dir(ctx), "runs", f"left-plan-{shard}.rows.parquet")
-    return f"{run_prefix(work_dir(ctx), found[0])}.rows.parquet"
+    return f"{run_prefix(work_dir(ctx), *found)}.rows.parquet"
 
 
 def _run_centroids(ctx: Context, _: str) -> ShardStats:
@@ -942,7 +1056,14 @@ def _run_bucket(ctx: Context, bucket: str) -> ShardStats:
 def _run_resolve(ctx: Context, _: str) -> ShardStats:
     config, work = ctx.settings.dedup, work_dir(ctx)
     decisions = [decision_uri(work, b) for b in range(config.buckets)] if config.near_dup else []
-    return dedup_resolve(work, layout.dedup_dir(ctx.root, ctx.snapshot), config, _current_runs(ctx), decisions)
+    runs = _current_runs(ctx)
+    missing = [p for p in runs if not storage.exists(f"{p}.rows.parquet")]
+    if missing:
+        raise StageError(f"dedup_resolve: {len(missing)} run(s) of the current plan are not partitioned: "
+                         + ", ".join(missing[:5]))
+    stats = dedup_resolve(work, layout.dedup_dir(ctx.root, ctx.snapshot), config, runs, decisions)
+    stats.extra["stale_run_files_removed"] = remove_stale_runs(work, runs)
+    return stats
 
 
 SPECS = {
