@@ -61,6 +61,13 @@ STAGE_MODULES: dict[str, str] = {
 class BatchError(StageError):
     """Some shards of a batch failed; the others are recorded done."""
 
+    def __init__(self, message: str, failures: dict[str, str] | None = None, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.failures = failures or {}
+        """Failed shard id -> its error (input URI, exception type and message)."""
+        self.report = report or {}
+        """The batch's report over the shards that did not fail (counts, done, skipped)."""
+
 
 def spec(name: str) -> StageSpec:
     """The declaration of a stage, from its module."""
@@ -235,7 +242,11 @@ def run_batch(ctx: Context, name: str, batch: Batch, *, force: bool = False, det
             result.shards[shard] = stats.to_dict()
             log.info("%s: shard %s done: %s", name, shard, dict(stats.counts))
     if errors:
-        raise BatchError(f"{name}: {len(errors)} shard(s) failed (others recorded done):\n" + "\n".join(errors))
+        raise BatchError(
+            f"{name}: {len(errors)} shard(s) failed (others recorded done):\n" + "\n".join(errors),
+            failures=dict(zip(result.failed, errors)),
+            report=result.to_dict(),
+        )
     report = result.to_dict()
     if details:
         report["shards"] = result.shards
