@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import logging
 import socket
 from dataclasses import dataclass
 from importlib import metadata
@@ -135,6 +136,8 @@ def migrate(url: str) -> None:
     """Bring the lineage schema to the newest Alembic revision (once per process per database)."""
     if url in _migrated:
         return
+    # Alembic logs its plugins (on import) and migration context at INFO on every command: keep its warnings only.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
 
