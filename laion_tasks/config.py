@@ -10,21 +10,36 @@ changing a knob re-runs exactly the stages it affects, and execution-only knobs
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from laion_tasks.langid import LangIdOptions
 
 ENV_PREFIX = "LAION_"
 CONFIG_ENV = "LAION_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded: ``what`` went wrong, ``where`` (a file, an env var).
+
+    One sentence a person can act on; the CLI prints it as ``error: <what>, in <where>``.
+    """
+
+    def __init__(self, what: str, where: str) -> None:
+        super().__init__(f"{what}, in {where}")
+        self.what = what
+        self.where = where
 
 
 class Section(BaseModel):
@@ -597,17 +612,123 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Build the effective settings: defaults < YAML file < LAION_* env < explicit overrides."""
+    """Build the effective settings: defaults < YAML file < LAION_* env < explicit overrides.
+
+    Raises :class:`ConfigError` naming the file or environment variable at fault: a missing or
+    unreadable file, a YAML syntax error (with its line), an unknown key (with the closest
+    known one) or a value of the wrong type.
+    """
     environ = os.environ if environ is None else environ
+    from_env = not path and bool(environ.get(CONFIG_ENV))
     path = path or environ.get(CONFIG_ENV)
-    data: dict[str, Any] = {}
+    file_data: dict[str, Any] = {}
     if path:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
-    data = deep_merge(data, env_overrides(environ))
+        file_data = _read_config_file(Path(path), CONFIG_ENV if from_env else str(path))
+    env_data = env_overrides(environ)
+    data = deep_merge(file_data, env_data)
     if overrides:
         data = deep_merge(data, overrides)
-    return Settings.model_validate(data)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        layers: list[tuple[Mapping[str, Any], str | None]] = [(overrides or {}, "overrides"), (env_data, None)]
+        raise ConfigError(*explain_validation_error(exc, [*layers, (file_data, str(path))], environ)) from None
+
+
+def _read_config_file(path: Path, named_by: str) -> dict[str, Any]:
+    """The YAML mapping in ``path``; ``named_by`` is who named the file (LAION_CONFIG, or the path itself)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", named_by) from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory", named_by) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}", named_by) from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"YAML syntax error{at}: {problem}", str(path)) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"the top level must be a mapping of sections, not a {type(loaded).__name__}", str(path))
+    return loaded
+
+
+def explain_validation_error(
+    exc: ValidationError, layers: "list[tuple[Mapping[str, Any], str | None]]", environ: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """(what, where) of the first error of a settings validation, in words.
+
+    ``layers`` are what was merged into the settings, highest priority first, each with its
+    name (None: the ``LAION_*`` variables of ``environ``, named by the one that set the key);
+    the first layer that sets the key is where the fix goes.
+    """
+    errors = exc.errors()
+    first = errors[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        known = _keys_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+        if close:
+            what = f"unknown key {key} (did you mean {'.'.join([*loc[:-1], close[0]])}?)"
+        else:
+            what = f"unknown key {key} (known here: {', '.join(known)})" if known else f"unknown key {key}"
+    elif first["type"] == "missing":
+        what = f"{key} is required"
+    else:
+        what = f"{key}: {first['msg']} (got {first.get('input')!r})"
+    if len(errors) > 1:
+        what += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    where = loc[:-1] if first["type"] == "missing" else loc  # a missing key: where its parent was written
+    return what, _layer_of(where, layers, environ or {})
+
+
+def _layer_of(loc: list[str], layers: "list[tuple[Mapping[str, Any], str | None]]", environ: Mapping[str, str]) -> str:
+    """The name of the first layer that sets ``loc``; in the environment, the variable that does
+    (``LAION_CLIP__ENGLISH__MODEL``, or ``LAION_CLIP`` holding the whole section as JSON)."""
+    for data, name in layers:
+        node: Any = data
+        for part in loc:
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            if name is not None:
+                return name
+            paths = {v: [p.lower() for p in v[len(ENV_PREFIX) :].split("__") if p] for v in environ if v.startswith(ENV_PREFIX)}
+            setting = sorted(v for v, path in paths.items() if path and path[: len(loc)] == loc[: len(path)])
+            return setting[0] if setting else "the environment"
+    return "the defaults"
+
+
+def _keys_at(loc: list[str]) -> list[str]:
+    """The keys the settings accept under ``loc`` (a mapping level, such as a subset's name, is stepped over)."""
+    model: Any = Settings
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(parts.pop(0)) if _is_model(model) else None
+        if field is None:
+            return []
+        model = _unwrap(field.annotation)
+        if typing.get_origin(model) is dict:
+            if not parts:
+                return []
+            parts.pop(0)
+            model = _unwrap(typing.get_args(model)[1])
+    return list(model.model_fields) if _is_model(model) else []
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp

@@ -1,9 +1,8 @@
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from laion_tasks.config import Settings, load_settings
+from laion_tasks.config import ConfigError, Settings, load_settings
 
 
 def test_defaults_reproduce_laion_thresholds() -> None:
@@ -29,8 +28,11 @@ def test_yaml_then_env_then_overrides(tmp_path: Path) -> None:
 def test_unknown_key_is_rejected(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("download:\n  shard_sise: 50\n")
-    with pytest.raises(ValidationError, match="shard_sise"):
+    with pytest.raises(ConfigError, match="shard_sise") as caught:
         load_settings(cfg, environ={})
+    assert (caught.value.what, caught.value.where) == ("unknown key download.shard_sise (did you mean download.shard_size?)", str(cfg))
+    with pytest.raises(ConfigError, match="LAION_CLIP__ENGLISH__THRESHOLD"):
+        load_settings(environ={"LAION_CLIP__ENGLISH__THRESHOLD": "high"})
 
 
 def test_digest_is_stable_and_section_scoped() -> None:
