@@ -411,13 +411,14 @@ def write_dataset_card(
             "drop:not_downloaded": "downloaded",
             "drop:not_clip_scored": "CLIP-scored",
             "drop:clip_filtered": "kept by CLIP threshold",
-            "drop:hashlist_blocked": "not hash-listed",
-            "drop:duplicate": "after dedup (eligible)",
+            "drop:hashlist_blocked": "not hash-listed (eligible)",
         }
         for outcome, label in step_names.items():
             if outcome in counts.base:
                 remaining -= counts.base[outcome]
                 steps.append((label, remaining))
+        # dedup runs again within each subset (a group keeps one member in every subset it qualifies for)
+        steps.append(("after snapshot-wide dedup", remaining - counts.snapshot_duplicates))
         for info in infos:
             if info.state != "unavailable":
                 steps.append((f"subset {info.name}", info.rows))

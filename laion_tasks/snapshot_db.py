@@ -98,6 +98,11 @@ DEDUP_COLUMNS: dict[str, str] = {
     "dup_of_key": "VARCHAR",
     "dup_of_shard": "VARCHAR",
     "dup_reason": "VARCHAR",
+    "rank": "BIGINT",
+    "ua1": "UBIGINT",
+    "ua2": "UBIGINT",
+    "sh1": "UBIGINT",
+    "sh2": "UBIGINT",
 }
 
 TABLES: dict[str, dict[str, str]] = {
@@ -250,6 +255,7 @@ SELECT
   t.nsfw_text, t.pdq, t.tag_status,
   coalesce(t.hashlist_blocked, false) OR coalesce(t.tag_status = 'blocked_hashlist', false) AS hashlist_blocked,
   d.dup_of, d.dup_reason,
+  d.rank AS dedup_rank, d.ua1 AS dedup_ua1, d.ua2 AS dedup_ua2, d.sh1 AS dedup_sh1, d.sh2 AS dedup_sh2,
   c.key IS NOT NULL AS has_clip_row,
   t.key IS NOT NULL AS has_tags_row
 FROM images AS i
@@ -291,15 +297,17 @@ def open_snapshot(
         dedup_on_key = "key" in present["dedup"] or files["dedup"] == 0
         if dedup_on_key:
             con.execute(
-                "CREATE VIEW dedup_one AS SELECT shard, key, min(dup_of) AS dup_of, min(dup_reason) AS dup_reason "
+                "CREATE VIEW dedup_one AS SELECT shard, key, min(dup_of) AS dup_of, min(dup_reason) AS dup_reason, "
+                "min(rank) AS rank, min(ua1) AS ua1, min(ua2) AS ua2, min(sh1) AS sh1, min(sh2) AS sh2 "
                 "FROM dedup WHERE key IS NOT NULL GROUP BY shard, key"
             )
         else:
             con.execute(
                 "CREATE VIEW dedup_one AS SELECT uid, "
                 "CASE WHEN bool_or(dup_of IS NULL) THEN NULL ELSE min(dup_of) END AS dup_of, "
-                "CASE WHEN bool_or(dup_of IS NULL) THEN NULL ELSE min(dup_reason) END AS dup_reason "
-                "FROM dedup WHERE uid IS NOT NULL GROUP BY uid"
+                "CASE WHEN bool_or(dup_of IS NULL) THEN NULL ELSE min(dup_reason) END AS dup_reason, "
+                "NULL::BIGINT AS rank, NULL::UBIGINT AS ua1, NULL::UBIGINT AS ua2, NULL::UBIGINT AS sh1, "
+                "NULL::UBIGINT AS sh2 FROM dedup WHERE uid IS NOT NULL GROUP BY uid"
             )
         view_sql = build_view_sql(dedup_on_key, clip)
         con.execute(f"CREATE VIEW {SAMPLES_VIEW} AS {view_sql}")

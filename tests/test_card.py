@@ -77,8 +77,10 @@ def test_card_shows_the_funnel_numbers(carded) -> None:
     assert f"candidates (extract kept): **{numbers['candidates']:,}**" in text
     assert f"download attempts: **{len(rows):,}**" in text
     assert f"downloaded: **{downloaded:,}**" in text
-    assert f"after dedup (eligible): **{base['eligible']:,}**" in text
-    for reason in ("drop:not_downloaded", "drop:clip_filtered", "drop:hashlist_blocked", "drop:duplicate"):
+    assert f"not hash-listed (eligible): **{base['eligible']:,}**" in text
+    eligible_dups = sum(1 for r in rows if expected_base_outcome(r) == "eligible" and r["dup_of"] is not None)
+    assert eligible_dups and f"after snapshot-wide dedup: **{base['eligible'] - eligible_dups:,}**" in text
+    for reason in ("drop:not_downloaded", "drop:clip_filtered", "drop:hashlist_blocked"):
         assert f"(`{reason}`) | {base[reason]:,} |" in text
     for name, stats in results.items():
         if stats.extra["status"] == "ok":

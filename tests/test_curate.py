@@ -37,7 +37,7 @@ def expected_outcomes(rows, predicate, require_clip_kept: bool = True) -> Counte
         if base != "eligible":
             out[base] += 1
         else:
-            out["kept" if predicate(r) else "drop:predicate"] += 1
+            out["drop:predicate" if not predicate(r) else "drop:duplicate" if r["dup_of"] is not None else "kept"] += 1
     return out
 
 
@@ -107,7 +107,8 @@ def test_laion_column_layout_and_values(curated) -> None:
     assert [p["rows"] for p in manifest["parquet"]][:-1] == [config.rows_per_file] * (len(manifest["parquet"]) - 1)
     assert len(manifest["parquet"]) == math.ceil(len(out) / config.rows_per_file)
     expected_keys = sorted(
-        r["key"] for r in rows if expected_base_outcome(r) == "eligible" and EXPECTED_PREDICATES["laion2B-en"](r)
+        r["key"] for r in rows
+        if expected_base_outcome(r) == "eligible" and EXPECTED_PREDICATES["laion2B-en"](r) and r["dup_of"] is None
     )
     assert [r["key"] for r in out] == expected_keys  # ordered by (shard, key)
     for row in out:
@@ -179,7 +180,7 @@ def test_dedup_verdicts_by_uid_only_are_still_understood(tmp_path: Path) -> None
     counts = subset_counts(root, SNAP, CurateConfig())
     expected = Counter(expected_base_outcome(r) for r in rows)
     assert {k: v for k, v in counts.base.items() if v} == dict(expected)
-    assert counts.base["drop:duplicate"] > 0
+    assert counts.snapshot_duplicates > 0 and counts.duplicates["laion2B-en"] > 0
 
 
 def test_aesthetic_subset_with_scores(tmp_path: Path) -> None:
@@ -204,7 +205,8 @@ def test_missing_tags_and_dedup(tmp_path: Path) -> None:
     config = CurateConfig()
     counts = subset_counts(root, SNAP, config)
     assert counts.total == len(rows)
-    assert counts.base["drop:duplicate"] == 0 and counts.base["drop:hashlist_blocked"] == 0
+    assert counts.snapshot_duplicates == 0 and not any(counts.duplicates.values())
+    assert counts.base["drop:hashlist_blocked"] == 0
     assert "research-safe" in counts.unavailable and "punsafe" in counts.unavailable["research-safe"]
     # language comes from the clip parquet when tags are missing
     assert "laion2B-en" not in counts.unavailable and counts.matched["laion2B-en"] > 0
@@ -352,9 +354,9 @@ def test_clip_threshold_is_applied_in_curate(tmp_path: Path) -> None:
             return "drop:clip_filtered"
         if r["hashlist_blocked"]:
             return "drop:hashlist_blocked"
-        if r["dup_of"] is not None:
-            return "drop:duplicate"
-        return "kept" if r["language"] == "en" else "drop:predicate"
+        if r["language"] != "en":
+            return "drop:predicate"
+        return "drop:duplicate" if r["dup_of"] is not None else "kept"
 
     assert dict(stats.counts) == dict(Counter(expected(r) for r in rows))
     default = curate_snapshot(root, SNAP, config)["en"]

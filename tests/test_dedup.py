@@ -222,8 +222,8 @@ def test_object_count_is_runs_plus_buckets_not_shards_times_buckets(tmp_path):
     dedup_all(inputs, str(tmp_path / "work"), str(tmp_path / "out"), config, max_runs=2)
     work = [p for p in (tmp_path / "work").rglob("*") if p.is_file()]
     # per run: rows parquet, vectors, their nearest clusters, ranks, other probes; per bucket: one decision file;
-    # one centroids file
-    assert len(work) == 5 * 2 + 16 + 1
+    # one centroids file; the snapshot's near pairs (curate dedups each subset with them)
+    assert len(work) == 5 * 2 + 16 + 1 + 1
     assert len(list((tmp_path / "out").glob("*.parquet"))) == 6  # one verdict file per shard
 
 

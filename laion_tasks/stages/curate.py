@@ -9,8 +9,12 @@ drop reason, so every download row lands in exactly one outcome):
                              or ``clip.multilingual.threshold``, applied here, not in the GPU stage), when
                              ``curate.require_clip_kept`` (default: LAION subsets are subsets of LAION-5B);
 4. ``drop:hashlist_blocked`` the tag stage matched a URL / image hash list;
-5. ``drop:duplicate``        dedup names another sample as its representative (``dup_of`` set);
-6. ``kept`` if the subset predicate is true, else ``drop:predicate`` (NULL counts as false).
+5. ``drop:predicate``        the subset predicate is not true (NULL counts as false);
+6. ``drop:duplicate``        a duplicate of a sample kept *in this subset*: dedup's rules
+                             (:func:`laion_tasks.stages.dedup.resolve_verdicts`) applied to the rows
+                             that pass 1-5, so a duplicate group keeps one member in every subset
+                             that any of its members qualifies for;
+7. ``kept``.
 
 A subset whose predicate reads a column that is NULL for every eligible sample
 (``aesthetic_score`` without aesthetic weights) is ``unavailable``: the eligible rows
@@ -24,6 +28,7 @@ optionally ``webdataset/NNNNN.tar`` + ``sizes.json`` for open_clip; and last
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -56,7 +61,6 @@ _BASE_CHECKS: list[tuple[str, str]] = [
     ("drop:not_clip_scored", "similarity IS NULL"),
     ("drop:clip_filtered", "NOT coalesce(clip_kept, false)"),
     ("drop:hashlist_blocked", "coalesce(hashlist_blocked, false)"),
-    ("drop:duplicate", "dup_of IS NOT NULL"),
 ]
 ELIGIBLE = "eligible"
 BASE_OUTCOMES = [name for name, _ in _BASE_CHECKS] + [ELIGIBLE]
@@ -128,6 +132,10 @@ class SubsetCounts:
     """Samples per base outcome (``drop:...`` and ``eligible``); sums to the download rows."""
     matched: dict[str, int]
     """Eligible samples matching each subset's predicate."""
+    duplicates: dict[str, int] = field(default_factory=dict)
+    """Of those, the duplicates of another sample kept in the same subset."""
+    snapshot_duplicates: int = 0
+    """Eligible samples that dedup's snapshot-wide verdict names a duplicate (``dup_of``)."""
     unavailable: dict[str, str] = field(default_factory=dict)
     """Subset name -> why it cannot be computed."""
 
@@ -145,8 +153,10 @@ class SubsetCounts:
         if name in self.unavailable:
             out["drop:unavailable"] = self.eligible
         else:
-            out["kept"] = self.matched.get(name, 0)
-            out["drop:predicate"] = self.eligible - out["kept"]
+            matched, duplicates = self.matched.get(name, 0), self.duplicates.get(name, 0)
+            out["drop:predicate"] = self.eligible - matched
+            out["drop:duplicate"] = duplicates
+            out["kept"] = matched - duplicates
         return {k: v for k, v in out.items() if v}
 
 
@@ -200,17 +210,11 @@ def _tally(
 
 
 def count_subsets(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: CurateConfig) -> SubsetCounts:
-    """One scan: base outcomes, per-subset matches and the non-NULL count of every predicate column."""
-    columns_by_subset = {name: _validated_columns(db, name, s) for name, s in subsets.items()}
-    columns = sorted(set().union(*columns_by_subset.values())) if subsets else []
-    matches = [f"count_if(coalesce(({s.where}), false)) AS m{i}" for i, s in enumerate(subsets.values())]
-    nonnull = [f"count({c}) AS n{i}" for i, c in enumerate(columns)]
-    select = ", ".join(["count(*) AS n"] + matches + nonnull)
-    rows = db.con.execute(
-        f"SELECT base_outcome, {select} FROM "
-        f"(SELECT {base_outcome_sql(config)} AS base_outcome, * FROM {SAMPLES_VIEW}) GROUP BY base_outcome"
-    ).fetchall()
-    return _tally(rows, subsets, columns, columns_by_subset, config)
+    """Base outcomes, per-subset matches and duplicates, from the same scan a curate run does."""
+    try:
+        return _scan_snapshot(db, subsets, config)[0]
+    finally:
+        db.con.execute(f"DROP TABLE IF EXISTS {SCAN_TABLE}")
 
 
 def subset_counts(
@@ -249,10 +253,14 @@ def _scan_snapshot(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cur
     db.con.execute(
         f"""
         CREATE TEMP TABLE {SCAN_TABLE} AS
-        SELECT {inner}, {keep} AS keep, CASE WHEN {keep} THEN shard END AS _shard, {laion}
+        SELECT {inner}, {keep} AS keep, CASE WHEN {keep} THEN shard END AS _shard, {laion},
+               CASE WHEN {keep} THEN dedup_rank END AS _rank, CASE WHEN {keep} THEN dedup_ua1 END AS _ua1,
+               CASE WHEN {keep} THEN dedup_ua2 END AS _ua2, CASE WHEN {keep} THEN dedup_sh1 END AS _sh1,
+               CASE WHEN {keep} THEN dedup_sh2 END AS _sh2, {keep} AND dup_of IS NOT NULL AS _dup,
+               dup_of IS NOT NULL AS _dup_any
         FROM (
           SELECT {base_outcome_sql(config)} AS base_outcome, {", ".join(flags + nonnull) or "NULL AS _none"},
-                 shard, {LAION_COLUMNS_SQL}
+                 shard, {LAION_COLUMNS_SQL}, dedup_rank, dedup_ua1, dedup_ua2, dedup_sh1, dedup_sh2, dup_of
           FROM (SELECT *, ('0x' || substr(sha256(coalesce(url, '') || coalesce(caption, '')), 1, 16))::UBIGINT AS h64
                 FROM {SAMPLES_VIEW})
         )
@@ -262,7 +270,45 @@ def _scan_snapshot(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cur
     rows = db.con.execute(
         f"SELECT base_outcome, {', '.join(['count(*)'] + sums)} FROM {SCAN_TABLE} GROUP BY base_outcome"
     ).fetchall()
-    return _tally(rows, subsets, columns, columns_by_subset, config), [f"s{i}" for i in range(len(subsets))]
+    counts = _tally(rows, subsets, columns, columns_by_subset, config)
+    counts.snapshot_duplicates = int(db.con.execute(
+        f"SELECT count(*) FROM {SCAN_TABLE} WHERE base_outcome = '{ELIGIBLE}' AND _dup_any").fetchall()[0][0])
+    counts.duplicates = _dedup_within_subsets(db, list(subsets))
+    return counts, [f"s{i}" for i in range(len(subsets))]
+
+
+def _dedup_within_subsets(db: SnapshotDB, names: list[str]) -> dict[str, int]:
+    """Clear the flag ``s<i>`` of every sample that is a duplicate of another sample of subset i.
+
+    Dedup's rules run on the subset's own rows (eligible and matching), so the representative of a
+    group is always a member of the subset when any member is. Without dedup's ranks (dedup not run,
+    or written by an older version), dedup's snapshot-wide verdict (``dup_of``) stands.
+    """
+    from laion_tasks.stages.dedup import pairs_uri, resolve_verdicts, work_dir_for
+
+    out: dict[str, int] = {}
+    eligible = f"base_outcome = '{ELIGIBLE}'"
+    has_ranks = db.con.execute(f"SELECT count(_rank) > 0 FROM {SCAN_TABLE}").fetchall()[0][0]
+    pairs = pairs_uri(work_dir_for(db.root, db.snapshot))
+    with contextlib.ExitStack() as stack:
+        if has_ranks and storage.exists(pairs):
+            local = str(stack.enter_context(storage.local_copy(pairs))).replace("'", "''")
+            edges = f"SELECT rank, dup FROM read_parquet('{local}')"
+        else:
+            edges = "SELECT NULL::BIGINT AS rank, NULL::BIGINT AS dup WHERE false"
+        for i, _name in enumerate(names):
+            flag = f"s{i}"
+            if has_ranks:
+                resolve_verdicts(db.con, f"SELECT _rank AS rank, _ua1 AS ua1, _ua2 AS ua2, _sh1 AS sh1, _sh2 AS sh2 "
+                                         f"FROM {SCAN_TABLE} WHERE {eligible} AND {flag}", edges)
+                dropped = f"_rank IN (SELECT rank FROM dd)"
+            else:
+                dropped = "_dup"
+            n = db.con.execute(f"SELECT count(*) FROM {SCAN_TABLE} WHERE {eligible} AND {flag} AND {dropped}").fetchall()[0][0]
+            db.con.execute(f"UPDATE {SCAN_TABLE} SET {flag} = false WHERE {eligible} AND {flag} AND {dropped}")
+            out[_name] = int(n)
+    db.con.execute(f"UPDATE {SCAN_TABLE} SET keep = false WHERE keep AND NOT ({' OR '.join(f's{i}' for i in range(len(names))) or 'false'})")
+    return out
 
 
 class _RollingParquetWriter:

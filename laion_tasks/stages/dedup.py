@@ -75,6 +75,12 @@ OUTPUT_SCHEMA = pa.schema(
         ("dup_of_key", pa.string()),
         ("dup_of_shard", pa.string()),
         ("dup_reason", pa.string()),
+        # what curate needs to dedup within each subset (resolve_verdicts on the subset's rows)
+        ("rank", pa.int64()),
+        ("ua1", pa.uint64()),
+        ("ua2", pa.uint64()),
+        ("sh1", pa.uint64()),
+        ("sh2", pa.uint64()),
     ]
 )
 DECISION_SCHEMA = pa.schema([("rank", pa.int64()), ("dup", pa.int64())])
@@ -127,6 +133,11 @@ def remove_stale_runs(work_dir: str, current: list[str]) -> int:
 
 def decision_uri(work_dir: str, bucket: int) -> str:
     return storage.join(work_dir, "decisions", f"{bucket:05d}.parquet")
+
+
+def pairs_uri(work_dir: str) -> str:
+    """Every near-duplicate pair (rank, dup) of the snapshot: curate resolves each subset's rows with them."""
+    return storage.join(work_dir, "pairs.parquet")
 
 
 def centroids_uri(work_dir: str) -> str:
@@ -853,6 +864,8 @@ def dedup_resolve(
         con.execute(f"CREATE VIEW r AS SELECT * FROM read_parquet({_sql_list(run_files)})").fetchall()
         near = f"SELECT rank, dup FROM read_parquet({_sql_list(near_files)})" if near_files else \
             "SELECT NULL::BIGINT AS rank, NULL::BIGINT AS dup WHERE false"
+        with storage.atomic_local_path(pairs_uri(work_dir), suffix=".parquet") as pairs_tmp:
+            con.execute(f"COPY (SELECT DISTINCT rank, dup FROM ({near})) TO '{pairs_tmp}' (FORMAT parquet)").fetchall()
         hop = resolve_verdicts(con, "SELECT * FROM r", near, max_hops=max_hops)
         con.execute("CREATE OR REPLACE TABLE d AS SELECT * FROM dd").fetchall()
         stats.extra["rounds"] = hop
@@ -864,7 +877,7 @@ def dedup_resolve(
         reader = con.sql(
             f"""
             SELECT r.uid, r.key, r.shard, t.uid AS dup_of, t.key AS dup_of_key, t.shard AS dup_of_shard,
-                   {reasons} AS dup_reason
+                   {reasons} AS dup_reason, r.rank, r.ua1, r.ua2, r.sh1, r.sh2
             FROM r LEFT JOIN d ON d.rank = r.rank LEFT JOIN r AS t ON t.rank = d.dup
             ORDER BY r.shard, r.pos
             """
@@ -971,8 +984,12 @@ ELIGIBILITY_FIELDS = ("clip.*.threshold",)
 decided when a run is partitioned (the rank's ineligible bit), so a threshold change re-partitions."""
 
 
+def work_dir_for(root: str, snapshot: str) -> str:
+    return storage.join(layout.snapshot_root(root, snapshot), "dedup_work")
+
+
 def work_dir(ctx: Context) -> str:
-    return storage.join(layout.snapshot_root(ctx.root, ctx.snapshot), "dedup_work")
+    return work_dir_for(ctx.root, ctx.snapshot)
 
 
 def _download_shards(ctx: Context) -> list[str]:
