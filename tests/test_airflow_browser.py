@@ -16,6 +16,7 @@ Without a session the plugin routes answer 401/403. Screenshots: tests/artifacts
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from pathlib import Path
@@ -42,9 +43,32 @@ PLUGIN_ROUTES = (
     f"/laion-lineage/snapshot/{SNAPSHOT}",
     "/laion-lineage/api/snapshots",
     "/laion-lineage/static/airflow.css",
+    "/laion-lineage/openapi.json",
     "/laion-search/",
     "/laion-search/api/info",
+    "/laion-search/openapi.json",
 )
+CSS = REPO / "laion_tasks" / "web" / "airflow.css"
+# Run inside a LAION page in Airflow's iframe: its mode, Airflow's mode, the body's background,
+# and the stylesheet's light and dark --bg values resolved by the same engine (so "#ffffff"
+# and "rgb(255, 255, 255)", or two spellings of an oklch colour, compare equal).
+THEME_PROBE = """
+const [light, dark] = arguments;
+const root = document.documentElement;
+const probe = document.createElement('div');
+document.body.appendChild(probe);
+const resolve = (value) => { probe.style.backgroundColor = value; return getComputedStyle(probe).backgroundColor; };
+const seen = {
+  airflowDark: window.parent.document.documentElement.classList.contains('dark'),
+  pageDark: root.classList.contains('dark'),
+  embedded: root.classList.contains('embedded'),
+  body: getComputedStyle(document.body).backgroundColor,
+  light: resolve(light),
+  dark: resolve(dark),
+};
+probe.remove();
+return seen;
+"""
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +167,49 @@ def _open_from_browse_menu(driver: Any, name: str) -> Any:
     return frame
 
 
+def css_custom_property(selector: str, name: str) -> str:
+    """The value airflow.css gives ``name`` in its ``selector { ... }`` block (``:root`` or ``html.dark``)."""
+    text = CSS.read_text(encoding="utf-8")
+    block = re.search(re.escape(selector) + r"\s*\{([^}]*)\}", text)
+    assert block, f"{CSS} has no '{selector}' block"
+    value = re.search(re.escape(name) + r"\s*:\s*([^;]+);", block.group(1))
+    assert value, f"{CSS}: '{selector}' sets no {name}"
+    return value.group(1).strip()
+
+
+def _wait_for_theme(driver: Any, airflow_dark: bool | None, timeout: float = 15) -> dict[str, Any]:
+    """Wait until the page (in Airflow's iframe) is in Airflow's mode with that mode's --bg as its background.
+
+    ``airflow_dark``: the mode Airflow must be in (None: whichever it is). Returns what the page showed.
+    """
+    light, dark = css_custom_property(":root", "--bg"), css_custom_property("html.dark", "--bg")
+    seen: dict[str, Any] = {}
+
+    def themed(d: Any) -> bool:
+        seen.update(d.execute_script(THEME_PROBE, light, dark))
+        want = seen["dark"] if seen["airflowDark"] else seen["light"]
+        return (
+            airflow_dark in (None, seen["airflowDark"])
+            and seen["embedded"]
+            and seen["pageDark"] == seen["airflowDark"]
+            and seen["light"] != seen["dark"]  # the two modes can be told apart, so the check means something
+            and seen["body"] == want
+        )
+
+    from selenium.common.exceptions import TimeoutException
+
+    try:
+        _wait(driver, themed, timeout)
+    except TimeoutException:
+        raise AssertionError(f"page not drawn by airflow.css in Airflow's mode (airflow_dark={airflow_dark}): {seen}") from None
+    return dict(seen)
+
+
+def _toggle_airflow_dark_mode(driver: Any) -> None:
+    """Flip the class Airflow's UI (next-themes) keeps on its <html>, from inside its iframe."""
+    driver.execute_script("window.parent.document.documentElement.classList.toggle('dark')")
+
+
 def _images_loaded(driver: Any, selector: str) -> bool:
     return bool(
         driver.execute_script(
@@ -207,7 +274,12 @@ def test_login_trigger_form_run_and_laion_views(deployment: tuple[AirflowStack, 
         for stage in ("extract", "download", "clip", "tag", "curate/laion2B-en"):
             assert stage in body, stage
         assert "Shards per stage" in body and "Failed shards (0 failing" in body
-        assert driver.execute_script("return getComputedStyle(document.body).backgroundColor") != ""
+        # drawn by airflow.css in Airflow's own mode, and following Airflow when its mode changes
+        theme = _wait_for_theme(driver, None)
+        _toggle_airflow_dark_mode(driver)
+        _wait_for_theme(driver, not theme["airflowDark"])
+        _toggle_airflow_dark_mode(driver)
+        _wait_for_theme(driver, theme["airflowDark"])
         driver.switch_to.default_content()
         screenshot(driver, "airflow_lineage.png")
 
