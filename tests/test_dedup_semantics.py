@@ -89,3 +89,57 @@ def test_exact_copies_follow_their_representative_into_a_near_drop():
     # 2 is a url_alt copy of 1; 1 is near 0: 2 is dropped for 0 (it is 1's bytes), reason near
     got = _resolve([(0, None, None), (1, 5, None), (2, 5, None)], [(1, 0)])
     assert got == {1: (2, 0), 2: (2, 0)}
+
+
+def test_every_subset_keeps_one_member_of_each_group_it_qualifies_for(tmp_path):
+    """Real dedup, then real curate: copies of one (url, alt) carry different languages in the fixture,
+    so a snapshot-wide representative is often in the wrong language for some subset."""
+    from collections import defaultdict
+
+    from curate_fixtures import EXPECTED_PREDICATES, expected_base_outcome, make_snapshot
+
+    from laion_tasks import layout
+    from laion_tasks.config import ClipConfig, CurateConfig
+    from laion_tasks.stages.curate import curate_snapshot
+    from laion_tasks.stages.dedup import ShardInput, work_dir_for
+
+    root, snap = str(tmp_path), "CC-SEM"
+    rows = make_snapshot(root, snap, shards=4, per_shard=300, seed=7, with_dedup=False)
+    inputs = [ShardInput(s, layout.images_parquet_uri(root, snap, s), layout.clip_parquet_uri(root, snap, s), None,
+                         layout.tags_parquet_uri(root, snap, s)) for s in sorted({r["shard"] for r in rows})]
+    dedup_all(inputs, work_dir_for(root, snap), layout.dedup_dir(root, snap), DedupConfig(near_dup=False), ClipConfig())
+    config = CurateConfig(subsets={n: CurateConfig().subsets[n] for n in ("laion2B-en", "laion2B-multi")})
+    results = curate_snapshot(root, snap, config, clip=ClipConfig())
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["uid"]].append(r)
+    mixed = 0
+    for name, stats in results.items():
+        written = _subset_keys(root, snap, name)
+        for uid, members in groups.items():
+            qualifying = [m for m in members
+                          if expected_base_outcome(m) == "eligible" and EXPECTED_PREDICATES[name](m)]
+            inside = [m for m in members if m["key"] in written]
+            assert len(inside) == (1 if qualifying else 0), (name, uid, [m["key"] for m in members])
+            eligible = [m for m in members if expected_base_outcome(m) == "eligible"]
+            if qualifying and len(qualifying) < len(eligible) and eligible[0] not in qualifying:
+                mixed += 1  # the snapshot-wide representative is not in this subset: the case at stake
+        assert stats.counts["kept"] == len(written)
+    assert mixed, "the fixture must have groups whose members qualify for different subsets"
+
+
+def _subset_keys(root: str, snap: str, name: str) -> set[str]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    from laion_tasks import layout, storage
+    from laion_tasks.stages.curate import read_manifest
+
+    manifest = read_manifest(root, snap, name)
+    assert manifest is not None and manifest["status"] == "ok"
+    out_dir = layout.subset_dir(root, snap, name)
+    keys: set[str] = set()
+    for part in manifest["parquet"]:
+        keys |= set(pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out_dir, part["name"])))).column("key").to_pylist())
+    return keys
