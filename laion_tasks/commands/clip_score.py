@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, settings_from
+from laion_tasks.commands._common import ConfigOption, echo_json, require_snapshot, settings_from, snapshot_option
 
 
 def register(app: typer.Typer) -> None:
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("clip-score-shard")
     def clip_score_shard_cmd(
-        snapshot: str = typer.Option(..., "--snapshot", help="Snapshot id, e.g. CC-MAIN-2024-10."),
+        snapshot: str = snapshot_option(),
         shard: List[str] = typer.Option(..., "--shard", help="Shard id(s); repeat or separate with commas."),
         config: Optional[Path] = ConfigOption,
         force: bool = typer.Option(False, "--force/--no-force", help="Re-run shards that lineage says are done."),
@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         shard_ids = split_shard_ids(shard)
         if not shard_ids:
             raise typer.BadParameter("no shard ids given", param_hint="--shard")
+        require_snapshot(settings, snapshot)
         ctx = runner.open_context(settings, snapshot, lineage=lineage)
         try:
             report = runner.run_batch(ctx, "clip", {"shards": shard_ids}, force=force)

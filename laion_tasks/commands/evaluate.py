@@ -8,7 +8,14 @@ from typing import Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, lineage_from, settings_from
+from laion_tasks.commands._common import (
+    ConfigOption,
+    echo_json,
+    lineage_from,
+    require_snapshot,
+    settings_from,
+    snapshot_option,
+)
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate CLIP models (zero-shot classification).")
 
@@ -37,7 +44,7 @@ def zeroshot(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda[:N]"),
     seed: int = typer.Option(0, "--seed", help="Init seed when neither weights nor checkpoint are given (tiny models)."),
-    snapshot: Optional[str] = typer.Option(None, "--snapshot", help="Record the run in lineage under this snapshot (stage 'eval')."),
+    snapshot: Optional[str] = snapshot_option(required=False, help="Record the run in lineage under this snapshot (stage 'eval')."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Classify every image against class-name prompts; print the metrics, write JSON + Markdown reports."""
@@ -47,6 +54,8 @@ def zeroshot(
     from laion_tasks.stages.evaluate import evaluate_zeroshot
 
     settings = settings_from(config)
+    if snapshot is not None:
+        require_snapshot(settings, snapshot)
     eval_config = settings.eval.model_copy(
         update={k: v for k, v in {"batch_size": batch_size, "device": device}.items() if v is not None}
     )

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, settings_from
+from laion_tasks.commands._common import ConfigOption, echo_json, settings_from, snapshot_option
 
 
 def register(app: typer.Typer) -> None:
@@ -18,20 +18,14 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Extract (image URL, alt text) candidates of one WAT file; prints the shard stats as JSON."""
-        from laion_tasks.stage import StageError
         from laion_tasks.stages.extract import extract_wat
 
         settings = settings_from(config)
-        try:
-            stats = extract_wat(wat_uri, output_uri, settings.extract)
-        except StageError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        echo_json(stats.to_dict())
+        echo_json(extract_wat(wat_uri, output_uri, settings.extract).to_dict())
 
     @app.command("list-wats")
     def list_wats(
-        crawl_id: str = typer.Argument(..., help="Crawl id such as CC-MAIN-2024-10."),
+        snapshot: str = snapshot_option(help="The crawl to list, e.g. CC-MAIN-2024-10 (nothing is created for it)."),
         paths_uri: Optional[str] = typer.Option(
             None, "--paths-uri", help="wat.paths(.gz) to read instead of <cc_base_url>crawl-data/<crawl>/wat.paths.gz."
         ),
@@ -40,7 +34,6 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Print the WAT file URIs of a crawl, one per line."""
-        from laion_tasks.stage import StageError
         from laion_tasks.stages.extract import list_wat_files
 
         settings = settings_from(config)
@@ -49,10 +42,5 @@ def register(app: typer.Typer) -> None:
             extract_config = extract_config.model_copy(update={"max_wat_files": max_files})
         if sample is not None:
             extract_config = extract_config.model_copy(update={"sample_wat_files": sample})
-        try:
-            uris = list_wat_files(crawl_id, extract_config, paths_uri=paths_uri)
-        except (StageError, ValueError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        for uri in uris:
+        for uri in list_wat_files(snapshot, extract_config, paths_uri=paths_uri):
             typer.echo(uri)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, settings_from
+from laion_tasks.commands._common import ConfigOption, echo_json, require_snapshot, settings_from, snapshot_option
 
 ALL_SAMPLES = "_all"
 
@@ -26,7 +26,7 @@ def index_inputs(root: str, snapshot: str, subset: str | None) -> tuple[list[str
 def register(app: typer.Typer) -> None:
     @app.command("index")
     def index(
-        snapshot: str = typer.Option(..., help="Snapshot id, e.g. CC-MAIN-2024-10."),
+        snapshot: str = snapshot_option(),
         subset: Optional[str] = typer.Option(None, help="Curated subset to index (default: every sample with an embedding)."),
         out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Output directory (default: <root>/<snapshot>/index/<subset>)."),
         index_key: Optional[str] = typer.Option(None, help="FAISS index_factory string overriding the automatic choice."),
@@ -34,10 +34,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build a memory-mappable FAISS index + Parquet id->metadata map from the CLIP embeddings."""
         from laion_tasks import layout
-        from laion_tasks.stage import StageError
         from laion_tasks.stages.index import build_index
 
         settings = settings_from(config)
+        require_snapshot(settings, snapshot)
         root = settings.storage.root
         embedding_uris, clip_uris, subset_uris = index_inputs(root, snapshot, subset)
         if not clip_uris:
@@ -46,9 +46,4 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"subset {subset!r} has no Parquet files under {layout.subset_dir(root, snapshot, subset)}")
         cfg = settings.index.model_copy(update={"index_key": index_key}) if index_key else settings.index
         dest = out_dir or layout.index_dir(root, snapshot, subset or ALL_SAMPLES)
-        try:
-            stats = build_index(embedding_uris, clip_uris, dest, cfg, subset_uris)
-        except StageError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        echo_json(stats.to_dict())
+        echo_json(build_index(embedding_uris, clip_uris, dest, cfg, subset_uris).to_dict())

@@ -7,13 +7,13 @@ from typing import Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, settings_from
+from laion_tasks.commands._common import ConfigOption, echo_json, require_snapshot, settings_from, snapshot_option
 
 
 def register(app: typer.Typer) -> None:
     @app.command("funnel")
     def funnel(
-        snapshot: str = typer.Option(..., help="Snapshot id, e.g. CC-MAIN-2024-10."),
+        snapshot: str = snapshot_option(),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
         config: Optional[Path] = ConfigOption,
     ) -> None:
@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         from laion_tasks.lineage import Lineage
 
         settings = settings_from(config)
+        require_snapshot(settings, snapshot)
         rows = Lineage(settings.lineage.url).funnel(snapshot)
         if as_json:
             echo_json([row.__dict__ for row in rows])
@@ -31,14 +32,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("shards")
     def shards(
-        snapshot: str = typer.Option(...),
-        stage: Optional[str] = typer.Option(None),
+        snapshot: str = snapshot_option(),
+        stage: Optional[str] = typer.Option(None, "--stage", help="Only this stage's attempts."),
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Every recorded attempt: stage, shard, status, attempt, config digest, error."""
         from laion_tasks.lineage import Lineage
 
         settings = settings_from(config)
+        require_snapshot(settings, snapshot)
         lineage = Lineage(settings.lineage.url)
         echo_json(
             [

@@ -7,26 +7,28 @@ from typing import List, Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, settings_from
+from laion_tasks.commands._common import ConfigOption, echo_json, require_snapshot, settings_from, snapshot_option
 
 
 def register(app: typer.Typer) -> None:
     @app.command("tag")
     def tag(
-        snapshot: str = typer.Argument(..., help="Snapshot id, e.g. CC-MAIN-2024-10."),
-        shards: List[str] = typer.Argument(..., help="Shard ids (e.g. 000000)."),
+        snapshot: str = snapshot_option(),
+        shard: Optional[List[str]] = typer.Option(None, "--shard", help="Shard id(s), e.g. 000000; default: every download shard."),
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Tag shards under <storage.root>/<snapshot>/ (language, punsafe, pwatermark, aesthetics, hash lists)."""
         from laion_tasks import runner
+        from laion_tasks.commands.run import split_shard_ids
 
         settings = settings_from(config)
+        require_snapshot(settings, snapshot)
         # the runner, as in the DAG: records lineage and skips shards whose skip key is current
-        echo_json(runner.run(settings, snapshot, "tag", {"shards": list(shards)}))
+        echo_json(runner.run(settings, snapshot, "tag", {"shards": split_shard_ids(shard)} if shard else None))
 
     @app.command("dedup")
     def dedup(
-        snapshot: str = typer.Argument(..., help="Snapshot id."),
+        snapshot: str = snapshot_option(),
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Deduplicate every shard of a snapshot in this process (centroids, partition, buckets, resolve)."""
@@ -34,6 +36,7 @@ def register(app: typer.Typer) -> None:
         from laion_tasks.stages.dedup import ShardInput, dedup_all
 
         settings = settings_from(config)
+        require_snapshot(settings, snapshot)
         root = settings.storage.root
         images_dir = storage.join(layout.snapshot_root(root, snapshot), "images")
         shard_ids = [Path(u).stem for u in storage.list_uris(images_dir, ".parquet")]

@@ -7,7 +7,14 @@ from typing import Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, lineage_from, settings_from
+from laion_tasks.commands._common import (
+    ConfigOption,
+    echo_json,
+    lineage_from,
+    require_snapshot,
+    settings_from,
+    snapshot_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +30,7 @@ def register(app: typer.Typer) -> None:
             None, "--out", help="Where the checkpoint goes (default with --snapshot: <root>/<snapshot>/models/<subset>)."
         ),
         num_samples: Optional[int] = typer.Option(None, "--num-samples", help="--train-num-samples (default: scanned count)."),
-        snapshot: Optional[str] = typer.Option(None, "--snapshot", help="Record the run in lineage (stage 'train')."),
+        snapshot: Optional[str] = snapshot_option(required=False, help="Record the run in lineage (stage 'train')."),
         model: Optional[str] = typer.Option(None, "--model", help="Override train.model."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override train.batch_size."),
@@ -41,6 +48,8 @@ def register(app: typer.Typer) -> None:
         train_config = settings.train.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         if (subset_dir is None) == (subset is None) or (subset is not None and snapshot is None):
             raise typer.BadParameter("give --subset-dir, or --subset with --snapshot")
+        if snapshot is not None:
+            require_snapshot(settings, snapshot)
         if subset_dir is None:
             subset_dir = layout.subset_dir(settings.storage.root, snapshot, layout.check_name(subset, "subset"))  # type: ignore[arg-type]
         subset_name = subset_dir.rstrip("/").rsplit("/", 1)[-1]
