@@ -104,7 +104,8 @@ def test_clip_score_shard_command_uses_layout_and_lineage(tmp_path: Path) -> Non
 def test_clip_score_shard_missing_input_is_recorded_as_failed(tmp_path: Path) -> None:
     root = tmp_path / "data"
     cfg = write_config(tmp_path, root)
+    Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").ensure_snapshot(SNAPSHOT, str(root))  # a known snapshot, its shard missing
     result = CliRunner().invoke(app, ["clip-score-shard", "--snapshot", SNAPSHOT, "--shard", "000042", "--config", str(cfg)])
-    assert result.exit_code != 0
+    assert result.exit_code == 2 and "000042" in result.output
     runs = Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").runs(SNAPSHOT, "clip")
     assert runs[-1]["status"] == "failed" and "000042.parquet" in runs[-1]["error"]

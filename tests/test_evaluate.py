@@ -257,6 +257,9 @@ def test_cli_eval_zeroshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     from laion_tasks.cli import app
 
     monkeypatch.setenv("LAION_LINEAGE__URL", f"sqlite:///{tmp_path / 'lineage.db'}")
+    from laion_tasks.lineage import Lineage
+
+    Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").ensure_snapshot("demo", str(tmp_path))  # --snapshot must name a known one
     root = make_image_folder(tmp_path / "colors")
     classnames = tmp_path / "classes.json"
     classnames.write_text(json.dumps(["blue thing", "green thing", "red thing", "yellow thing"]))
@@ -275,8 +278,6 @@ def test_cli_eval_zeroshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     report = json.loads((out / "zeroshot.json").read_text())
     assert report["n_templates"] == 2 and report["per_class"][0]["class"] == "blue thing"
     assert not math.isnan(report["metrics"]["acc1"])
-    from laion_tasks.lineage import Lineage
-
     runs = Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").runs("demo", "eval")
     assert [r["status"] for r in runs] == ["done"]
     # same model, data and config again: lineage skips it

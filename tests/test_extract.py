@@ -632,8 +632,8 @@ def test_cli_extract_and_list_wats(tmp_path: Path) -> None:
     stats = json.loads(result.stdout[result.stdout.index("{") :])
     assert stats["counts"]["kept"] == 5
     paths = _paths_file(tmp_path, "CC-MAIN-2024-10", 10)
-    result = runner.invoke(app, ["list-wats", "CC-MAIN-2024-10", "--paths-uri", str(paths), "--max", "2"])
+    result = runner.invoke(app, ["list-wats", "--snapshot", "CC-MAIN-2024-10", "--paths-uri", str(paths), "--max", "2"])
     assert result.exit_code == 0, result.output
     assert [line for line in result.stdout.splitlines() if line.startswith("https://")][1].endswith("-00001.warc.wat.gz")
     result = runner.invoke(app, ["extract", str(tmp_path / "none.wat"), str(tmp_path / "n.parquet")])
-    assert result.exit_code == 1 and "none.wat" in result.output
+    assert result.exit_code == 2 and "none.wat" in result.output

@@ -202,11 +202,11 @@ def test_cli_tag_dedup_and_langid(tmp_path, monkeypatch):
                         "CLIP__ENGLISH__PRETRAINED": "", "CLIP__DEVICE": "cpu", "DEDUP__BUCKETS": "4"}.items():
         monkeypatch.setenv(f"LAION_{name}", value)
     runner = CliRunner()
-    result = runner.invoke(app, ["tag", snap, "000000"])
+    result = runner.invoke(app, ["tag", "--snapshot", snap, "--shard", "000000"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["counts"] == {"success": 3, "skip:no_image": 1}
     assert pq.read_table(layout.tags_parquet_uri(str(root), snap, "000000")).num_rows == 4
-    result = runner.invoke(app, ["dedup", snap])
+    result = runner.invoke(app, ["dedup", "--snapshot", snap])
     assert result.exit_code == 0, result.output
     assert pq.read_table(Path(layout.dedup_dir(str(root), snap)) / "000000.parquet").num_rows == 4
     result = runner.invoke(app, ["langid", "Der Hund schläft im Garten"])
