@@ -11,18 +11,27 @@ follows the RFC's error handling:
 * 4xx, 401 and 403 included: no rules, everything is allowed;
 * 5xx, 429 and an unreachable server: everything is disallowed (``robots_txt_unavailable``).
 
+The body is UTF-8 (RFC 9309 §2.3); a leading byte-order mark is dropped, else the first
+line (often ``User-agent: *``) would not parse and every rule of its group would be lost.
+
 The product token is taken from the user agent string (``laion-tasks/0.1 (+URL)`` ->
 ``laion-tasks``), as ``X-Robots-Tag: <token>:`` prefixes are.
+
+Caching: a definitive answer is kept ``ttl_s`` (``download.opt_out_cache_ttl_s``), an
+unavailable robots.txt at most :data:`~laion_tasks.net.origin_cache.TRANSIENT_TTL_S`; with a
+:class:`~laion_tasks.net.origin_cache.SharedOriginStore` the answer is shared by every worker
+process and shard of the task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
-from laion_tasks.net.origin_cache import OriginCache
+from laion_tasks.net.origin_cache import TRANSIENT_TTL_S, OriginCache, Record, SharedOriginStore, fetch_shared
 
 ROBOTS_MAX_BYTES = 500 * 1024
 """RFC 9309: crawlers must parse at least 500 KiB; we read no more."""
@@ -50,6 +59,8 @@ class RobotsRules:
     """Why robots.txt could not be had (5xx, 429, unreachable): then everything is disallowed."""
     status: str = "robots_txt_unavailable"
     """The status an unavailable robots.txt gives (``blocked_ssrf`` when the guard refused the host)."""
+    expires_at: float = math.inf
+    """When this answer must be asked again (a ``time.time()``)."""
 
     def allows(self, url: str, token: str) -> bool:
         if self.unavailable is not None:
@@ -74,10 +85,25 @@ class RobotsRules:
         return disallow_all and not any(r.field == "allow" for r in rules)
 
 
+def decode_robots(body: bytes) -> str:
+    """The text of a robots.txt body: UTF-8, without a byte-order mark (``utf-8-sig``)."""
+    return body.decode("utf-8-sig", errors="replace")
+
+
 def parse_robots(body: bytes) -> RobotsRules:
+    return rules_from_record({"body": decode_robots(body)})
+
+
+def rules_from_record(record: Record, expires_at: float = math.inf) -> RobotsRules:
+    """The rules a stored record (see :meth:`RobotsCache._fetch`) stands for."""
+    if record.get("unavailable") is not None:
+        return RobotsRules(unavailable=str(record["unavailable"]), status=str(record.get("status") or "robots_txt_unavailable"),
+                           expires_at=expires_at)
+    if record.get("body") is None:
+        return RobotsRules(allow_all=True, expires_at=expires_at)
     from protego import Protego
 
-    return RobotsRules(parser=Protego.parse(body.decode("utf-8", errors="replace")))
+    return RobotsRules(parser=Protego.parse(str(record["body"])), expires_at=expires_at)
 
 
 async def read_capped(resp: Any, limit: int) -> bytes:
@@ -94,10 +120,11 @@ async def read_capped(resp: Any, limit: int) -> bytes:
 
 
 class RobotsCache:
-    """One robots.txt fetch per origin (concurrent askers share it), kept ``ttl_s`` seconds.
+    """One robots.txt fetch per origin (concurrent askers share it), kept until its answer expires.
 
     ``check_hop(url)`` is the caller's guard for every URL sent a request (SSRF, hash
     list); it raises to refuse one, and a refused robots.txt counts as unreachable.
+    With ``store``, the answer is fetched once for every process of the task that shares it.
     """
 
     def __init__(
@@ -107,12 +134,15 @@ class RobotsCache:
         deadline_s: float,
         ttl_s: float,
         classify: Callable[[BaseException], tuple[str, str]],
+        store: SharedOriginStore | None = None,
     ) -> None:
         self.session = session
         self.check_hop = check_hop
         self.deadline_s = deadline_s
+        self.ttl_s = ttl_s
         self.classify = classify
-        self._cache: OriginCache[RobotsRules] = OriginCache(self._load, ttl_s)
+        self.store = store
+        self._cache: OriginCache[RobotsRules] = OriginCache(self._load, ttl_s, expires_at=lambda r: r.expires_at)
 
     def close(self) -> None:
         self._cache.close()
@@ -121,6 +151,21 @@ class RobotsCache:
         return await self._cache.get(origin_of(url))
 
     async def _load(self, origin: str) -> RobotsRules:
+        record, expires_at = await fetch_shared(
+            self.store, "robots", origin, lambda: self._fetch(origin), lock_wait_s=2 * self.deadline_s + 5
+        )
+        return rules_from_record(record, expires_at)
+
+    def _no_rules(self) -> tuple[Record, float]:
+        return {}, self.ttl_s
+
+    def _unavailable(self, why: str, status: str = "robots_txt_unavailable") -> tuple[Record, float]:
+        """Everything disallowed, asked again after at most TRANSIENT_TTL_S: a 503 minute must not decide a task."""
+        return {"unavailable": why, "status": status}, min(self.ttl_s, TRANSIENT_TTL_S)
+
+    async def _fetch(self, origin: str) -> tuple[Record, float]:
+        """The record for ``origin`` (``{"body": text}``, ``{}`` for no rules, ``{"unavailable": why,
+        "status": s}``) and how long it may be reused."""
         url = f"{origin}/robots.txt"
         try:
             async with asyncio.timeout(self.deadline_s):
@@ -131,23 +176,22 @@ class RobotsCache:
                             url = urljoin(url, resp.headers["Location"])
                             continue
                         if resp.status >= 500 or resp.status == 429:
-                            return RobotsRules(unavailable=f"robots.txt answered HTTP {resp.status}")
+                            return self._unavailable(f"robots.txt answered HTTP {resp.status}")
                         if resp.status >= 400:
-                            return RobotsRules(allow_all=True)  # RFC 9309 2.3.1.3: 4xx (401/403 too) = no rules
+                            return self._no_rules()  # RFC 9309 2.3.1.3: 4xx (401/403 too) = no rules
                         if resp.status >= 300:
-                            return RobotsRules(allow_all=True)  # a redirect without Location leads nowhere
-                        return parse_robots(await read_capped(resp, ROBOTS_MAX_BYTES))
-                return RobotsRules(allow_all=True)  # RFC 9309 2.3.1.2: more than 5 redirects = no rules
+                            return self._no_rules()  # a redirect without Location leads nowhere
+                        return {"body": decode_robots(await read_capped(resp, ROBOTS_MAX_BYTES))}, self.ttl_s
+                return self._no_rules()  # RFC 9309 2.3.1.2: more than 5 redirects = no rules
         except TimeoutError:
-            return RobotsRules(unavailable="robots.txt fetch timed out")
+            return self._unavailable("robots.txt fetch timed out")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure to get it means "unreachable": disallow all
             refusal = getattr(exc, "status", None), getattr(exc, "message", None)
             if refusal[0] and refusal[1]:
-                return RobotsRules(unavailable=f"robots.txt not fetched: {refusal[0]}: {refusal[1]}")
+                return self._unavailable(f"robots.txt not fetched: {refusal[0]}: {refusal[1]}")
             status, message = self.classify(exc)
             if status == "blocked_ssrf":  # the host itself is refused: say so, as for the image
-                return RobotsRules(unavailable=message, status=status)
-            return RobotsRules(unavailable=f"robots.txt unreachable: {status}: {message}")
-
+                return self._unavailable(message, status)
+            return self._unavailable(f"robots.txt unreachable: {status}: {message}")

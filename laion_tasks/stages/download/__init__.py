@@ -20,6 +20,7 @@ The stage's declaration (:data:`SPEC`) ends this module.
 """
 
 from laion_tasks import layout
+from laion_tasks.net.origin_cache import SharedOriginStore
 from laion_tasks.stage import Context, ShardStats, StageSpec
 from laion_tasks.stages import regroup
 from laion_tasks.stages.download.fetch import (
@@ -117,6 +118,8 @@ def _run_download(ctx: Context, shard: str) -> ShardStats:
 
     root, snap = ctx.root, ctx.snapshot
     blocklist = ctx.resource("hashlists", lambda: HashLists.from_config(ctx.settings.tag))
+    # One robots.txt / tdmrep.json answer per origin for every shard and worker of this task (removed at ctx.close()).
+    origin_store = ctx.resource("origin_store", SharedOriginStore.create)
     fn = retry_failed if ctx.options.get("retry_failed_downloads") else download_shard
     return fn(
         layout.shard_input_uri(root, snap, shard),
@@ -124,6 +127,7 @@ def _run_download(ctx: Context, shard: str) -> ShardStats:
         layout.images_parquet_uri(root, snap, shard),
         ctx.settings.download,
         blocklist,
+        origin_store,
     )
 
 

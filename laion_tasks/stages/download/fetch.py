@@ -27,6 +27,7 @@ from urllib.parse import urljoin, urlsplit
 
 from laion_tasks.config import DownloadConfig
 from laion_tasks.net import ssrf
+from laion_tasks.net.origin_cache import SharedOriginStore
 from laion_tasks.net.robots import ROBOTS_MAX_BYTES, RobotsCache, user_agent_token  # noqa: F401 - re-exported
 from laion_tasks.net.tdmrep import TdmRepCache, header_reserved
 from laion_tasks.stages.download import optout
@@ -146,7 +147,11 @@ def _classify_client_error(exc: BaseException) -> tuple[str, str]:
 class Fetcher:
     """Polite, guarded fetching on one aiohttp session; shared state per event loop."""
 
-    def __init__(self, config: DownloadConfig, blocklist: Blocklist | None = None) -> None:
+    def __init__(
+        self, config: DownloadConfig, blocklist: Blocklist | None = None, origin_store: SharedOriginStore | None = None
+    ) -> None:
+        """``origin_store``: the task's shared robots.txt / tdmrep.json answers (see
+        :mod:`laion_tasks.net.origin_cache`); without one, they are cached in this loop only."""
         import aiohttp
 
         self.config = config
@@ -172,8 +177,8 @@ class Fetcher:
             auto_decompress=True,  # the size cap below then applies to decoded bytes (gzip bombs)
         )
         deadline, ttl = config.request_deadline_s, config.opt_out_cache_ttl_s
-        self.robots = RobotsCache(self.session, self._check_hop, deadline, ttl, _classify_client_error)
-        self.tdmrep = TdmRepCache(self.session, self._check_hop, deadline, ttl)
+        self.robots = RobotsCache(self.session, self._check_hop, deadline, ttl, _classify_client_error, origin_store)
+        self.tdmrep = TdmRepCache(self.session, self._check_hop, deadline, ttl, origin_store)
 
     async def close(self) -> None:
         self.robots.close()
@@ -199,7 +204,7 @@ class Fetcher:
 
     # -- opt-outs before a request -------------------------------------------------------
     async def _check_opt_outs(self, url: str) -> None:
-        """Host-wide opt-outs already known, then robots.txt, then tdmrep.json (cached per origin)."""
+        """Host-wide opt-outs already known, then robots.txt, then tdmrep.json (per origin, from the task's store)."""
         config = self.config
         known = self.host_opt_outs.check(url)
         if known is not None:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from laion_tasks import storage
 from laion_tasks.config import DownloadConfig
+from laion_tasks.net.origin_cache import SharedOriginStore
 from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import read_parquet, ShardStats, StageError
 from laion_tasks.stages.download.fetch import SUCCESS, Blocklist, SampleResult, is_retryable
@@ -171,11 +172,13 @@ def download_shard(
     parquet_uri: str,
     config: DownloadConfig,
     blocklist: Blocklist | None = None,
+    origin_store: SharedOriginStore | None = None,
 ) -> ShardStats:
     """Download every sample of a shard; write the tar, then the Parquet (both atomically).
 
     Idempotent: a re-run rewrites both objects from scratch. The Parquet is written last,
-    so its presence means the shard finished.
+    so its presence means the shard finished. ``origin_store``: the task's robots.txt /
+    tdmrep.json answers, shared across its shards (the stage passes one per task).
     """
     started = time.time()
     table = read_parquet(shard_uri, "shard")
@@ -193,7 +196,7 @@ def download_shard(
                 _write_sample(sink, ext, keys[i], rows[i], captions[i], result)
 
             with Progress(shard_label("download", shard_uri), len(urls)) as progress:
-                outcome = download_rows(urls, on_success, config, blocklist, progress)
+                outcome = download_rows(urls, on_success, config, blocklist, progress, origin_store)
         tar_bytes = os.path.getsize(tmp_tar)
     out = _with_results(table if "key" in table.column_names else table.add_column(0, "key", pa.array(keys)),
                         _result_columns(captions, outcome.results))
@@ -215,6 +218,7 @@ def retry_failed(
     parquet_uri: str,
     config: DownloadConfig,
     blocklist: Blocklist | None = None,
+    origin_store: SharedOriginStore | None = None,
 ) -> ShardStats:
     """Re-download only the retryable failures of a finished shard and merge them in.
 
@@ -223,7 +227,7 @@ def retry_failed(
     order, retried rows updated), each atomically; the Parquet last.
     """
     if not storage.exists(parquet_uri):
-        return download_shard(shard_uri, tar_uri, parquet_uri, config, blocklist)
+        return download_shard(shard_uri, tar_uri, parquet_uri, config, blocklist, origin_store)
     table = read_parquet(parquet_uri, "download results")
     for name in ("key", "url", "status"):
         if name not in table.column_names:
@@ -251,7 +255,7 @@ def retry_failed(
                 _write_sample(sink, ext, keys[i], rows[i], captions[i], result)
 
             with Progress(shard_label("download retry", shard_uri), len(todo)) as progress:
-                outcome = download_rows([urls[i] for i in todo], on_success, config, blocklist, progress)
+                outcome = download_rows([urls[i] for i in todo], on_success, config, blocklist, progress, origin_store)
         tar_bytes = os.path.getsize(tmp_tar)
     merged = list(old_results)
     for j, i in enumerate(todo):

@@ -8,9 +8,11 @@ encodes, inline on that loop by default (one worker per core is CPU-bound, so a 
 only add hand-offs) or in ``download.decode_threads`` threads, then sends back only the small
 result (status + encoded output bytes) over a pipe. The original
 bytes never cross a process boundary, and no single event loop has to carry the whole shard.
-The global and per-host limits are divided by the number of workers; robots.txt is fetched
-and cached once per origin PER WORKER. A blocklist that cannot be pickled makes the run stay
-in this process (one loop, same checks).
+The global and per-host limits are divided by the number of workers. robots.txt and
+tdmrep.json are fetched once per origin for all the workers, through a
+:class:`~laion_tasks.net.origin_cache.SharedOriginStore` (the task's, handed in by the stage,
+or one made for this call). A blocklist that cannot be pickled makes the run stay in this
+process (one loop, same checks).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 from laion_tasks import subproc
 from laion_tasks.config import DownloadConfig
+from laion_tasks.net.origin_cache import SharedOriginStore
 from laion_tasks.progress import Progress
 from laion_tasks.stage import StageError
 from laion_tasks.stages.download.fetch import SUCCESS, Blocklist, Fetcher, SampleResult
@@ -86,6 +89,7 @@ async def _fetch_rows(
     config: DownloadConfig,
     blocklist: Blocklist | None,
     on_body: Any = None,
+    origin_store: SharedOriginStore | None = None,
 ) -> tuple[int, int]:
     """Fetch and process ``rows`` on the running loop; ``emit(i, result)`` once per row.
 
@@ -94,7 +98,7 @@ async def _fetch_rows(
     """
     options = ImageOptions.from_config(config)
     loop = asyncio.get_running_loop()
-    fetcher = Fetcher(config, blocklist)
+    fetcher = Fetcher(config, blocklist, origin_store)
     executor = (
         concurrent.futures.ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="laion-decode")
         if config.decode_threads > 0
@@ -160,6 +164,7 @@ def _worker_main(
     blocklist_pickle: bytes | None,
     conn: Any,
     in_hand: Any,
+    origin_store: SharedOriginStore | None = None,
 ) -> None:
     """Worker process: fetch + process ``rows``; sends lists of messages: ("row", i, result) when row
     i is finished, and ("done", ...) at the end.
@@ -195,7 +200,7 @@ def _worker_main(
         in_hand[position[i]] = 1
 
     with asyncio.Runner(loop_factory=_make_loop) as runner:
-        retries, downloaded = runner.run(_fetch_rows(rows, emit, config, blocklist, on_body))
+        retries, downloaded = runner.run(_fetch_rows(rows, emit, config, blocklist, on_body, origin_store))
     matches = dict(getattr(blocklist, "matches", None) or {})
     pending.append(("done", retries, downloaded, matches))
     flush()
@@ -203,15 +208,15 @@ def _worker_main(
 
 
 def _worker_process(fd: int, flags_fd: int) -> None:
-    """Entry point of a worker interpreter (see :mod:`laion_tasks.subproc`): the rows, config and
-    blocklist come as one pickle on stdin; messages go back on pipe ``fd``; file ``flags_fd`` is the
-    shared rows-in-hand map (one byte per row)."""
+    """Entry point of a worker interpreter (see :mod:`laion_tasks.subproc`): the rows, config,
+    blocklist and the task's origin store come as one pickle on stdin; messages go back on pipe
+    ``fd``; file ``flags_fd`` is the shared rows-in-hand map (one byte per row)."""
     from multiprocessing.connection import Connection
 
-    rows, config, blocklist_pickle = subproc.receive()
+    rows, config, blocklist_pickle, origin_store = subproc.receive()
     subproc.exit_with_parent()
     in_hand = mmap.mmap(flags_fd, max(1, len(rows)))
-    _worker_main(rows, config, blocklist_pickle, Connection(fd, readable=False), in_hand)
+    _worker_main(rows, config, blocklist_pickle, Connection(fd, readable=False), in_hand, origin_store)
 
 
 WORKER_CRASH_ATTEMPTS = 3
@@ -226,12 +231,21 @@ def download_rows(
     config: DownloadConfig,
     blocklist: Blocklist | None,
     progress: Progress | None = None,
+    origin_store: SharedOriginStore | None = None,
 ) -> RunOutcome:
     """Download ``urls``; ``on_success(i, result)`` is called in this process for each success.
 
     Runs in ``worker_count(config)`` worker processes when the blocklist can be pickled
     (HashLists can); otherwise in this process, on one loop with a decode thread pool.
+    ``origin_store``: the task's robots.txt / tdmrep.json answers, shared with every other
+    shard of the task; without one, a store for this call alone (shared by its workers).
     """
+    if origin_store is None:
+        own_store = SharedOriginStore.create()
+        try:
+            return download_rows(urls, on_success, config, blocklist, progress, own_store)
+        finally:
+            own_store.close()
     results: list[SampleResult | None] = [None] * len(urls)
     outcome = RunOutcome(results=[])
 
@@ -259,11 +273,14 @@ def download_rows(
             in_process = True
     if in_process:
         with asyncio.Runner(loop_factory=_make_loop) as runner:
-            outcome.retries, outcome.bytes_downloaded = runner.run(_fetch_rows(rows, receive, config, blocklist))
+            outcome.retries, outcome.bytes_downloaded = runner.run(
+                _fetch_rows(rows, receive, config, blocklist, origin_store=origin_store)
+            )
     elif rows:
         processes = max(1, min(worker_count(config), len(rows)))
         for attempt in range(1, WORKER_CRASH_ATTEMPTS + 1):
-            crashed = _run_workers(rows, processes, config, blocklist, blocklist_pickle, receive, blame, outcome)
+            crashed = _run_workers(rows, processes, config, blocklist, blocklist_pickle, receive, blame, outcome,
+                                   origin_store)
             unfinished = [(i, url) for i, url in rows if results[i] is None]
             if len(unfinished) == len(rows) and crashed == processes:
                 raise StageError(f"all {processes} download worker processes died before finishing one row")
@@ -288,6 +305,7 @@ def _run_workers(
     receive: Any,
     blame: Any,
     outcome: RunOutcome,
+    origin_store: SharedOriginStore,
 ) -> int:
     """Run one round of workers over ``rows``; returns how many died without finishing."""
     from multiprocessing.connection import Connection, wait
@@ -318,7 +336,7 @@ def _run_workers(
             in_hand[reader] = ([i for i, _url in share], flags)
             procs.append(proc)
         for w, proc in enumerate(procs):
-            subproc.send(proc, (rows[w::processes], worker_config, blocklist_pickle))
+            subproc.send(proc, (rows[w::processes], worker_config, blocklist_pickle, origin_store))
         finished = 0
         while conns:
             for reader in wait(list(conns)):
