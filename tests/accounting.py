@@ -64,7 +64,17 @@ def assert_snapshot_accounting(settings: Settings, lineage: Lineage, snap: str) 
             assert parquet_rows(parts) == manifest["counts"].get("kept", 0)
     assert read_manifest(root, snap, "laion-aesthetics-6.5")["status"] == "unavailable"
     assert storage.exists(storage.join(layout.card_dir(root, snap), "README.md"))
+    assert_verified(settings, lineage, snap)
     return candidates
+
+
+def assert_verified(settings: Settings, lineage: Lineage, snap: str) -> None:
+    """`laion verify` finds nothing wrong, and the DAG's own verify task recorded a done run."""
+    from laion_tasks.verify import verify_snapshot
+
+    assert [p.line() for p in verify_snapshot(settings, snap, lineage)] == []
+    runs = lineage.runs(snap, "verify")
+    assert runs and runs[-1]["status"] == "done", runs[-1:] 
 
 
 def assert_downstream_outputs(settings: Settings, lineage: Lineage, snap: str) -> None:

@@ -44,6 +44,7 @@ def test_snapshot_dag_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     for name in ("plan_extract", "extract", "plan_download", "download", "clip", "tag", "dedup_centroids",
                  "dedup_partition", "plan_dedup", "dedup_bucket", "dedup", "dataset_card"):
         assert name in tasks, name
+    assert tasks["dataset_card"].downstream_task_ids == {"verify"} and not tasks["verify"].downstream_task_ids
     assert tasks["download"].pool == "download"
     assert tasks["extract"].retries == 3 and tasks["extract"].retry_exponential_backoff
     assert tasks["extract"].execution_timeout is not None

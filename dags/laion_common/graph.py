@@ -114,8 +114,25 @@ def dataset_card(snapshot: str) -> dict[str, Any]:
     return {"card": write_dataset_card(settings.storage.root, snapshot, ctx.lineage, config=settings.curate, clip=settings.clip)}
 
 
+@task
+def verify(snapshot: str) -> dict[str, Any]:
+    """The last task: `laion verify`. A problem fails the run, and lineage shows it as a failed ``verify`` run."""
+    from laion_tasks import runner
+    from laion_tasks.verify import verify_and_record
+
+    settings, _ = run_settings()
+    ctx = runner.open_context(settings, snapshot)
+    try:
+        problems = verify_and_record(settings, snapshot, ctx.lineage)  # type: ignore[arg-type]
+    finally:
+        ctx.close()
+    if problems:
+        raise RuntimeError(f"{snapshot}: {len(problems)} problem(s):\n" + "\n".join(p.line() for p in problems))
+    return {"verified": True}
+
+
 def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str | None = None) -> None:
-    """Wire extract -> download -> clip -> tag -> dedup -> curate -> card for one snapshot.
+    """Wire extract -> download -> clip -> tag -> dedup -> curate -> card -> verify for one snapshot.
 
     Every stage task is ``runner.run_batch`` on the stage's declaration; the stages that
     share the download plan map over the same batches. ``snapshot`` may be a string or
@@ -153,7 +170,7 @@ def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str
     subsets = list(settings.curate.subsets)
     outlets = [subset_asset(static_snapshot, name) for name in subsets] if static_snapshot else []
     curated = stage_task("curate").override(task_id="curate_subsets", outlets=outlets)(snapshot, {"shards": subsets})
-    deduped >> curated >> card
+    deduped >> curated >> card >> verify(snapshot)
 
 
 @task
