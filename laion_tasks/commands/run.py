@@ -76,9 +76,10 @@ def failure_summary(failures: dict[str, dict[str, str]], report: dict[str, Any],
         total = sum(int(b.get("done", 0)) + int(b.get("skipped", 0)) for b in batches) + len(failed)
         shard, error = next(iter(failed.items()))
         first = " ".join(error.split())
+        first = first if first.startswith(shard) else f"{shard}: {first}"  # the runner's errors start with their shard
         first = first if len(first) <= 300 else first[:297] + "..."
         more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
-        parts.append(f"{name} failed on {len(failed)} of {total} shard(s): {shard}: {first}{more}")
+        parts.append(f"{name} failed on {len(failed)} of {total} shard(s): {first}{more}")
     if not_run:
         parts.append(f"not run: {', '.join(not_run)}")
     return "; ".join(parts)
