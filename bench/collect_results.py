@@ -131,7 +131,7 @@ def verdict(value: Any, target: Target | None) -> str:
         return ""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "not measured"
-    return "met"
+    return "met" if target.meets(value) else "**not met**"
 
 
 @dataclass
