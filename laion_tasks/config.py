@@ -637,14 +637,15 @@ def load_settings(
 
 def _read_config_file(path: Path, named_by: str) -> dict[str, Any]:
     """The YAML mapping in ``path``; ``named_by`` is who named the file (LAION_CONFIG, or the path itself)."""
+    subject = "config file" if named_by == str(path) else f"config file {path}"
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist", named_by) from None
+        raise ConfigError(f"{subject} does not exist", named_by) from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory", named_by) from None
+        raise ConfigError(f"{subject} is a directory", named_by) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc}", named_by) from None
+        raise ConfigError(f"{subject} cannot be read: {exc}", named_by) from None
     try:
         loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

@@ -48,6 +48,8 @@ def the_error_line(result: subprocess.CompletedProcess[str]) -> str:
 def test_laion_config_names_a_missing_file(tmp_path: Path) -> None:
     line = the_error_line(laion(tmp_path, "config", env={"LAION_CONFIG": str(tmp_path / "nowhere.yaml")}))
     assert line == f"error: config file {tmp_path / 'nowhere.yaml'} does not exist, in LAION_CONFIG"
+    line = the_error_line(laion(tmp_path, "config", "--config", "elsewhere.yaml"))
+    assert line == "error: config file does not exist, in elsewhere.yaml"
 
 
 def test_mistyped_key_names_the_file_and_the_closest_key(tmp_path: Path) -> None:
