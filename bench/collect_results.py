@@ -88,7 +88,7 @@ def save_run(bench: str, run: dict, title: str | None = None, regenerate: bool =
     record["runs"] = [r for r in record.get("runs", []) if r.get("label") != run["label"]] + [run]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    if regenerate and results_dir == RESULTS_DIR:
+    if regenerate and results_dir.resolve() == RESULTS_DIR:
         write_all()
     return path
 

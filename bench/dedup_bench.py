@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -251,9 +250,10 @@ def main() -> None:
     ap.add_argument("--buckets", type=int, default=64)
     ap.add_argument("--workdir", default="/tmp")
     ap.add_argument("--timeout", type=int, default=4 * 3600)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dedup.md"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dedup.json"),
+                    help="the JSON record (bench/README.md); give sizes run in parallel their own and --merge them")
     ap.add_argument("--reuse", action="store_true", help="reuse data already generated under --workdir")
-    ap.add_argument("--merge", nargs="+", help="only write the table from these result .json files (sizes run in parallel)")
+    ap.add_argument("--merge", nargs="+", help="only merge the sizes of these JSON records (sizes run in parallel) into --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -261,11 +261,14 @@ def main() -> None:
         child(args)
         return
     if args.merge:
-        merged = [r for path in args.merge for r in json.loads(Path(path).read_text())]
-        Path(args.out).with_suffix(".json").write_text(json.dumps(merged, indent=1))
-        write_markdown(sorted(merged, key=lambda r: r["rows"]), args)
+        merged = [r for path in args.merge for r in _recorded_results(Path(path))]
+        first = json.loads(Path(args.merge[0]).read_text())
+        # the merged sizes were measured where and when their invocations ran, not where they are merged
+        meta = {k: first["runs"][-1][k] for k in ("date", "machine")} if isinstance(first, dict) else {}
+        record(sorted(merged, key=lambda r: r["rows"]), args, load_before=None, meta=meta)
         return
     results = []
+    load_before = os.getloadavg()[0]
     for rows in args.rows:
         data = Path(args.workdir) / f"laion-dedup-bench-{rows}"
         if not (args.reuse and (data / "shards.json").exists()):
@@ -286,49 +289,37 @@ def main() -> None:
             results.append(entry)
         finally:
             shutil.rmtree(data, ignore_errors=True)
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
-        write_markdown(results, args)  # after each size, so a long run leaves its finished sizes
+        record(results, args, load_before)  # after each size, so a long run leaves its finished sizes
 
 
-def write_markdown(results: list[dict], args: argparse.Namespace) -> None:
-    base = next((r for r in results if r["rows"] == 1_000_000), results[0]) if results else None
-    first = base["ours"]["cpu_seconds"] / base["rows"] if base else None
-    lines = [
-        "## Snapshot-scale dedup (`bench/dedup_bench.py`)",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, CPU only, shared with other jobs. "
-        f"Synthetic CLIP-like fp16 {DIM}-d embeddings, {args.shard_size:,} rows per shard; planted "
-        f"{args.exact:.0%} exact copies (same sha256 and embedding) and {args.near:.0%} near copies (cosine 0.972-0.995). "
-        f"Ours: `cluster_size={args.cluster_size}`, `near_dup_probes={args.probes}`, `buckets={args.buckets}`, "
-        f"`memory_limit={args.memory_limit}`, threshold 0.95. Peer: the previous bucketed dedup (64 buckets, 2 probes). "
-        "Each run is one process with one thread (OMP_NUM_THREADS=1): rates are per core.",
-        "",
-        "Wall seconds depend on how busy the shared machine was; CPU seconds (user + system of the run's process) "
-        "do not, so cost per row and its ratio to the first size are taken from CPU time.",
-        "",
-        "| rows | impl | wall s | CPU s | rows per CPU-s | CPU µs/row (× at 1M) | wall steps (s) | peak RSS: anon / VmHWM (GiB) | recall exact / near | precision |",
-        "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|",
-    ]
-    for r in results:
-        for name in ("ours", "peer"):
-            if name not in r:
-                continue
-            m = r[name]
-            per = m["cpu_seconds"] / r["rows"]
-            steps = ", ".join(f"{k} {v:.0f}" for k, v in m.get("steps", {}).items()) or "-"
-            ratio = f" ({per / first:.2f}×)" if name == "ours" and first else ""
-            lines.append(
-                f"| {r['rows']:,} | {name} | {m['seconds']:.0f} | {m['cpu_seconds']:.0f} | {1 / per:,.0f} | {per * 1e6:.0f}{ratio} | {steps} | "
-                f"{m['anon_peak_kb'] / 2**20:.2f} / {m['vmhwm_kb'] / 2**20:.2f} | "
-                f"{_f(m['recall_exact'])} / {_f(m['recall_near'])} | {_f(m['precision'])} |"
-            )
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+def _recorded_results(path: Path) -> list[dict]:
+    """The per-size results of a JSON record (or of an older plain list of them)."""
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else [r for run in data["runs"][-1:] for r in run["results"]]
 
 
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
+def record(results: list[dict], args: argparse.Namespace, load_before: float | None, meta: dict | None = None) -> None:
+    """Write the run to the JSON record (bench/README.md); collect_results.py renders RESULTS.md from it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from collect_results import machine_info, now, save_run
+
+    out = Path(args.out)
+    settings = {"dim": DIM, "shard_size": args.shard_size, "exact": args.exact, "near": args.near,
+                "near_cosine": [0.972, 0.995], "cluster_size": args.cluster_size, "probes": args.probes,
+                "buckets": args.buckets, "memory_limit": args.memory_limit, "threshold": 0.95,
+                "ground_truth": "planted", "peer_rows": args.peer_rows,
+                "peer": "the previous bucketed dedup (bench/peers/dedup_bucketed.py, 64 buckets, 2 probes)"}
+    setup = (f"Synthetic CLIP-like fp16 {DIM}-d embeddings, {args.shard_size:,} rows per shard; planted "
+             f"{args.exact:.0%} exact copies (same sha256 and embedding) and {args.near:.0%} near copies (cosine "
+             f"0.972-0.995). Ours: `cluster_size={args.cluster_size}`, `near_dup_probes={args.probes}`, "
+             f"`buckets={args.buckets}`, `memory_limit={args.memory_limit}`, threshold 0.95. Peer: the previous "
+             "bucketed dedup (64 buckets, 2 probes). Each run is one process with one thread (OMP_NUM_THREADS=1): "
+             "rates are per core.")
+    save_run(out.stem, {"date": now(), "command": " ".join([".venv/bin/python bench/dedup_bench.py", *sys.argv[1:]]),
+                        "machine": machine_info(load_before), "setup": setup, "settings": settings,
+                        "results": results, **(meta or {})},
+             title="Snapshot-scale dedup (`bench/dedup_bench.py`)", results_dir=out.parent)
+    print(f"recorded in {out}")
 
 
 if __name__ == "__main__":
