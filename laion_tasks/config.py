@@ -130,7 +130,8 @@ class DownloadConfig(Section):
         "DMI-PROHIBITED-SEECONSTRAINT",
         "DMI-PROHIBITED-SEEEMBEDDEDRIGHTSEXPR",
     ]
-    """IPTC PLUS Data Mining values (XMP ``plus:DataMining``) that opt an image out of our use."""
+    """IPTC PLUS Data Mining values (XMP ``plus:DataMining``, any case) that opt an image out of our use, besides
+    every ``DMI-PROHIBITED*`` value (-SEELINKEDRIGHTSEXPR and later ones included), which always does."""
     image_size: int = 256
     """Target size in pixels for the resize mode."""
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
