@@ -460,7 +460,6 @@ def render_clip(record: dict, run: dict) -> Section:
     when = measured(run)
     o, p, c = run["ours"], run["peer"], run.get("correctness", {})
     peer_name = p.get("name", "clip-retrieval")
-    device = (run.get("machine") or {}).get("gpu") or "CPU"
     s.lines += table(["", "pairs/s", "seconds", "model load s"], [
         ["laion-tasks `clip_score_shard`", f"{o['pairs_per_s']:.2f}", f"{o['seconds']:.1f}", f"{o['load_s']:.1f}"],
         [f"{peer_name} `clip_inference`", f"{p['pairs_per_s']:.2f}", f"{p['seconds']:.1f}", f"{p['load_s']:.1f}"],

@@ -37,7 +37,7 @@ DATA = SHARED / "langid" / "lingua-py" / "language-testdata"
 ALT_TEXT = SHARED / "alt_text" / "img2dataset_test_10000.parquet"
 PEER_VENV = Path("/work/peers/gcld3")
 SETS = ("single-words", "word-pairs", "sentences")
-RESULTS = ROOT / "bench" / "results" / "tag.md"
+RESULTS = ROOT / "bench" / "results" / "langid.json"
 ALT = "alt-text"
 
 # Languages each detector can output (test-set codes after mapping). lingua knows all 75.
@@ -148,93 +148,66 @@ def main() -> None:
         peer = json.loads(subprocess.run([str(ensure_peer()), str(ROOT / "bench" / "peers" / "gcld3_predict.py"),
                                           *map(str, files), str(alt)], check=True, capture_output=True,
                                          text=True).stdout)
-        n_alt = len(read_lines(alt))
+        alt_lines = read_lines(alt)
         alt_key = str(alt)
-        section = report(ours, peer, alt_key, n_alt)
-    print(section)
-    write_section(RESULTS, "## Language ID", section)
+        run = report(ours, peer, alt_key, len(alt_lines))
+        run["alt_text"]["median_chars"] = sorted(map(len, alt_lines))[len(alt_lines) // 2]
+    sys.path.insert(0, str(ROOT / "bench"))
+    from collect_results import machine_info, save_run
+
+    run = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": ".venv/bin/python bench/langid_bench.py", "machine": machine_info(), **run}
+    print(json.dumps({k: v for k, v in run.items() if k != "sets"}, indent=1))
+    save_run("langid", run, title="Language ID on short texts: hybrid fastText lid.176.ftz + lingua (ours) vs CLD3 "
+                                  "(gcld3 3.0.13)")
+    print(f"recorded in {RESULTS}")
 
 
-def report(ours: dict, peer: dict, alt_key: str, n_alt: int) -> str:
-    stats = {s: {"hybrid": accuracy_rows(s, ours["hybrid"], map_ours),
-                 "hybrid_all": accuracy_rows(s, ours["hybrid_all"], map_ours),
-                 "fasttext": accuracy_rows(s, ours["fasttext"], map_ours),
-                 "cld3": accuracy_rows(s, peer, map_cld3)} for s in SETS}
-    alt_rate = {name: n_alt / res["seconds"][alt_key] for name, res in
-                (("hybrid", ours["hybrid"]), ("hybrid_all", ours["hybrid_all"]), ("fasttext", ours["fasttext"]),
-                 ("cld3", peer))}
+def report(ours: dict, peer: dict, alt_key: str, n_alt: int) -> dict:
+    """The run's figures as the JSON record holds them (bench/README.md; rendered by collect_results.py)."""
+    names = {"hybrid": ours["hybrid"], "hybrid_all": ours["hybrid_all"], "fasttext": ours["fasttext"], "cld3": peer}
+    mappers = {"hybrid": map_ours, "hybrid_all": map_ours, "fasttext": map_ours, "cld3": map_cld3}
 
-    def deferred(set_name: str | None) -> str:
+    def lingua_share(keys: list[str]) -> float:
         src: Counter = Counter()
-        keys = [alt_key] if set_name is None else [str(p) for p in sorted((DATA / set_name).glob("*.txt"))]
         for key in keys:
             src.update(ours["hybrid"]["sources"][key])
-        total = sum(src.values())
-        return f"{src['fasttext'] / total:.1%} fastText, {src['lingua'] / total:.1%} lingua"
+        return src["lingua"] / max(1, sum(src.values()))
 
-    lines = [
-        "## Language ID on short texts: hybrid fastText lid.176.ftz + lingua (ours) vs CLD3 (gcld3 3.0.13)",
-        "",
-        f"`.venv/bin/python bench/langid_bench.py`, run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-        "Machine: 2-core x86_64 shared VM, 24 GiB, CPU only; other helpers' processes were running "
-        f"(load average {os.getloadavg()[0]:.1f} at the end), so speeds are noisy and indicative. Each detector in "
-        "its own process pinned to one core; speed = strings per CPU-second of that process (detector calls only). "
-        "Data: lingua-py language-testdata, 75 languages (read in place from ../shared/data, not redistributed). "
-        "Accuracy: top-1, all 75 languages (a language a detector cannot output counts as a miss: lid.176 lacks "
-        f"{', '.join(sorted(LID176_MISSING))}; CLD3 lacks {', '.join(sorted(CLD3_MISSING))}), and over the "
-        f"{75 - len(LID176_MISSING | CLD3_MISSING)} languages both lid.176 and CLD3 support. Code mapping: CLD3 "
-        "iw->he, fil->tl, no->nb, xx-Latn->xx; fastText no->nb. CLD3 settings as LAION: min_num_bytes=0, "
-        "max_num_bytes=1000. Ours: `tag.langid_method=hybrid` with the defaults: fastText (on lower-cased text) "
-        "stands at >= 0.3 confidence with a plain ISO 639-1 code outside the families it confuses; a confident answer "
-        "in such a family (id/ms, da/nb/nn, nl/af, bs/hr/sr, cs/sk, Cyrillic, ...) goes to lingua restricted to that "
-        "family; anything else to lingua low-accuracy mode among fastText's top 5 (with their families) and the 8 "
-        "languages lid.176 lacks, on the first 48 characters. 'hybrid, all 75' is the same with lingua choosing "
-        "among all 75 languages (`tag.langid_lingua_languages=all`). 'fastText alone' is lid.176.ftz alone (the "
-        "previous behaviour, but on lower-cased text). 'hybrid defers' is how often each model decided.",
-        "",
-        "| set | strings | acc. hybrid | acc. hybrid, all 75 | acc. fastText alone | acc. CLD3 | acc. hybrid (common) "
-        "| acc. CLD3 (common) | strings/s/core hybrid | hybrid, all 75 | fastText alone | CLD3 | hybrid defers |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    sets = {}
     for s in SETS:
-        h, a, f, c = stats[s]["hybrid"], stats[s]["hybrid_all"], stats[s]["fasttext"], stats[s]["cld3"]
-        lines.append(f"| {s} | {h['n']:,} | **{h['acc']:.1%}** | {a['acc']:.1%} | {f['acc']:.1%} | {c['acc']:.1%} | "
-                     f"{h['acc_common']:.1%} | {c['acc_common']:.1%} | {h['rate']:,.0f} | {a['rate']:,.0f} | "
-                     f"{f['rate']:,.0f} | {c['rate']:,.0f} | {deferred(s)} |")
-    lines.append(f"| **real alt text** (img2dataset test_10000, median 48 chars) | {n_alt:,} | | | | | | | "
-                 f"**{alt_rate['hybrid']:,.0f}** | {alt_rate['hybrid_all']:,.0f} | {alt_rate['fasttext']:,.0f} | "
-                 f"{alt_rate['cld3']:,.0f} | {deferred(None)} |")
-    lines += ["", "Routing of the real alt text (LAION's split, `tag.language_threshold` 0.5; CLD3: its probability "
-              ">= 0.5, as LAION's nolang rule):", "",
-              "| detector | en | multi | nolang |", "|---|---:|---:|---:|"]
-    for name, res in (("hybrid", ours["hybrid"]), ("hybrid, all 75", ours["hybrid_all"]),
-                      ("fastText alone", ours["fasttext"])):
-        g = res["groups"][alt_key]
-        lines.append(f"| {name} | {g.get('en', 0) / n_alt:.1%} | {g.get('multi', 0) / n_alt:.1%} | "
-                     f"{g.get('nolang', 0) / n_alt:.1%} |")
-    if "groups" in peer:
-        g = peer["groups"][alt_key]
-        lines.append(f"| CLD3 | {g.get('en', 0) / n_alt:.1%} | {g.get('multi', 0) / n_alt:.1%} | "
-                     f"{g.get('nolang', 0) / n_alt:.1%} |")
-    lines += ["", "Per-language worst cases of the hybrid (the 8 lowest languages per set; CLD3 on the same language):",
-              ""]
-    for s in ("word-pairs", "sentences"):
-        worst = sorted(stats[s]["hybrid"]["per_lang"].items(), key=lambda kv: kv[1])[:8]
-        lines.append(f"- {s}: " + ", ".join(
-            f"{lang} {acc:.0%} (CLD3 {stats[s]['cld3']['per_lang'][lang]:.0%})" for lang, acc in worst))
-    lines.append(f"\nPeak RSS of our process (both models, all lingua low-accuracy models loaded): "
-                 f"{ours['rss_mb']:,.0f} MB.")
-    return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, header_prefix: str, section: str) -> None:
-    """Replace (or append) the section starting with ``header_prefix`` in a results file."""
-    text = path.read_text() if path.exists() else "# Tag stage benchmarks\n\n"
-    parts = text.split("\n## ")
-    head, rest = parts[0], ["## " + p for p in parts[1:]]
-    rest = [p for p in rest if not p.startswith(header_prefix)] + [section]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head.rstrip("\n") + "\n\n" + "\n".join(p.rstrip("\n") + "\n" for p in rest))
+        stats = {name: accuracy_rows(s, res, mappers[name]) for name, res in names.items()}
+        sets[s] = {"n": stats["hybrid"]["n"],
+                   "deferred_to_lingua": lingua_share([str(p) for p in sorted((DATA / s).glob("*.txt"))]),
+                   "detectors": stats}
+    worst = {s: [[lang, acc, sets[s]["detectors"]["cld3"]["per_lang"][lang]] for lang, acc in
+                 sorted(sets[s]["detectors"]["hybrid"]["per_lang"].items(), key=lambda kv: kv[1])[:8]]
+             for s in ("word-pairs", "sentences")}
+    groups = {name: {g: res["groups"][alt_key].get(g, 0) / n_alt for g in ("en", "multi", "nolang")}
+              for name, res in names.items() if "groups" in res}
+    common = 75 - len(LID176_MISSING | CLD3_MISSING)
+    setup = (
+        "Each detector in its own process pinned to one core; speed = strings per CPU-second of that process "
+        "(detector calls only). Accuracy: top-1, over all 75 languages (a language a detector cannot output counts "
+        f"as a miss: lid.176 lacks {', '.join(sorted(LID176_MISSING))}; CLD3 lacks {', '.join(sorted(CLD3_MISSING))}) "
+        f"and over the {common} languages both lid.176 and CLD3 support (\"common\"). Code mapping: CLD3 iw->he, "
+        "fil->tl, no->nb, xx-Latn->xx; fastText no->nb. CLD3 settings as LAION: min_num_bytes=0, max_num_bytes=1000. "
+        "Ours: `tag.langid_method=hybrid` with the defaults; 'hybrid, all 75' is the same with lingua choosing among "
+        "all 75 languages (`tag.langid_lingua_languages=all`); 'fastText alone' is lid.176.ftz alone on lower-cased "
+        "text."
+    )
+    return {
+        "setup": setup,
+        "test_set": {"name": "lingua-py language-testdata", "languages": 75, "common_languages": common,
+                     "origin": "Leipzig Wortschatz corpora, the source of lingua's own models", "independent": False,
+                     "tuned_on": "samples of this test set chose the hybrid's families and thresholds"},
+        "sets": sets,
+        "alt_text": {"name": "img2dataset test_10000", "n": n_alt,
+                     "rate": {name: n_alt / res["seconds"][alt_key] for name, res in names.items()},
+                     "deferred_to_lingua": lingua_share([alt_key]), "groups": groups},
+        "worst": worst,
+        "rss_mb": ours["rss_mb"],
+    }
 
 
 if __name__ == "__main__":

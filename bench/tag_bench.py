@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results" / "tag.md"
+RESULTS = ROOT / "bench" / "results" / "tag.json"
 
 
 def pin_one_core() -> None:
@@ -207,43 +207,36 @@ def main() -> None:
         near = child(["--child", "near", "--dir", d, "--buckets", str(args.buckets)])
     print("near", near, flush=True)
 
-    et, nt = exact["times"], near["times"]
-    lines = [
-        "## Tagging and dedup throughput",
-        "",
-        "`.venv/bin/python bench/tag_bench.py` on the 2-core shared VM (CPU only, other helpers' processes running); "
-        "each measurement in a fresh process pinned to one core. No GPU figures were measured. There is no peer "
-        "for these numbers in the same run (LAION's tagging scripts need the real weights and a GPU).",
-        "",
-        f"**Tagging** ({tag['samples']:,} samples, {tag['images']:,} images of 256 px, tiny CLIP `laion-tiny-clip` "
-        "zero-shot for punsafe/pwatermark, PDQ of every image, URL/image/PDQ hash lists of 10,000 entries each): "
-        f"**{tag['samples'] / tag['cpu_s']:,.0f} samples per CPU-second** on one core "
-        f"({tag['images'] / tag['cpu_s']:,.0f} images/CPU-s; wall {tag['wall_s']:.1f} s). With real weights the "
-        "NSFW/aesthetic heads are small MLPs on stored embeddings (negligible); the watermark CNN (efficientnet_b3, "
-        "256 px) and NudeNet add a per-image forward pass that was not measured here.",
-        "",
-        "| dedup run | rows | buckets | centroids s | partition s | buckets s | resolve s | total s | rows/s | peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| exact (url, alt) + sha256 | {args.dedup_rows:,} | {args.buckets} | - | {et['partition']:.0f} | "
-        f"{et['buckets']:.0f} | {et['resolve']:.0f} | {et['total']:.0f} | {args.dedup_rows / et['total']:,.0f} | "
-        f"{exact['peak_rss_mb']:,.0f} MB |",
-        f"| near-dup only (512-d, cos >= 0.95, 2 probes) | {args.near_rows:,} | {args.buckets} | {nt['centroids']:.1f} | "
-        f"{nt['partition']:.1f} | {nt['buckets']:.1f} | {nt['resolve']:.1f} | {nt['total']:.1f} | "
-        f"{args.near_rows / nt['total']:,.0f} | {near['peak_rss_mb']:,.0f} MB |",
-        "",
-        f"Exact run: 20% (url, alt) copies and 15% sha256 copies injected; verdicts {exact['counts']}. "
-        "All steps ran sequentially in one process (the DAG maps partition per shard and bucket per bucket), so the "
-        "peak RSS is that of the largest single step, not of the snapshot. "
-        f"Near-dup run (no exact copies, random Gaussian embeddings, i.e. no cluster structure: the worst case for k-means buckets): 10% injected near copies (cos ~0.99); recall of injected copies {near['near_recall']:.1%} "
-        f"({near['near_found']:,} near-dups found, {near['near_injected']:,} injected): misses are pairs split across "
-        "k-means cells, the documented cost of bucketing. Near-dup was run at a smaller size because exact faiss range "
-        "search is quadratic in bucket size on CPU.",
-    ]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    from bench.langid_bench import write_section
+    record(tag, exact, near, args)
 
-    write_section(RESULTS, "## Tagging and dedup", section)
+
+def record(tag: dict, exact: dict, near: dict, args: argparse.Namespace) -> None:
+    """Write the run to bench/results/tag.json (bench/README.md); collect_results.py renders RESULTS.md from it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from collect_results import machine_info, now, save_run
+
+    def dedup_run(result: dict, rows: int, probes: int | None) -> dict:
+        return {"rows": rows, "buckets": args.buckets, "probes": probes, "times_s": result["times"],
+                "rows_per_s": rows / result["times"]["total"], "peak_rss_mb": result["peak_rss_mb"],
+                "counts": result["counts"], **{k: result[k] for k in ("near_recall", "near_found", "near_injected")
+                                               if k in result}}
+
+    setup = ("Each measurement in a fresh process pinned to one core. No peer in the same run (LAION's tagging "
+             "scripts need the real weights and a GPU). With real weights the NSFW/aesthetic heads are small MLPs "
+             "on stored embeddings; the watermark CNN (efficientnet_b3, 256 px) and NudeNet add a per-image forward "
+             "pass that is not measured here. Dedup: exact run with 20% (url, alt) copies and 15% sha256 copies "
+             "injected, all steps sequentially in one process; near-dup run on random Gaussian embeddings (no "
+             "cluster structure) with 10% injected near copies (cos ~0.99).")
+    save_run("tag", {
+        "date": now(), "command": " ".join([".venv/bin/python bench/tag_bench.py", *sys.argv[1:]]),
+        "machine": machine_info(), "setup": setup,
+        "tag": {"samples": tag["samples"], "images": tag["images"], "cpu_s": tag["cpu_s"], "wall_s": tag["wall_s"],
+                "samples_per_cpu_s": tag["samples"] / tag["cpu_s"], "images_per_cpu_s": tag["images"] / tag["cpu_s"],
+                "what": "tiny CLIP `laion-tiny-clip` zero-shot for punsafe/pwatermark, PDQ of every image, "
+                        "URL/image/PDQ hash lists of 10,000 entries each"},
+        "dedup": {"exact": dedup_run(exact, args.dedup_rows, None), "near": dedup_run(near, args.near_rows, 2)},
+    }, title="Tagging and dedup throughput (`bench/tag_bench.py`)")
+    print(f"recorded in {RESULTS}")
 
 
 if __name__ == "__main__":
