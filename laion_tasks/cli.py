@@ -63,6 +63,8 @@ class LaionGroup(TyperGroup):
             _fail(one_line(exc.format_message()).rstrip("."), f"{command} (see {command} --help)")
         except (CliError, ConfigError) as exc:
             _fail(exc.what, exc.where, exc, ctx)
+        except BrokenPipeError:  # `laion ... | head`: click's own handling exits quietly
+            raise
         except (StageError, StorageError, ValidationError, ValueError, OSError) as exc:
             _fail(one_line(str(exc)) or type(exc).__name__, None, exc, ctx)
 

@@ -84,7 +84,7 @@ def is_crawl_id(snapshot: str) -> bool:
     from laion_tasks.crawls import CRAWL_ID
 
     match = CRAWL_ID.match(snapshot)
-    return bool(match) and 1 <= int(match.group(2)) <= 53  # type: ignore[union-attr]
+    return match is not None and 1 <= int(match.group(2)) <= 53
 
 
 def lineage_snapshot_ids(url: str) -> set[str]:
