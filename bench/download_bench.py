@@ -15,7 +15,7 @@ One command:  .venv/bin/python bench/download_bench.py [--urls 10000] [--web-url
   by the fastest correct path we know (Pillow with shrink-on-load, or OpenCV as img2dataset
   uses it with its reduced decode), written here independently of our pipeline.
 - A per-image CPU profile of the pieces of our image path.
-Writes bench/results/download.md.
+Records the run in bench/results/download.json (bench/README.md).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -41,7 +40,7 @@ SHARED = Path(os.environ.get("LAION_SHARED_DATA", REPO.parent / "shared" / "data
 IMAGES_DIR = SHARED / "images" / "imagenet_sample200"
 PEER_VENV = Path("/work/peers/img2dataset")
 PEER_VERSION = "1.47.0"
-RESULTS = REPO / "bench" / "results" / "download.md"
+RESULTS = REPO / "bench" / "results" / "download.json"
 
 
 def ensure_peer() -> Path:
@@ -454,89 +453,59 @@ def main() -> None:
 
 
 def write_results(results: dict, args: argparse.Namespace, load_before: float, load_after: float) -> None:
-    lines = [
-        "## Download: laion-tasks vs img2dataset 1.47.0, two inputs",
-        "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {os.cpu_count()}-core x86_64 VM, 24 GiB, "
-        f"CPU only, **shared with other engineers' jobs** (load average {load_before:.1f} before, {load_after:.1f} "
-        "after), so every figure is noisy: img/s follows each tool's share of 2 busy cores at that moment; CPU per "
-        "image is steadier. Rounds alternate img2dataset / ours.",
-        f"Command: `.venv/bin/python bench/download_bench.py --urls {args.urls} --web-urls {args.web_urls} "
-        f"--rounds {args.rounds}`.",
-        "Server: loopback, 2-process aiohttp/uvloop, payloads from memory, on the same 2 cores (both clients share "
-        "the CPU with it; its CPU is counted for neither). Same URLs and settings for both: 256 px border, JPEG q95. "
-        "img2dataset: 2 processes x 64 threads, `--disallowed_header_directives '[]' --enable_wandb False`. "
-        "laion-tasks: `laion download` on one shard, 2 worker processes (one uvloop/aiohttp loop each, 64 concurrent "
-        "requests, decode inline), robots.txt, TDMRep, X-Robots-Tag and embedded opt-outs checked, SSRF guard on. "
-        "Wall time of each CLI process, start-up included. CPU: user+sys of the client's whole process tree "
-        "(sampled from /proc every 0.1 s). Start-up CPU: the same command on one URL; steady CPU/img = (CPU - "
-        "start-up CPU) / successes.",
-        "",
-    ]
-    summary = []
+    """Record the run in bench/results/download.json (bench/README.md); collect_results.py renders RESULTS.md."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from collect_results import machine_info, save_run
+
+    cores = os.cpu_count() or 2
+    inputs = {}
     for name, res in results.items():
-        n = res["n"]
-        best_peer = max(r["peer"]["success"] / r["peer"]["wall_s"] for r in res["rounds"])
-        best_ours = max(r["ours"]["success"] / r["ours"]["wall_s"] for r in res["rounds"])
-        bound_name, (bound, bound_ms) = max(res["bound"].items(), key=lambda kv: kv[1][0])
-        cheapest_name, (_, cheapest_ms) = min(res["bound"].items(), key=lambda kv: kv[1][1])
-        best_cpu_ratio = max((1000 * r["peer"]["cpu_s"] / max(1, r["peer"]["success"]))
-                             / (1000 * r["ours"]["cpu_s"] / max(1, r["ours"]["success"])) for r in res["rounds"])
-        ours_steady = min(1000 * (r["ours"]["cpu_s"] - res["startup"]["ours"]) / max(1, r["ours"]["success"])
-                          for r in res["rounds"])
-        equal = all(r["peer"]["success"] == r["ours"]["success"] for r in res["rounds"])
-        lines += [
-            f"### Input `{name}`: {n} URLs of {INPUTS[name]}",
-            "",
-            "| round | img2dataset ok | img/s | CPU ms/img | steady CPU ms/img | CPU share | laion-tasks ok | img/s "
-            "| CPU ms/img | steady CPU ms/img | CPU share | img/s ratio | CPU/img ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for i, r in enumerate(res["rounds"]):
-            p, o = r["peer"], r["ours"]
-            ps, os_ = p["success"] / p["wall_s"], o["success"] / o["wall_s"]
-            pc, oc = 1000 * p["cpu_s"] / max(1, p["success"]), 1000 * o["cpu_s"] / max(1, o["success"])
-            psteady = 1000 * (p["cpu_s"] - res["startup"]["peer"]) / max(1, p["success"])
-            osteady = 1000 * (o["cpu_s"] - res["startup"]["ours"]) / max(1, o["success"])
-            pshare, oshare = p["cpu_s"] / p["wall_s"] / 2, o["cpu_s"] / o["wall_s"] / 2
-            lines.append(f"| {i} | {p['success']} | {ps:.0f} | {pc:.2f} | {psteady:.2f} | {pshare:.0%} | {o['success']} "
-                         f"| {os_:.0f} | {oc:.2f} | {osteady:.2f} | {oshare:.0%} | {os_ / ps:.2f}x | {pc / oc:.2f}x |")
-        lines += [
-            "",
-            f"- **Best round each: img2dataset {best_peer:.0f} img/s, laion-tasks {best_ours:.0f} img/s: "
-            f"{best_ours / best_peer:.2f}x** (target >= 1.5x, stretch 2x); success counts "
-            f"{'equal in every round' if equal else 'NOT equal'}.",
-            f"- Start-up CPU (one URL): img2dataset {res['startup']['peer']:.2f} s, laion-tasks "
-            f"{res['startup']['ours']:.2f} s.",
-            f"- Best CPU-per-image ratio (share of the machine taken out): **{best_cpu_ratio:.2f}x**.",
-            "- CPU bound (decode + resize + encode of the same payloads, 2 processes, no network, measured after the "
-            "rounds, best of 2 each): " + ", ".join(f"{k} {v[0]:.0f} img/s ({v[1]:.2f} CPU ms/img)"
-                                                   for k, v in res["bound"].items())
-            + f". By wall rate the fastest ({bound_name}) is the bound: **laion-tasks best round = "
-            f"{best_ours / bound:.0%} of it** (target >= 80%). By CPU per image, which the machine's load does not "
-            f"skew, the cheapest path ({cheapest_name}, {cheapest_ms:.2f} ms) is **{cheapest_ms / ours_steady:.0%} of "
-            f"our best steady {ours_steady:.2f} ms** per image.",
-            "",
-            "Where our CPU goes per image (one core, in-process, best of 3; the pieces of `process_image` overlap its "
-            "total):",
-            "",
-            "| piece | CPU ms/img |",
-            "|---|---:|",
-        ]
-        lines += [f"| {k} | {v:.3f} |" for k, v in res["profile"].items()]
-        steady = min(1000 * (r["ours"]["cpu_s"] - res["startup"]["ours"]) / max(1, r["ours"]["success"])
-                     for r in res["rounds"])
-        accounted = (res["profile"]["sha256 of the body (once)"] + res["profile"]["embedded opt-out scan (XMP / C2PA)"]
-                     + res["profile"]["process_image total (checks, EXIF, decode, resize, pad, encode)"]
-                     + res["profile"]["tar write (3 members)"])
-        lines += [f"| **rest: HTTP client, event loop, guards, pipe, parent (best steady CPU/img - the above)** | "
-                  f"**{steady - accounted:.3f}** |", ""]
-        summary.append((name, best_ours / best_peer, best_ours / bound, equal))
-        res["summary"] = {"img_s_ratio": best_ours / best_peer, "cpu_ratio": best_cpu_ratio,
-                          "bound_wall": best_ours / bound, "bound_cpu": cheapest_ms / ours_steady}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        startup = res["startup"]
+
+        def side(m: dict, who: str) -> dict:
+            n = max(1, m["success"])
+            return {**m, "img_s": m["success"] / m["wall_s"], "cpu_ms_per_img": 1000 * m["cpu_s"] / n,
+                    "steady_cpu_ms_per_img": 1000 * (m["cpu_s"] - startup[who]) / n,
+                    "cpu_share": m["cpu_s"] / m["wall_s"] / cores}
+
+        rounds = []
+        for r in res["rounds"]:
+            p, o = side(r["peer"], "peer"), side(r["ours"], "ours")
+            rounds.append({"peer": p, "ours": o, "img_s_ratio": o["img_s"] / p["img_s"],
+                           "cpu_ratio": p["cpu_ms_per_img"] / o["cpu_ms_per_img"]})
+        bound = {k: {"img_s": v[0], "cpu_ms_per_img": v[1]} for k, v in res["bound"].items()}
+        best_ours = max(r["ours"]["img_s"] for r in rounds)
+        steady = min(r["ours"]["steady_cpu_ms_per_img"] for r in rounds)
+        accounted = sum(res["profile"][k] for k in ("sha256 of the body (once)", "embedded opt-out scan (XMP / C2PA)",
+                                                    "process_image total (checks, EXIF, decode, resize, pad, encode)",
+                                                    "tar write (3 members)"))
+        inputs[name] = {
+            "n": res["n"], "description": INPUTS[name], "rounds": rounds, "startup_cpu_s": startup, "bound": bound,
+            "bound_share": {"wall": best_ours / max(b["img_s"] for b in bound.values()),
+                            "cpu": min(b["cpu_ms_per_img"] for b in bound.values()) / steady},
+            "profile_ms": res["profile"], "profile_rest_ms": steady - accounted,
+        }
+    setup = (
+        f"Rounds alternate img2dataset / ours. Server: loopback, 2-process aiohttp/uvloop, payloads from memory, on "
+        f"the same {cores} cores (both clients share the CPU with it; its CPU is counted for neither). Same URLs, "
+        "output size and encoding for both: 256 px border, JPEG q95 (the decode differs: ours uses libjpeg's DCT "
+        "scaling and fast IDCT, img2dataset decodes at full size). img2dataset: 2 processes x 64 threads, "
+        "`--disallowed_header_directives '[]' --enable_wandb False`. laion-tasks: `laion download` on one shard, 2 "
+        "worker processes, robots.txt, TDMRep, X-Robots-Tag and embedded opt-outs checked, SSRF guard on. Wall time of "
+        "each CLI process, start-up included. CPU: user+sys of the client's whole process tree (sampled from /proc "
+        "every 0.1 s). CPU share: CPU seconds / wall seconds / cores. Start-up CPU: the same command on one URL; "
+        "steady CPU/img = (CPU - start-up CPU) / successes. CPU bound: decode + resize + encode of the same payloads, "
+        "2 processes, no network, measured after the rounds, best of 2 each."
+    )
+    save_run("download", {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": f".venv/bin/python bench/download_bench.py --urls {args.urls} --web-urls {args.web_urls} "
+                   f"--rounds {args.rounds} --inputs {args.inputs}",
+        "machine": machine_info(load_before, load_after), "setup": setup,
+        "settings": {"cores": cores, "rounds": args.rounds}, "inputs": inputs,
+    }, title="Download: laion-tasks vs img2dataset 1.47.0")
+    print(json.dumps(inputs, indent=1))
+    print(f"recorded in {RESULTS}")
 
 
 if __name__ == "__main__":
