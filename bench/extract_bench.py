@@ -12,7 +12,7 @@ hits both alike; we report the best and the median round, wall and CPU time.
 
 Parity runs both on the original (not replicated) file and compares the sets of
 (url, alt) pairs after the documented filters: whitespace normalised, alt >= 5 characters,
-http(s) only, deduplicated. Figures go to ``bench/results/extract.md``.
+http(s) only, deduplicated. Figures are recorded in ``bench/results/extract.json`` (bench/README.md).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +33,7 @@ SHARED = Path(os.environ.get("LAION_SHARED_DATA", REPO.parent / "shared" / "data
 SOURCE = SHARED / "wat/cc-2016-40_head500/CC-MAIN-20160924173739-00000-ip-10-143-35-109.head500.warc.wat.gz"
 PEER_VENV = Path(os.environ.get("CC2DATASET_VENV", REPO.parent / "peers" / "cc2dataset"))
 PEER_SPEC = "cc2dataset==1.5.0"
-RESULTS = REPO / "bench" / "results" / "extract.md"
+RESULTS = REPO / "bench" / "results" / "extract.json"
 
 OURS_SCRIPT = textwrap.dedent(
     """
@@ -189,73 +187,43 @@ def main() -> None:
     page_url_pairs = [pair for pair in peer_only if pair[0] == peer_pairs[pair]]
     unexplained = [pair for pair in peer_only if pair[0] != peer_pairs[pair]]
 
-    cpu_model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor(),
+    sys.path.insert(0, str(REPO / "bench"))
+    from collect_results import machine_info, now, save_run
+
+    setup = (
+        f"Both tools ran alternately, each in a fresh process pinned to core {args.core}, {args.rounds} rounds each. "
+        "Ours: `extract_wat` including the Parquet write; the peer: cc2dataset 1.5.0 `extract_documents_from_wat`. "
+        "Floors: fastwarc read + gunzip alone, then plus a parse of the records holding `\"IMG@/src\"` (orjson, or our "
+        "msgspec typed decode). Timings exclude imports for both tools (ours: pyarrow's lazy pandas import is done "
+        "before timing, like cc2dataset's pyspark imports)."
     )
-    lines = [
-        "## Extract: WAT -> (url, alt) candidates, one core",
-        "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M')} with `.venv/bin/python bench/extract_bench.py` on a shared {os.cpu_count()}-core VM "
-        f"({cpu_model}), CPU only; other processes were running (load average {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after), so wall times are noisy; both tools ran alternately, each in a fresh process "
-        f"pinned to core {args.core}, {args.rounds} rounds each.",
-        "",
-        f"Input: {copies} concatenated copies of the real CC-MAIN-2016-40 WAT head "
-        f"(`{SOURCE.name}`), {size_mb:.1f} MB gzip, {records:,} metadata records, {img_links:,} `IMG@/src` links.",
-        "",
-        "| | best wall s | median wall s | best CPU s | records/s (best wall) | IMG links/s (best wall) |",
-        "|---|---|---|---|---|---|",
-        f"| laion-tasks `extract_wat` (incl. Parquet write) | {o_wall:.2f} | {o_wall_med:.2f} | {o_cpu:.2f} | "
-        f"{records / o_wall:,.0f} | {img_links / o_wall:,.0f} |",
-        f"| cc2dataset 1.5.0 `extract_documents_from_wat` | {p_wall:.2f} | {p_wall_med:.2f} | {p_cpu:.2f} | "
-        f"{records / p_wall:,.0f} | {img_links / p_wall:,.0f} |",
-        f"| floor: fastwarc read + gunzip only | {floor['wall']:.2f} | | {floor['cpu']:.2f} | {floor['records'] / floor['wall']:,.0f} | |",
-        f"| floor + orjson parse of the records holding `\"IMG@/src\"` | {floor_parse['wall']:.2f} | | {floor_parse['cpu']:.2f} | "
-        f"{floor_parse['records'] / floor_parse['wall']:,.0f} | |",
-        f"| floor + our msgspec typed decode of the same records (what `extract_wat` uses) | {floor_fast['wall']:.2f} | | "
-        f"{floor_fast['cpu']:.2f} | {floor_fast['records'] / floor_fast['wall']:,.0f} | |",
-        "",
-        f"**Ratio (ours / cc2dataset): {p_wall / o_wall:.2f}x on best wall time, {p_wall_med / o_wall_med:.2f}x on median "
-        f"wall time, {p_cpu / o_cpu:.2f}x on CPU time.** Target: >= 2x: "
-        + ("met." if min(p_wall / o_wall, p_cpu / o_cpu) >= 2 else "NOT met in this run.")
-        + f" Where the time goes (CPU): fastwarc read + gunzip {floor['cpu']:.2f} s; the typed decode of the records "
-        f"that can hold an image link {floor_fast['cpu'] - floor['cpu']:.2f} s (orjson on the same records: "
-        f"{floor_parse['cpu'] - floor['cpu']:.2f} s); everything else (locating IMG links among all links, whitespace "
-        f"normalisation, URL resolution, filters, dedup, uid, Parquet) {o_cpu - floor_fast['cpu']:.2f} s. "
-        "Tried and not kept: pysimdjson (its parse is the cheapest, but each of the ~2M link objects is reached through "
-        "a Python proxy, which costs more than msgspec's whole decode); ISA-L gunzip feeding fastwarc an inflated stream "
-        "(no gain end to end: its inflate alone is ~7% faster than fastwarc's, lost in the extra copy); a byte-level pre-filter of IMG link objects "
-        "(Python loop per link, slower).",
-        "",
-        f"cc2dataset returns every IMG link with a non-empty alt ({peer_runs[0]['links_out']:,} links, "
-        f"{peer_runs[0]['links_out'] / p_wall:,.0f} output links/s) and does not dedup; ours applies the filters and "
-        f"dedups inside the file ({ours_runs[0]['kept']:,} kept), and writes the Parquet shard. "
-        "Why ours is faster: a record's JSON is parsed only when its bytes contain `\"IMG@/src\"` "
-        "(about 29% of the records here), and then by a typed msgspec decoder that materialises only the path to "
-        "`Links` and each link's path/url/alt, skipping everything else (a record it rejects is re-parsed with orjson "
-        "for the exact `bad:<reason>`); IMG links are located and their alt normalised with C-level list operations "
-        "(`map(attrgetter)`, `list.index`, `map(str.split)`) instead of a Python test per link; and the three common "
-        "relative URL forms (`//host/path`, `/path`, `path`) are joined without `urljoin` (same result, checked by "
-        "tests on 40,000 random references). Timings exclude imports for both tools (ours: pyarrow's lazy pandas "
-        "import, 0.2 s once per process, is done before timing, like cc2dataset's pyspark imports).",
-        "",
-        "Parity on the original file (500 records), both after: whitespace normalised, alt >= 5 characters, "
-        "http(s) only, dedup of (url, alt):",
-        "",
-        f"- cc2dataset: {len(peer_pairs)} pairs; ours: {len(ours_pairs)} pairs; common: {len(ours_pairs & set(peer_pairs))}.",
-        f"- Only in cc2dataset: {len(peer_only)}, of which {len(page_url_pairs)} have url == the page URL: they are "
-        "`<img src=\"\">` (lazy-loaded images), which `urljoin(page, \"\")` turns into the page itself; the page is not "
-        "an image, so we drop them as `drop:no_url`."
-        + (f" {len(unexplained)} other(s): {unexplained[:5]}" if unexplained else ""),
-        f"- Only in ours: {len(ours_only)}" + (f": {ours_only[:5]}" if ours_only else "."),
-        f"- Our outcome counts on that file: {json.dumps(ours_parity['counts'], sort_keys=True)}.",
-        "",
-    ]
-    text = "\n".join(lines)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text)
-    print(text)
+    floors = [("fastwarc read + gunzip only", floor), ("floor + orjson parse of the records holding `\"IMG@/src\"`",
+                                                        floor_parse),
+              ("floor + our msgspec typed decode of the same records (what `extract_wat` uses)", floor_fast)]
+    run = {
+        "date": now(), "command": ".venv/bin/python bench/extract_bench.py",
+        "machine": machine_info(load_before[0], load_after[0]), "setup": setup,
+        "settings": {"rounds": args.rounds, "core": args.core},
+        "input": {"copies": copies, "file": SOURCE.name, "size_mb": size_mb, "records": records, "img_links": img_links},
+        "ours": {"best_wall_s": o_wall, "median_wall_s": o_wall_med, "best_cpu_s": o_cpu, "records_per_s": records / o_wall,
+                 "img_links_per_s": img_links / o_wall, "kept": ours_runs[0]["kept"], "rounds": ours_runs},
+        "peer": {"name": "cc2dataset 1.5.0", "best_wall_s": p_wall, "median_wall_s": p_wall_med, "best_cpu_s": p_cpu,
+                 "records_per_s": records / p_wall, "img_links_per_s": img_links / p_wall,
+                 "links_out": peer_runs[0]["links_out"], "links_out_per_s": peer_runs[0]["links_out"] / p_wall,
+                 "rounds": peer_runs},
+        "ratio": {"best_wall": p_wall / o_wall, "median_wall": p_wall_med / o_wall_med, "cpu": p_cpu / o_cpu},
+        "floors": [{"what": what, "wall_s": f["wall"], "cpu_s": f["cpu"], "records_per_s": f["records"] / f["wall"]}
+                   for what, f in floors],
+        "cpu_breakdown_s": {"read_gunzip": floor["cpu"], "typed_decode": floor_fast["cpu"] - floor["cpu"],
+                            "orjson_decode": floor_parse["cpu"] - floor["cpu"], "rest": o_cpu - floor_fast["cpu"]},
+        "parity": {"records": ours_parity["records"], "peer_pairs": len(peer_pairs), "ours_pairs": len(ours_pairs),
+                   "common": len(ours_pairs & set(peer_pairs)), "peer_only": len(peer_only),
+                   "peer_only_page_url": len(page_url_pairs), "peer_only_other": [list(x) for x in unexplained[:5]],
+                   "ours_only": [list(x) for x in ours_only[:5]], "counts": ours_parity["counts"]},
+    }
+    save_run(args.results.stem, run, title="Extract: WAT -> (url, alt) candidates, one core",
+             results_dir=args.results.parent)
+    print(json.dumps({k: v for k, v in run.items() if k not in ("ours", "peer")}, indent=1))
 
 
 if __name__ == "__main__":
