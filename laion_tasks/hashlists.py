@@ -6,6 +6,12 @@ decoded image before it is resized (so a listed image, its thumbnail and its emb
 never written), and the tag stage re-checks every sample against the current lists
 (URL, original sha256, stored bytes, PDQ), because lists grow after a crawl.
 
+The lists enter the tag stage's skip key by content (sha256 of the file, or its S3 ETag;
+``StageSpec.input_files``), not by path: a list edited in place re-runs tag on every shard,
+and the download stage, whose key leaves them out, downloads nothing again. What only the
+download can check is the md5 / sha1 of the *original* bytes (only their sha256 is kept):
+a list that grows after a crawl should list images by sha256 or PDQ.
+
 List file format (UTF-8 text, any storage URI)::
 
     # comment lines and trailing "# ..." comments are ignored, as are blank lines
@@ -43,6 +49,8 @@ from laion_tasks.config import TagConfig
 if TYPE_CHECKING:
     from PIL import Image
 
+    from laion_tasks.stage import Context
+
 log = logging.getLogger(__name__)
 
 DIGEST_ALGOS = {"md5": 32, "sha1": 40, "sha256": 64}
@@ -78,6 +86,17 @@ def parse_hashlist(text: str, source: str, kind: str) -> dict[str, set[bytes]]:
         except ValueError as exc:
             raise HashListError(f"{source}:{lineno}: not hexadecimal") from exc
     return out
+
+
+def hashlists_for(ctx: "Context") -> "HashLists | None":
+    """The lists of ``ctx.settings.tag``, loaded once per context and per content version: the skip
+    key (:func:`laion_tasks.stage.file_identity`) and the lists used are the same version of each file."""
+    from laion_tasks.stage import file_identity
+
+    config = ctx.settings.tag
+    uris = (config.url_hashlist, config.image_hashlist, config.pdq_hashlist)
+    version = [file_identity(ctx, uri) if uri else "-" for uri in uris]
+    return ctx.resource("hashlists:" + ",".join(version), lambda: HashLists.from_config(config))
 
 
 def pdq_hash(image: "Image.Image") -> tuple[bytes, int]:

@@ -10,10 +10,12 @@ Skip key: a shard is reused when its current done run in lineage has the same
 (stage, shard, digest of the result fields, digest of the exact upstream outputs read)
 and its commit object still exists. Upstream outputs are identified by the id of the
 run that wrote them (inputs from outside the pipeline, such as a WAT file or a
-download shard cut by the plan, by their URI or checksum), so a stage re-runs exactly
-when its inputs or its knobs changed, and its dependents follow because their inputs
-changed. Execution-only knobs (processes, batch sizes, pools, pod resources)
-are never result fields, so changing them re-runs nothing.
+download shard cut by the plan, by their URI or checksum; input files named in the
+config, such as hash lists, by their content: sha256 or S3 ETag), so a stage re-runs
+exactly when its inputs or its knobs changed, and its dependents follow because their
+inputs changed. Execution-only knobs (``stage.EXECUTION_ONLY``: processes, batch sizes,
+pools, pod resources) are never result fields, so changing them re-runs nothing;
+``tests/test_result_fields.py`` checks every field each stage reads against these lists.
 
 A batch keeps going past a shard that fails, then raises one error naming every
 failed shard, so a retry only redoes those (the rest are recorded done).
@@ -140,7 +142,7 @@ def batch_shards(ctx: Context, stage: StageSpec, batch: Batch) -> list[str]:
 
 
 def _upstream_identity(ctx: Context, stage: StageSpec, shard: str, current: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """``stage:shard:run-id`` of every upstream output this shard reads (plus external inputs)."""
+    """``stage:shard:run-id`` of every upstream output this shard reads (plus external inputs and input files)."""
     parts: list[str] = []
     for upstream in stage.reads:
         same_plan = spec(upstream).plan_name == stage.plan_name and bool(stage.plan_name)
@@ -152,6 +154,7 @@ def _upstream_identity(ctx: Context, stage: StageSpec, shard: str, current: dict
         parts.extend(f"{upstream}:{r['shard_id']}:{r['id']}" for r in runs)
     if stage.external_inputs is not None:
         parts.append(stage.external_inputs(ctx, shard))
+    parts.extend(stage.input_file_identities(ctx))  # hash lists: by content, not by path
     return parts
 
 
@@ -302,7 +305,8 @@ def stage_env(settings: Settings, stage: StageSpec) -> dict[str, str]:
     sections = {stage.section} if stage.section else set()
     for section in sorted(sections):
         env[f"LAION_{section.upper()}"] = json.dumps(getattr(settings, section).model_dump(mode="json"), sort_keys=True)
-    fields = [f.split(".{shard}", 1)[0] for f in stage.result_fields if f.split(".", 1)[0] not in sections]
+    keyed = (*stage.result_fields, *stage.input_files)
+    fields = [f.split(".{shard}", 1)[0] for f in keyed if f.split(".", 1)[0] not in sections]
     for path, value in settings.knobs(fields).items():
         env["LAION_" + "__".join(p.upper() for p in path.split("."))] = json.dumps(value)
     return env

@@ -146,6 +146,9 @@ class StageSpec:
     """True for a shard that must run even when current (e.g. it has downloads to retry)."""
     after_batch: Callable[[Context, dict[str, Any]], dict[str, Any]] | None = None
     """Adds to a batch's report (e.g. a subset's manifest, a checkpoint URI)."""
+    input_files: tuple[str, ...] = ()
+    """Dotted config paths (globs allowed) that name input files, such as hash lists: each file's content
+    (sha256, or the S3 ETag), not its path, enters the inputs half of the skip key."""
 
     def config_digest(self, settings: "Settings", shard: str) -> str:
         """Digest of this shard's result knobs: the config half of its skip key."""
@@ -164,6 +167,116 @@ class StageSpec:
                 parent = field_path.split(".{shard}", 1)[0]
                 out[f"{parent}[{shard}]"] = (settings.knobs([parent])[parent] or {}).get(shard)
         return out
+
+    def input_file_identities(self, ctx: Context) -> list[str]:
+        """``file:<field>:<content identity>`` of each input file this stage reads (``-`` where unset)."""
+        if not self.input_files:
+            return []
+        out = []
+        for field_path, uri in ctx.settings.knobs(self.input_files).items():
+            if uri is not None and not isinstance(uri, str):
+                raise StageError(f"{self.name}: input file field {field_path} must name one file, got {uri!r}")
+            out.append(f"file:{field_path}:{file_identity(ctx, uri) if uri else '-'}")
+        return out
+
+
+EXECUTION_ONLY: dict[str, str] = {
+    "storage.*": "where the data lives and how it is reached, not what it is",
+    "lineage.*": "where runs are recorded",
+    "orchestration.progress_interval_s": "how often progress is logged",
+    "download.shard_size": "cuts the plan, not a shard's output: each shard's content checksum is in its key",
+    "download.processes": "worker processes: each row is fetched and decoded the same way whichever worker has it",
+    "download.decode_threads": "decode threads per worker: the same decode, inline or in a thread",
+    "download.max_concurrency": "requests in flight: speed and politeness, not the answer (timeouts and retries are keyed)",
+    "download.max_per_host": "requests in flight per host: as max_concurrency",
+    "download.backoff_*": "how long to wait before a retry (how many retries is keyed)",
+    "download.opt_out_cache_ttl_s": "how long one origin's robots.txt / tdmrep.json answer is reused (at most 24 h, RFC 9309)",
+    "clip.batch_size": "pairs per forward pass: float rounding at most, below the fp16 the embeddings are stored in",
+    "clip.num_workers": "decode workers: rows are written in shard order",
+    "clip.channels_last": "memory layout of the image tower: the same arithmetic, float rounding at most",
+    "clip.compile": "torch.compile of the same graph: float rounding at most",
+    "clip.execution": "in this process or in a pod: the same code on the same inputs (device and precision are keyed)",
+    "clip.k8s_*": "pod placement and resources",
+    "clip.gpu_pool": "Airflow pool of the GPU pods",
+    "tag.image_batch_size": "images decoded and scored together",
+    "curate.duckdb_*": "DuckDB's memory, spill directory and threads: it spills to disk rather than change a result",
+    "index.duckdb_memory_limit": "DuckDB spills beyond it",
+    "index.add_batch_size": "vectors added per call: the same vectors in the same order",
+    "eval.batch_size": "images per forward pass: float rounding at most",
+    "eval.decode_threads": "decode threads: images are scored in dataset order",
+    "train.shard_access": "copy the shards first or stream them: the same bytes",
+    "train.k8s_*": "pod placement and resources",
+}
+"""Config fields that change how fast or where a stage runs, never what it writes, with the reason.
+Never result fields (``tests/test_runner.py``); ``tests/test_result_fields.py`` checks that every
+field a stage reads is a result field, an input file, a result field upstream, or here."""
+
+UNKEYED_READS: dict[str, dict[str, str]] = {
+    "download": {
+        "tag.*_hashlist": "the tag stage re-checks every row against the current lists (their content is in tag's "
+        "key: URL, original sha256, stored bytes, PDQ), blocks it and strips its bytes, so a list that grows "
+        "re-runs tag and downloads nothing again",
+        "tag.pdq_max_distance": "as the hash lists: tag re-checks the PDQ hash of every stored image",
+    },
+    "dedup_partition": {
+        "dedup.memory_limit": "DuckDB's budget here: it spills to disk rather than change a result",
+        "orchestration.max_mapped_tasks": "groups the shards into dedup runs; a run's file is named by its "
+        "members (the stage's output), so a shard whose run changed has no output and is partitioned again",
+    },
+    "dedup_bucket": {
+        "orchestration.max_mapped_tasks": "finds the current runs' files, which dedup_partition re-wrote (and so "
+        "re-ran) when the runs changed",
+    },
+    "dedup": {
+        "dedup.memory_limit": "DuckDB's budget here: it spills to disk rather than change a result",
+        "orchestration.max_mapped_tasks": "finds the current runs' files, as dedup_bucket",
+    },
+    "curate": {
+        "curate.subsets.*": "one scan writes every configured subset; each subset's files are keyed by its own "
+        "predicate (curate.subsets.{shard}), and a subset whose predicate changed re-runs itself",
+    },
+}
+"""Fields one stage reads that are deliberately not in its key, and why its results stay right."""
+
+_LOCAL_IDENTITIES: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def content_identity(uri: str) -> str:
+    """What a file holds, cheaply: ``sha256:<hex>`` of a local or http(s) file, ``etag:<ETag>`` of an
+    S3 object (one HEAD). Local digests are cached per process by path, inode, size, mtime and ctime,
+    so a file edited in place (same path) gets a new identity and an unchanged one costs a ``stat``."""
+    import hashlib
+
+    from laion_tasks import storage
+
+    if storage.is_s3(uri):
+        loc = storage.parse_s3(uri)
+        try:
+            head = storage.s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+        except Exception as exc:  # noqa: BLE001 - botocore raises many types
+            raise StageError(f"{uri}: cannot read its ETag: {type(exc).__name__}: {exc}") from exc
+        return "etag:" + str(head["ETag"]).strip('"')
+    if storage.is_http(uri):
+        digest = hashlib.sha256()
+        with storage.open_read(uri) as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+    path = storage.local_path(uri)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise StageError(f"{uri}: cannot read input file: {exc.strerror or exc}") from exc
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _LOCAL_IDENTITIES:
+        _LOCAL_IDENTITIES[key] = "sha256:" + storage.file_sha256(path)
+    return _LOCAL_IDENTITIES[key]
+
+
+def file_identity(ctx: Context, uri: str) -> str:
+    """:func:`content_identity`, once per context (a batch): the skip key and the loaded content
+    (e.g. :func:`laion_tasks.hashlists.hashlists_for`) see one version of the file."""
+    return ctx.resource(f"file_identity:{uri}", lambda: content_identity(uri))
 
 
 class StageError(RuntimeError):

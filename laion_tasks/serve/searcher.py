@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from laion_tasks import storage
+from laion_tasks.config import IndexConfig
 from laion_tasks.stages.index import INDEX_FILE, LOOKUP_FILE, MANIFEST_FILE, METADATA_FILE
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,11 @@ class KnnIndex:
         self.metadata_parquet = local / METADATA_FILE
         if self.metadata.count != self.index.ntotal:
             raise IndexNotReady(f"{index_dir}: index has {self.index.ntotal} vectors, metadata {self.metadata.count} rows")
-        plan = self.manifest.get("plan", {})
-        self.nprobe = nprobe or int(plan.get("nprobe") or 0)
-        self.k_factor = k_factor or int(plan.get("k_factor") or 1)
+        # Query-time knobs: always the caller's (serve passes index.nprobe / k_factor) or their defaults,
+        # never the build's, so that changing them rebuilds nothing (they are not in the index's skip key).
+        defaults = IndexConfig()
+        self.nprobe = defaults.nprobe if nprobe is None else nprobe
+        self.k_factor = defaults.k_factor if k_factor is None else k_factor
         self._configure(faiss)
         self._can_reconstruct = self._probe_reconstruct()
 

@@ -623,9 +623,12 @@ def _download_shards(ctx: Context) -> list[str]:
 SPEC = StageSpec(
     name="clip",
     reads=("download",),
-    # The models, and the language ID that routes each pair to one of them. Not the thresholds:
-    # curate applies them to the stored similarity. Not batch_size, device, precision, workers, pod knobs.
-    result_fields=("clip.*.model", "clip.*.pretrained", "clip.*.checkpoint", "clip.use_multilingual", "clip.seed", *LANGID_FIELDS),
+    # The models, and the language ID that routes each pair to one of them; the device, the precision
+    # (bf16/fp16 autocast on a GPU) and the JPEG decoder (nvJPEG or PIL), which change the embeddings.
+    # Not the thresholds: curate applies them to the stored similarity. Not batch_size, workers,
+    # channels_last, compile, pod knobs (stage.EXECUTION_ONLY).
+    result_fields=("clip.*.model", "clip.*.pretrained", "clip.*.checkpoint", "clip.use_multilingual", "clip.seed",
+                   "clip.device", "clip.precision", "clip.gpu_jpeg_decode", *LANGID_FIELDS),
     output=lambda ctx, shard: layout.clip_parquet_uri(ctx.root, ctx.snapshot, shard),
     run_shard=_run_clip,
     shards=_download_shards,

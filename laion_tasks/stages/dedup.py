@@ -1093,7 +1093,8 @@ SPECS = {
             name="dedup_centroids",
             reads=(),
             result_fields=("dedup.near_dup", "dedup.cluster_size", "dedup.near_dup_probes",
-                           "dedup.kmeans_sample_per_cluster", "dedup.kmeans_iterations", "dedup.seed"),
+                           "dedup.kmeans_sample_per_cluster", "dedup.kmeans_iterations", "dedup.seed",
+                           "dedup.memory_limit"),  # it caps the k-means sample
             output=lambda ctx, _: centroids_uri(work_dir(ctx)),
             run_shard=_run_centroids,
             shards=lambda ctx: ["centroids"] if ctx.settings.dedup.near_dup else [],
@@ -1114,7 +1115,8 @@ SPECS = {
         StageSpec(
             name="dedup_bucket",
             reads=("dedup_partition", "dedup_centroids"),
-            result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_threshold", *ELIGIBILITY_FIELDS),
+            result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_threshold", *ELIGIBILITY_FIELDS,
+                           "dedup.faiss_gpu", "dedup.gpu_knn"),  # the GPU keeps the top gpu_knn within the threshold
             output=lambda ctx, bucket: decision_uri(work_dir(ctx), int(bucket)),
             run_shard=_run_bucket,
             shards=lambda ctx: [f"{b:05d}" for b in range(ctx.settings.dedup.buckets)],
@@ -1125,7 +1127,8 @@ SPECS = {
         StageSpec(
             name="dedup",
             reads=("dedup_bucket", "dedup_partition"),
-            result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_threshold", *ELIGIBILITY_FIELDS),
+            result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_threshold", *ELIGIBILITY_FIELDS,
+                           "dedup.faiss_gpu", "dedup.gpu_knn"),
             output=lambda ctx, _: layout.dedup_dir(ctx.root, ctx.snapshot),
             run_shard=_run_resolve,
             shards=lambda ctx: ["resolve"],

@@ -53,9 +53,8 @@ class IndexPlan:
     """What :func:`plan_index` chose, and why (kept in the manifest)."""
 
     key: str
-    """FAISS index_factory string."""
-    nprobe: int
-    k_factor: int
+    """FAISS index_factory string. Query-time knobs (nprobe, k_factor) are not part of it: the
+    searcher sets them when it opens the index, so changing them rebuilds nothing."""
     estimated_bytes: int
     reason: str
 
@@ -65,9 +64,9 @@ def plan_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
     budget = int(config.memory_budget_gb * 1024**3)
     flat_bytes = n * dim * 4
     if config.index_key:
-        return IndexPlan(config.index_key, config.nprobe, config.k_factor, flat_bytes, "index_key set in config")
+        return IndexPlan(config.index_key, flat_bytes, "index_key set in config")
     if n <= config.flat_max_vectors and flat_bytes <= budget:
-        return IndexPlan("Flat", 0, 1, flat_bytes, f"{n} <= flat_max_vectors: exact search")
+        return IndexPlan("Flat", flat_bytes, f"{n} <= flat_max_vectors: exact search")
     nlist = int(2 ** round(math.log2(max(math.sqrt(n), 16))))
     nlist = max(16, min(nlist, 65_536, n // 39 or 16))
     # autofaiss' rule: an HNSW coarse quantizer once exhaustive centroid search gets costly.
@@ -78,11 +77,11 @@ def plan_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
         total = base_bytes + int(n * dim * per_dim)
         if total <= budget:
             key = f"{coarse},PQ{pq_m}x4fs,Refine({refine})"
-            return IndexPlan(key, config.nprobe, config.k_factor, total, f"IVF-PQ fast scan + {refine} re-rank fits {config.memory_budget_gb} GB")
+            return IndexPlan(key, total, f"IVF-PQ fast scan + {refine} re-rank fits {config.memory_budget_gb} GB")
     if base_bytes > budget:
         log.warning("even %s,PQ%dx4fs (%d bytes) exceeds the %.1f GB budget", coarse, pq_m, base_bytes, config.memory_budget_gb)
     key = f"{coarse},PQ{pq_m}x4fs"
-    return IndexPlan(key, config.nprobe, 1, base_bytes, "no re-rank codes fit the budget: PQ only (lower recall)")
+    return IndexPlan(key, base_bytes, "no re-rank codes fit the budget: PQ only (lower recall)")
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -381,13 +380,12 @@ def _run_index(ctx: Context, subset: str) -> ShardStats:
 SPEC = StageSpec(
     name="index",
     reads=("curate", "clip"),  # the subset of the same name; every shard's embeddings
+    # Not nprobe / k_factor: query-time knobs the searcher sets when it opens an index (serve passes them).
     result_fields=(
         "index.memory_budget_gb",
         "index.flat_max_vectors",
-        "index.nprobe",
         "index.hnsw_m",
         "index.index_key",
-        "index.k_factor",
         "index.max_train_vectors",
         "index.metadata_row_group_size",
     ),

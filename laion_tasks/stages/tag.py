@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, TagConfig
-from laion_tasks.hashlists import HashLists, pdq_hash
+from laion_tasks.hashlists import HashLists, hashlists_for, pdq_hash
 from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import Context, read_parquet, ShardStats, StageError, StageSpec
 
@@ -580,7 +580,7 @@ def _run_tag(ctx: Context, shard: str) -> ShardStats:
         layout.tags_parquet_uri(root, snap, shard),
         ctx.settings.tag,
         ctx.settings.clip,
-        ctx.resource("hashlists", lambda: HashLists.from_config(ctx.settings.tag)),  # once per batch
+        hashlists_for(ctx),  # once per batch and list version (the one in the skip key)
     )
 
 
@@ -600,7 +600,6 @@ SPEC = StageSpec(
         "tag.clean_prompts",
         "tag.aesthetic_weights",
         "tag.nudenet",
-        "tag.*_hashlist",
         "tag.pdq_max_distance",
         # No language-ID knobs: the language is copied from the clip parquet (language ID runs once), so a
         # change of them re-runs clip, and tag follows through clip's run.
@@ -616,4 +615,6 @@ SPEC = StageSpec(
     plan_name="shards",
     input_uri=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),
     section="tag",
+    # the hash lists by content, not path: a list edited in place re-runs tag (not download)
+    input_files=("tag.*_hashlist",),
 )

@@ -284,8 +284,11 @@ TRAIN_RESULT_FIELDS = (
     "train.warmup",
     "train.seed",
     "train.extra_args",
+    "train.device",  # a GPU, with precision auto, trains in amp
+    "train.precision",
+    "train.workers",  # WebDataset splits the shards by loader worker: the order samples are seen in
 )
-"""Not here: workers, device, precision, shard_access and the pod knobs."""
+"""Not here: shard_access and the pod knobs (``stage.EXECUTION_ONLY``)."""
 
 
 def model_dir(ctx: Context, subset: str) -> str:

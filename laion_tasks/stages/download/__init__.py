@@ -102,22 +102,19 @@ DOWNLOAD_RESULT_FIELDS = (
     "download.max_aspect_ratio",
     "download.encode_format",
     "download.encode_quality",
-    # hash lists: blocked URLs are never fetched, blocked images never written
-    "tag.url_hashlist",
-    "tag.image_hashlist",
-    "tag.pdq_hashlist",
-    "tag.pdq_max_distance",
 )
-"""Not here (execution only): processes, decode_threads, max_concurrency, max_per_host, backoff_*,
-opt_out_cache_ttl_s;
-shard_size shapes the plan, and each shard's checksum is part of the skip key."""
+"""Not here (execution only, ``stage.EXECUTION_ONLY``): processes, decode_threads, max_concurrency,
+max_per_host, backoff_*, opt_out_cache_ttl_s; shard_size shapes the plan, and each shard's checksum
+is part of the skip key. Nor the hash lists (``stage.UNKEYED_READS``): blocked URLs are never
+fetched and blocked images never written, but a list that grows after a crawl re-runs the tag
+stage (its key has the lists' content), which re-checks every row, not the download."""
 
 
 def _run_download(ctx: Context, shard: str) -> ShardStats:
-    from laion_tasks.hashlists import HashLists
+    from laion_tasks.hashlists import hashlists_for
 
     root, snap = ctx.root, ctx.snapshot
-    blocklist = ctx.resource("hashlists", lambda: HashLists.from_config(ctx.settings.tag))
+    blocklist = hashlists_for(ctx)  # once per batch, shared with tag in the same context
     # One robots.txt / tdmrep.json answer per origin for every shard and worker of this task (removed at ctx.close()).
     origin_store = ctx.resource("origin_store", SharedOriginStore.create)
     fn = retry_failed if ctx.options.get("retry_failed_downloads") else download_shard

@@ -127,7 +127,9 @@ def _eval_report(ctx: Context, shards: dict[str, Any]) -> dict[str, Any]:
 SPEC = StageSpec(
     name="eval",
     reads=("train",),  # the checkpoint trained on the subset of the same name
-    result_fields=("eval.dataset", "eval.templates", "eval.classnames", "eval.top_confusions", "train.model"),
+    # the device and precision (amp or fp32) change the scores; batch_size and decode_threads do not
+    result_fields=("eval.dataset", "eval.templates", "eval.classnames", "eval.top_confusions", "train.model",
+                   "eval.device", "eval.precision"),
     output=lambda ctx, subset: storage.join(eval_dir(ctx, subset), "zeroshot.json"),
     run_shard=_run_eval,
     shards=lambda ctx: [ctx.settings.train.subset] if ctx.settings.eval.dataset else [],
