@@ -208,11 +208,12 @@ def _packet_data_mining(packet: str) -> list[str]:
     if re.search(rf"xmlns\s*=\s*{ns}", packet, re.I):
         prefixes.append("")  # PLUS as the default namespace: <DataMining>
     texts: list[str] = []
+    # Bounded runs ({0,4096}): a hostile packet full of unclosed tags or quotes costs linear time, not quadratic.
     for prefix in prefixes:
         if prefix:
-            texts += re.findall(rf"(?<![\w.:-]){prefix}DataMining\s*=\s*[\"']([^\"']*)[\"']", packet)
-        for m in re.finditer(rf"<{prefix}DataMining\b([^>]*?)(?:/>|>(.*?)</{prefix}DataMining\s*>)", packet, re.S):
-            texts.append(m.group(1) + (m.group(2) or ""))
+            texts += re.findall(rf"(?<![\w.:-]){prefix}DataMining\s*=\s*[\"']([^\"']{{0,4096}})[\"']", packet)
+        for m in re.finditer(rf"<{prefix}DataMining\b([^>]{{0,4096}})>([^<]{{0,4096}})", packet):
+            texts.append(m.group(1) + m.group(2))
     return [v.upper() for v in re.findall(r"DMI-[A-Z-]*[A-Z]", " ".join(texts), re.I)]
 
 
