@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -218,7 +217,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="Alternate ours/peer this many times; best round counts.")
     parser.add_argument("--reference-pairs", type=int, default=32)
     parser.add_argument("--keep", action="store_true", help="Keep the temp dir with shards and outputs.")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "clip.md")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "clip.json",
+                        help="the JSON record (bench/README.md)")
     args = parser.parse_args()
 
     peer_python = ensure_peer()
@@ -251,50 +251,46 @@ def main() -> None:
                   f"(model load {res['load_s']:.1f}s, process {res['process_wall_s']:.1f}s)", flush=True)
     check = correctness(work, shards, ckpt, args.reference_pairs)
     print(json.dumps(check, indent=2))
-    best_ours = max(ours_runs, key=lambda r: r["pairs_per_s"])
-    best_peer = max(peer_runs, key=lambda r: r["pairs_per_s"])
     import torch
 
-    device = "cuda: " + torch.cuda.get_device_name(0) if args.device != "cpu" and torch.cuda.is_available() else "CPU"
-    load = os.getloadavg()
-    text = textwrap.dedent(
-        f"""\
-        ## CLIP scoring (`bench/clip_bench.py`)
+    sys.path.insert(0, str(REPO / "bench"))
+    from collect_results import machine_info, now, save_run
 
-        Command: `.venv/bin/python bench/clip_bench.py --pairs {args.pairs} --shards {args.shards} --batch-size {args.batch_size} --workers {args.workers} --rounds {args.rounds}`
-
-        Machine: {device}; {os.cpu_count()}-core shared VM ({platform.processor() or platform.machine()}), other helpers' processes were
-        running (load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}). torch threads: default.
-        Model: open_clip {MODEL}, 224 px, **randomly initialised** (seed 0; no weights exist on this machine),
-        saved once as a checkpoint that both sides load: same architecture and FLOPs as the laion2b weights,
-        so throughput is representative; similarities are not. fp32 on CPU (both).
-        Data: {args.pairs} pairs in {args.shards} download-style WebDataset shards (256x256 border-padded JPEG q95,
-        ImageNet sample images, "a photo of a <class>" captions). Batch {args.batch_size}, {args.workers} decode workers on both sides.
-        Timed: after the model is loaded, all shards: read tar, decode, preprocess, tokenize, encode image and text,
-        write embeddings (ours also: language ID, status parquet, similarity). Best of {args.rounds} alternating round(s).
-
-        | | pairs/s | seconds | model load s |
-        |---|---:|---:|---:|
-        | laion-tasks `clip_score_shard` | {best_ours['pairs_per_s']:.2f} | {best_ours['seconds']:.1f} | {best_ours['load_s']:.1f} |
-        | clip-retrieval 2.45.0 `clip_inference` | {best_peer['pairs_per_s']:.2f} | {best_peer['seconds']:.1f} | {best_peer['load_s']:.1f} |
-        | **ratio ours / clip-retrieval** | **{best_ours['pairs_per_s'] / best_peer['pairs_per_s']:.2f}x** | | |
-
-        All rounds (pairs/s): ours {[round(r['pairs_per_s'], 2) for r in ours_runs]}, clip-retrieval {[round(r['pairs_per_s'], 2) for r in peer_runs]}.
-
-        Correctness (same weights, same images):
-        - ours vs open_clip's reference encoding (its own transform on the PIL image), {check['reference_pairs']} pairs:
-          min cosine image {check['ref_img_cos_min']:.5f}, text {check['ref_txt_cos_min']:.5f} (target >= 0.999).
-        - ours vs clip-retrieval's embeddings, {check['peer_pairs']} pairs matched by key: min cosine image
-          {check['peer_img_cos_min']:.5f} (mean {check['peer_img_cos_mean']:.5f}), text {check['peer_txt_cos_min']:.5f}.
-
-        GPU: **not measured** — no GPU was lent to this session. The CUDA path (pinned memory, bf16 autocast,
-        batched `torchvision.io.decode_jpeg` on the GPU, channels-last / `torch.compile` knobs) is built and its
-        decode/resize math is tested on the CPU; the H100 targets (>= 5,000 pairs/s, >= 2x clip-retrieval) are unverified.
-        """
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    machine = machine_info()
+    if not on_gpu and machine["gpu"]:
+        machine["note"] = f"ran on the CPU; the machine's GPU ({machine['gpu']}) was not used"
+        machine["gpu"] = None
+    setup = (
+        f"torch threads: default. Model: open_clip {MODEL}, 224 px, **randomly initialised** (seed 0; no weights "
+        "exist on this machine), saved once as a checkpoint that both sides load: same architecture and FLOPs as the "
+        "laion2b weights, so throughput is representative; similarities are not. "
+        + ("bf16 autocast on the GPU (ours)" if on_gpu else "fp32 on CPU (both)") + f". Data: {args.pairs} pairs in "
+        f"{args.shards} download-style WebDataset shards (256x256 border-padded JPEG q95, ImageNet sample images, "
+        f"\"a photo of a <class>\" captions). Batch {args.batch_size}, {args.workers} decode workers on both sides. "
+        "Timed: after the model is loaded, all shards: read tar, decode, preprocess, tokenize, encode image and text, "
+        "write embeddings (ours also: language ID, status parquet, similarity). Best of "
+        f"{args.rounds} alternating round(s)."
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+
+    def best(runs: list[dict]) -> dict:
+        top = max(runs, key=lambda r: r["pairs_per_s"])
+        return {"pairs_per_s": top["pairs_per_s"], "seconds": top["seconds"], "load_s": top["load_s"],
+                "rounds_pairs_per_s": [r["pairs_per_s"] for r in runs], "rounds": runs}
+
+    run = {
+        "date": now(),
+        "command": f".venv/bin/python bench/clip_bench.py --pairs {args.pairs} --shards {args.shards} "
+                   f"--batch-size {args.batch_size} --workers {args.workers} --rounds {args.rounds} --device {args.device}",
+        "machine": machine, "setup": setup,
+        "settings": {"model": MODEL, "pairs": args.pairs, "shards": args.shards, "batch_size": args.batch_size,
+                     "workers": args.workers, "rounds": args.rounds, "device": "cuda" if on_gpu else "cpu"},
+        "ours": best(ours_runs), "peer": {"name": "clip-retrieval 2.45.0", **best(peer_runs)}, "correctness": check,
+    }
+    # A GPU run and a CPU run are different figure sets: keep both in the record.
+    save_run(args.out.stem, {"label": "latest GPU" if on_gpu else "latest", **run},
+             title="CLIP scoring (`bench/clip_bench.py`)", results_dir=args.out.parent)
+    print(f"recorded in {args.out}")
     if args.keep:
         print(f"work dir kept: {work}")
     else:
