@@ -9,7 +9,7 @@ truth comes from chunked fp32 brute force (faiss.knn); then ``laion serve``'s ap
 a uvicorn subprocess and queries go over loopback HTTP (POST /api/search with an
 embedding, k=40, dedup off so recall measures the index). Baseline in the same run:
 faiss exact flat search (IndexFlatIP, fp32, in memory) on the same data where it fits
-in memory. Appends figures to bench/results/index.md.
+in memory. Records the run in bench/results/index.json (bench/README.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -313,7 +312,8 @@ def main() -> None:
     parser.add_argument("--k-factor", type=int, default=20)
     parser.add_argument("--flat-baseline-max-gb", type=float, default=2.5)
     parser.add_argument("--reuse-index", action="store_true", help="Keep an index already built in --workdir (and its recorded build figures).")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "index.md")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "index.json",
+                        help="the JSON record (bench/README.md)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -363,58 +363,44 @@ def main() -> None:
 
 
 def write_report(args: argparse.Namespace, results: list[dict]) -> None:
-    lines = [
-        "## kNN index (bench/index_bench.py)",
-        "",
-        f"Machine: {os.cpu_count()}-core shared VM, CPU only ({platform.processor() or platform.machine()}), "
-        "24 GiB RAM, other helpers' processes running at the same time; no GPU figures measured.",
-        f"Data: synthetic 512-d unit vectors: {CENTRES:,} Gaussian clusters in a {LATENT}-d latent space projected "
-        "to 512-d plus small isotropic noise (CLIP-like low intrinsic dimension), stored fp16 as the CLIP stage "
-        "writes them; queries drawn from the same distribution. Not real CLIP embeddings: recall on real data "
-        "may differ.",
-        f"Index: automatic choice with memory_budget_gb={args.memory_budget_gb}; served with the nprobe / k_factor "
-        f"in the table. HTTP: loopback POST /api/search with an embedding, k={K}, dedup off, "
-        "metadata rows (URL, TEXT, sizes, scores) included; 1 client for latency, 4 clients for QPS.",
-        "Baseline (peer): clip-retrieval's back end was not installed here (its own venv pins torch/open_clip and "
-        "was not built in this session), so the baseline is FAISS exact flat search (IndexFlatIP, fp32, in RAM, "
-        "in-process, no HTTP), measured in the same run where 1M x 512 fp32 fits; ground truth for recall is "
-        "chunked exact search over all vectors.",
-        "",
-        "| vectors | index | nprobe / k_factor | build s | build peak RSS GB | index on disk GB | HTTP p50 ms | HTTP p99 ms | QPS (4 clients) "
-        "| recall@40 | server RSS GB (anon / file) | flat exact p50 ms | p50 ratio flat/ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """Record the run in bench/results/index.json (bench/README.md); collect_results.py renders RESULTS.md."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from collect_results import machine_info, now, save_run
+
+    sizes = []
     for r in results:
         h, b, f = r["http"], r["built"], r["flat"]
-        mem = h["server_rss_gb"]
-        served = "{nprobe} / {k_factor}".format(**r.get("served", {"nprobe": args.nprobe, "k_factor": args.k_factor}))
-        ratio = f"{f['p50_ms'] / h['p50_ms']:.1f}x" if f else "n/a (fp32 matrix does not fit)"
-        lines.append(
-            f"| {r['n']:,} | `{b['stats']['extra']['index_key']}` | {served} | {b['wall_s']:.0f} | {b['peak_rss_gb']:.2f} | "
-            f"{r['index_gb']:.2f} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['qps_4_clients']:.0f} | "
-            f"{h['recall_at_40']:.3f} | {mem.get('RssAnon', 0):.2f} / {mem.get('RssFile', 0):.2f} | "
-            f"{f['p50_ms']:.1f} | {ratio} |" if f else
-            f"| {r['n']:,} | `{b['stats']['extra']['index_key']}` | {served} | {b['wall_s']:.0f} | {b['peak_rss_gb']:.2f} | "
-            f"{r['index_gb']:.2f} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | {h['qps_4_clients']:.0f} | "
-            f"{h['recall_at_40']:.3f} | {mem.get('RssAnon', 0):.2f} / {mem.get('RssFile', 0):.2f} | "
-            f"n/a | {ratio} |"
-        )
-    lines += ["", "Build phases (s): " + "; ".join(
-        f"{r['n']:,}: " + ", ".join(f"{k}={v}" for k, v in r["built"]["stats"]["extra"].items() if k.endswith("_s"))
-        for r in results
-    ), ""]
-    lines += ["In-process FAISS search only (no HTTP, no metadata), 1 query at a time:", "",
-              "| vectors | nprobe | k_factor | p50 ms | p99 ms | recall@40 |", "|---|---|---|---|---|---|"]
-    for r in results:
-        for s in r["sweep"]:
-            lines.append(f"| {r['n']:,} | {s['nprobe']} | {s['k_factor']} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['recall_at_40']:.3f} |")
-    lines += ["", "Exact ground truth (chunked fp32 brute force, queries batched): " + "; ".join(
-        f"{r['n']:,}: {r.get('queries', 1000)} queries in {r['exact_s']:.0f} s = "
-        f"{r['exact_s'] / r.get('queries', 1000) * 1e3:.0f} ms/query amortised" for r in results
-    ), ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        mem = h.get("server_rss_gb", {})
+        sizes.append({
+            "n": r["n"], "index_key": b["stats"]["extra"]["index_key"],
+            "served": r.get("served", {"nprobe": args.nprobe, "k_factor": args.k_factor}),
+            "build_s": b["wall_s"], "build_peak_rss_gb": b["peak_rss_gb"], "index_gb": r["index_gb"],
+            "build_phases_s": {k: v for k, v in b["stats"]["extra"].items() if k.endswith("_s")},
+            "http": {"p50_ms": h["p50_ms"], "p99_ms": h["p99_ms"], "qps_4_clients": h["qps_4_clients"],
+                     "recall_at_40": h["recall_at_40"], "server_rss_anon_gb": mem.get("RssAnon", 0.0),
+                     "server_rss_file_gb": mem.get("RssFile", 0.0)},
+            "flat_p50_ms": f["p50_ms"] if f else None,
+            "flat_over_ours_p50": f["p50_ms"] / h["p50_ms"] if f else None,
+            "sweep": r["sweep"], "queries": r.get("queries", args.queries), "exact_s": r["exact_s"],
+        })
+    setup = (
+        f"Data: synthetic 512-d unit vectors: {CENTRES:,} Gaussian clusters in a {LATENT}-d latent space projected to "
+        "512-d plus small isotropic noise (CLIP-like low intrinsic dimension), stored fp16 as the CLIP stage writes "
+        "them; queries drawn from the same distribution. Not real CLIP embeddings: recall on real data may differ. "
+        f"Index: automatic choice with memory_budget_gb={args.memory_budget_gb}; served with the nprobe / k_factor in "
+        f"the table. HTTP: loopback POST /api/search with an embedding, k={K}, dedup off, metadata rows included; 1 "
+        "client for latency, 4 clients for QPS. Baseline: FAISS exact flat search (IndexFlatIP, fp32, in RAM, "
+        "in-process, no HTTP), where the fp32 matrix fits; ground truth for recall is chunked exact search over all "
+        "vectors."
+    )
+    save_run(args.out.stem, {
+        "date": now(), "command": " ".join([".venv/bin/python bench/index_bench.py", *sys.argv[1:]]),
+        "machine": machine_info(), "setup": setup,
+        "settings": {"memory_budget_gb": args.memory_budget_gb, "k": K, "centres": CENTRES, "latent": LATENT, "dim": DIM},
+        "sizes": sizes,
+    }, title="kNN index (`bench/index_bench.py`)", results_dir=args.out.parent)
+    print(json.dumps(sizes, indent=1))
+    print(f"recorded in {args.out}")
 
 
 if __name__ == "__main__":
