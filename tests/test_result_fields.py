@@ -18,14 +18,15 @@ downloads nothing again, and the image it now lists is blocked.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import fnmatch
 import glob
 import hashlib
 import http.server
+import os
 import pickle
+import tarfile
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from laion_tasks import demo, layout, runner, storage
 from laion_tasks.config import Section, Settings
 from laion_tasks.fixtures.crawl import build_fixture_crawl
 from laion_tasks.fixtures.server import _QuietHandler
-from laion_tasks.stage import EXECUTION_ONLY, UNKEYED_READS, Context, ShardStats, StageSpec
+from laion_tasks.stage import EXECUTION_ONLY, UNKEYED_READS, Context, ShardStats, StageError, StageSpec, content_identity
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -327,3 +328,148 @@ def test_every_field_a_stage_reads_is_in_its_key(pipeline: Pipeline, name: str) 
         f"{name} reads config fields that are not in its skip key (add them to its result_fields, or to "
         f"EXECUTION_ONLY / UNKEYED_READS in laion_tasks/stage.py with the reason they cannot change its output): {missing}"
     )
+
+
+@pytest.mark.parametrize(
+    "name, attribute, removed",
+    [
+        ("clip", "result_fields", "clip.precision"),
+        ("clip", "result_fields", "clip.use_multilingual"),
+        ("tag", "result_fields", "tag.nsfw_*"),
+        ("tag", "input_files", "tag.*_hashlist"),
+        ("dedup_centroids", "result_fields", "dedup.memory_limit"),
+        ("curate", "result_fields", "curate.require_clip_kept"),
+        ("index", "result_fields", "index.index_key"),
+        ("eval", "result_fields", "eval.precision"),
+    ],
+)
+def test_a_field_left_out_of_a_key_is_caught(pipeline: Pipeline, name: str, attribute: str, removed: str) -> None:
+    """The check can fail: the same recorded reads, against a declaration with one field less."""
+    spec = runner.spec(name)
+    kept = tuple(f for f in getattr(spec, attribute) if f != removed)
+    assert len(kept) == len(getattr(spec, attribute)) - 1, f"{removed} is not in {name}.{attribute}"
+    fewer = dataclasses.replace(spec, **{attribute: kept})
+    flagged = {f for (stage, shard), reads in pipeline.recorder.reads.items() if stage == name
+               for f in undeclared(fewer, shard, reads)}
+    assert flagged, f"{name} without {removed}: nothing flagged"
+    assert all(_covers(tuple(removed.split(".")), tuple(f.split("."))) for f in flagged), flagged
+
+
+def test_a_hash_list_edited_in_place_reruns_tag_not_download(pipeline: Pipeline) -> None:
+    settings, shards = pipeline.settings, pipeline.shards()
+    en = {r["URL"] for r in _subset_rows(pipeline, "laion2B-en")}
+    tags = {r["key"]: r for r in pipeline.rows("tags")}
+    # a downloaded image that is in a subset and on no list yet; its hash from the served file itself
+    target = next(r for r in pipeline.rows("images") if r["status"] == "success" and r["url"] in en
+                  and tags[r["key"]]["tag_status"] != "blocked_hashlist")
+    served = pipeline.crawl / target["url"].split("/", 3)[3]
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()
+    assert target["sha256"] == digest
+    ctx = runner.open_context(settings, SNAP)
+    assert all(runner.pending(ctx, stage) == [] for stage in ("download", "clip", "tag")), "the fixture run is current"
+    fetched = pipeline.server.image_requests()
+    assert fetched > 0
+
+    with pipeline.lists["image"].open("a") as handle:  # the same path, edited in place
+        handle.write(f"sha256:{digest}  # added after the crawl\n")
+    ctx = runner.open_context(settings, SNAP)
+    assert runner.pending(ctx, "download") == [] and runner.pending(ctx, "clip") == []
+    assert runner.pending(ctx, "tag") == shards, "every shard is re-checked against the grown list"
+
+    report = runner.run_all(settings, SNAP, STAGES[: STAGES.index("curate") + 1])
+    assert report["download"]["done"] == 0 and report["clip"]["done"] == 0, report
+    assert report["tag"]["done"] == len(shards), report
+    assert pipeline.server.image_requests() == fetched, "no image is downloaded again"
+    row = next(r for r in pipeline.rows("tags") if r["key"] == target["key"])
+    assert row["tag_status"] == "blocked_hashlist" and row["hashlist_blocked"], row
+    tar = layout.images_tar_uri(pipeline.root, SNAP, row["shard"])
+    with storage.local_copy(tar) as path, tarfile.open(path) as members:
+        assert not [m for m in members.getnames() if m.startswith(target["key"] + ".")], "its bytes are stripped"
+    assert target["url"] not in {r["URL"] for r in _subset_rows(pipeline, "laion2B-en")}
+    assert runner.pending(runner.open_context(settings, SNAP), "tag") == [], "an unchanged list re-runs nothing"
+
+
+def _subset_rows(pipeline: Pipeline, name: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for uri in storage.list_uris(layout.subset_dir(pipeline.root, SNAP, name), ".parquet"):
+        rows += pq.read_table(uri).to_pylist()
+    return rows
+
+
+# -- input files by content --------------------------------------------------------------
+
+
+def test_content_identity_follows_content_not_path_or_mtime(tmp_path: Path) -> None:
+    listed = tmp_path / "image-list.txt"
+    listed.write_text("sha256:" + "a" * 64 + "\n")
+    first = content_identity(str(listed))
+    assert first == "sha256:" + hashlib.sha256(listed.read_bytes()).hexdigest()
+    stat = listed.stat()
+    os.utime(listed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert content_identity(str(listed)) == first, "a touched file holds the same list"
+    listed.write_text("sha256:" + "b" * 64 + "\n")  # same size, same path
+    assert content_identity(str(listed)) != first
+    moved = tmp_path / "elsewhere.txt"
+    moved.write_bytes(listed.read_bytes())
+    assert content_identity(str(moved)) == content_identity(str(listed)), "the path is not the identity"
+    with pytest.raises(StageError, match="missing.txt"):
+        content_identity(str(tmp_path / "missing.txt"))
+
+
+def test_s3_list_is_keyed_by_its_etag(s3_root: str) -> None:
+    uri = storage.join(s3_root, "lists", "image.txt")
+    storage.write_text(uri, "sha256:" + "a" * 64 + "\n")
+    first = content_identity(uri)
+    assert first.startswith("etag:")
+    assert content_identity(uri) == first
+    storage.write_text(uri, "sha256:" + "b" * 64 + "\n")
+    assert content_identity(uri) != first
+
+
+def test_tag_key_has_the_list_content_download_key_has_no_list(tmp_path: Path) -> None:
+    listed = tmp_path / "urls.txt"
+    listed.write_text(_md5("http://example.org/a.jpg") + "\n")
+    settings = Settings.model_validate({
+        "storage": {"root": str(tmp_path / "data")}, "lineage": {"url": f"sqlite:///{tmp_path / 'l.db'}"},
+        "tag": {"url_hashlist": str(listed)}})
+
+    def digests() -> tuple[str, str]:
+        ctx = runner.open_context(settings, "S")  # one context per DAG task: a new one sees the new content
+        return (runner.inputs_digest(ctx, runner.spec("tag"), "000000"),
+                runner.inputs_digest(ctx, runner.spec("download"), "000000"))
+
+    tag_before, download_before = digests()
+    listed.write_text(listed.read_text() + _md5("http://example.org/b.jpg") + "\n")
+    tag_after, download_after = digests()
+    assert tag_after != tag_before and download_after == download_before
+    moved = tmp_path / "moved.txt"
+    moved.write_bytes(listed.read_bytes())
+    settings = settings.model_copy(update={"tag": settings.tag.model_copy(update={"url_hashlist": str(moved)})})
+    assert digests()[0] == tag_after, "the same list under another path is the same input"
+    assert runner.spec("tag").config_digest(settings, "000000") == runner.spec("tag").config_digest(
+        settings.model_copy(update={"tag": settings.tag.model_copy(update={"url_hashlist": None})}), "000000"
+    ), "the path is not a result field"
+
+
+@pytest.mark.parametrize(
+    "change, reruns",
+    [
+        ({"clip": {"precision": "fp32"}}, {"clip"}),
+        ({"clip": {"device": "cpu"}}, {"clip"}),
+        ({"clip": {"gpu_jpeg_decode": False}}, {"clip"}),
+        ({"clip": {"batch_size": 7, "channels_last": True}}, set()),
+        ({"dedup": {"memory_limit": "1GB"}}, {"dedup_centroids"}),
+        ({"dedup": {"faiss_gpu": True}}, {"dedup_bucket", "dedup"}),
+        ({"dedup": {"gpu_knn": 16}}, {"dedup_bucket", "dedup"}),
+        ({"index": {"nprobe": 8, "k_factor": 4}}, set()),
+        ({"index": {"hnsw_m": 16}}, {"index"}),
+        ({"train": {"precision": "fp32"}}, {"train"}),
+        ({"eval": {"precision": "amp"}}, {"eval"}),
+    ],
+)
+def test_knob_changes_the_key_of_exactly_these_stages(change: dict[str, Any], reruns: set[str]) -> None:
+    """A knob's own key change (dependents then follow through their inputs)."""
+    base, changed = Settings(), Settings.model_validate(change)
+    moved = {name for name in STAGES
+             if runner.spec(name).config_digest(base, "laion2B-en") != runner.spec(name).config_digest(changed, "laion2B-en")}
+    assert moved == reruns
