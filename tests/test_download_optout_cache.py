@@ -10,6 +10,8 @@ import asyncio
 import fcntl
 import json
 import os
+import pickle
+import zlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -118,8 +120,8 @@ def test_a_transient_failure_is_kept_shorter_than_an_answer(tmp_path: Path) -> N
     def lifetimes(store: SharedOriginStore) -> dict[str, float]:
         out = {}
         for name in os.listdir(store.root):
-            if name.endswith(".json"):
-                entry = json.loads(Path(store.root, name).read_text())
+            if name.endswith(".json.z"):
+                entry = json.loads(zlib.decompress(Path(store.root, name).read_bytes()))
                 out[name.split("-", 1)[0]] = round(entry["expires_at"] - entry["fetched_at"])
         return out
 
@@ -158,3 +160,15 @@ def test_a_stuck_lock_holder_is_not_waited_for_forever(tmp_path: Path) -> None:
     finally:
         os.close(lock)
         store.close()
+
+
+def test_a_store_nobody_closes_is_removed_with_its_owner(tmp_path: Path) -> None:
+    import gc
+
+    store = SharedOriginStore.create(str(tmp_path))
+    root = store.root
+    assert pickle.loads(pickle.dumps(store)).root == root  # what a worker process gets: the path
+    assert os.path.isdir(root)
+    del store
+    gc.collect()
+    assert not os.path.exists(root)

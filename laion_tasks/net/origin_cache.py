@@ -4,9 +4,11 @@ Two layers:
 
 * :class:`SharedOriginStore`: one directory per task process (a batch of shards), on local
   disk, that every download worker process of every shard of the task consults. One JSON
-  record per (kind, origin) with its expiry time; a per-record ``flock`` makes exactly one
-  process fetch a missing or expired record while the others wait for it. ``flock`` locks
-  die with their process, so a worker killed mid-fetch never blocks the others.
+  record per (kind, origin) with its expiry time, zlib-compressed (a robots.txt body shrinks
+  several-fold); a per-record ``flock`` makes exactly one process fetch a missing or expired
+  record while the others wait for it. ``flock`` locks die with their process, so a worker
+  killed mid-fetch never blocks the others. The directory is removed when the task closes
+  it, or when its creator exits without doing so.
 * :class:`OriginCache`: inside one event loop, one load in flight per origin shared by every
   coroutine that asks, reused until the value's own expiry.
 
@@ -27,10 +29,15 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 T = TypeVar("T")
+
+_REMOVERS: dict[str, "weakref.finalize"] = {}
+"""Per store created here: removes its directory when it is closed, collected, or at exit."""
 
 TRANSIENT_TTL_S = 600.0
 """The longest a transient failure to get an origin's file is reused before it is asked again."""
@@ -53,23 +60,29 @@ class SharedOriginStore:
 
     @classmethod
     def create(cls, parent: str | None = None) -> "SharedOriginStore":
-        """A fresh, private (0700) directory under ``parent`` (default: the temp dir, ``TMPDIR``)."""
-        return cls(tempfile.mkdtemp(prefix="laion-optout-cache-", dir=parent))
+        """A fresh, private (0700) directory under ``parent`` (default: the temp dir, ``TMPDIR``),
+        removed at :meth:`close`, or when this process exits (a caller that never closes it)."""
+        store = cls(tempfile.mkdtemp(prefix="laion-optout-cache-", dir=parent))
+        _REMOVERS[store.root] = weakref.finalize(store, shutil.rmtree, store.root, True)
+        return store
 
     def close(self) -> None:
         if os.getpid() == self.owner_pid:
+            remover = _REMOVERS.pop(self.root, None)
+            if remover is not None:
+                remover()
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _path(self, kind: str, origin: str) -> str:
-        return os.path.join(self.root, f"{kind}-{hashlib.sha256(origin.encode()).hexdigest()[:32]}.json")
+        return os.path.join(self.root, f"{kind}-{hashlib.sha256(origin.encode()).hexdigest()[:32]}.json.z")
 
     def _read(self, path: str, origin: str, now: float) -> tuple[Record, float] | None:
         try:
-            with open(path, encoding="utf-8") as handle:
-                entry = json.load(handle)
+            with open(path, "rb") as handle:
+                entry = json.loads(zlib.decompress(handle.read()))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # unreadable: fetch again and overwrite it
+        except (OSError, ValueError, zlib.error):  # unreadable: fetch again and overwrite it
             return None
         if not isinstance(entry, dict) or entry.get("origin") != origin or not isinstance(entry.get("record"), dict):
             return None
@@ -80,8 +93,8 @@ class SharedOriginStore:
         entry = {"origin": origin, "fetched_at": time.time(), "expires_at": expires_at, "record": record}
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(entry, handle)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(zlib.compress(json.dumps(entry).encode(), 1))
             os.replace(tmp, path)  # readers see the old record or the new one, never half of one
         except BaseException:
             if os.path.exists(tmp):
