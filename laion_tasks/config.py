@@ -181,7 +181,8 @@ class ClipConfig(Section):
     num_workers: int = 0
     """DataLoader decode workers; 0 means min(8, cores)."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """auto = bf16/fp16 autocast on GPU, fp32 on CPU."""
+    """auto = bf16/fp16 autocast on GPU, fp32 on CPU. Changes the embeddings, as ``device`` and ``gpu_jpeg_decode`` do:
+    a change re-scores."""
     gpu_jpeg_decode: bool = True
     """Decode JPEGs on the GPU (torchvision.io.decode_jpeg) when running on CUDA."""
     channels_last: bool = False
@@ -297,13 +298,15 @@ class DedupConfig(Section):
     buckets: int = 64
     """Near-dup tasks: each handles a contiguous range of clusters."""
     faiss_gpu: bool = False
-    """Search inside clusters on a GPU (needs faiss built with CUDA); the CPU is the default."""
+    """Search inside clusters on a GPU (needs faiss built with CUDA); the CPU is the default. The GPU keeps only the
+    top ``gpu_knn`` neighbours within the threshold (the CPU keeps all), so it is a result field."""
     gpu_knn: int = 64
     """On the GPU, neighbours fetched per embedding (exact kNN) before the threshold is applied."""
     seed: int = 0
     """Seed of the k-means sample and training."""
     memory_limit: str = "4GB"
-    """Memory budget of every dedup step: DuckDB gets 3/4 of it (and spills beyond); it also caps the k-means sample."""
+    """Memory budget of every dedup step: DuckDB gets 3/4 of it (and spills beyond); it also caps the k-means sample,
+    so changing it retrains the centroids."""
 
 
 class SubsetConfig(Section):
@@ -371,14 +374,14 @@ class IndexConfig(Section):
     flat_max_vectors: int = 200_000
     """Up to this many vectors an exact flat index is built."""
     nprobe: int = 32
-    """IVF lists probed per query."""
+    """IVF lists probed per query (query time: the searcher sets it when it opens an index; changing it rebuilds nothing)."""
     hnsw_m: int = 32
     """HNSW graph degree."""
     index_key: str | None = None
     """FAISS index_factory string that overrides the automatic choice (e.g. ``HNSW32,SQfp16``)."""
     k_factor: int = 20
     """Refining indexes re-rank k * k_factor approximate candidates with their finer codes
-    (10 gave recall@40 0.88 on 10M synthetic vectors, 20 gave 0.96: bench/results/index.md)."""
+    (10 gave recall@40 0.88 on 10M synthetic vectors, 20 gave 0.96: bench/results/index.md). Query time, as nprobe."""
     max_train_vectors: int = 200_000
     """Cap on the sample used to train IVF centroids and PQ codebooks."""
     add_batch_size: int = 65_536
