@@ -4,6 +4,9 @@ SQLAlchemy Core over SQLite (embedded default) or PostgreSQL (deployment); the s
 is created and upgraded by Alembic (``laion_tasks/migrations``). Re-runs consult it to
 skip finished work, and :func:`funnel` answers "where did my candidates go?".
 
+This module is a plain store: tables, queries and migrations. When a run may be reused, and
+how a run is recorded around a stage call, is the runner's business (:mod:`laion_tasks.runner`).
+
 One row of ``shard_run`` is one attempt of one stage on one shard. A run's *skip key* is
 (stage, shard, ``config_digest`` of the knobs that change the stage's results,
 ``inputs_digest`` of the exact upstream outputs it read). At most one row per
@@ -26,12 +29,12 @@ import socket
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from laion_tasks.stage import ShardStats
+from laion_tasks.stage import STAGE_MODULES, VIEW_STAGES, ShardStats
 
 metadata_obj = sa.MetaData()
 
@@ -392,7 +395,7 @@ class Lineage:
         counts every sample once) are reported per shard, as ``curate/<subset>``.
         """
         t, o = shard_run_table, shard_outcome_table
-        per_view = t.c.stage.in_(PER_SHARD_STAGES)
+        per_view = t.c.stage.in_(VIEW_STAGES)
         label = sa.case((per_view, t.c.stage + "/" + t.c.shard_id), else_=t.c.stage)
         query = (
             sa.select(label.label("stage"), o.c.outcome, sa.func.sum(o.c.count).label("n"), sa.func.count().label("shards"))
@@ -402,9 +405,7 @@ class Lineage:
         )
         with self.engine.connect() as conn:
             rows = [FunnelRow(r.stage, r.outcome, int(r.n), int(r.shards)) for r in conn.execute(query)]
-        from laion_tasks.runner import STAGE_MODULES  # pipeline order
-
-        order = {name: i for i, name in enumerate(STAGE_MODULES)}
+        order = {name: i for i, name in enumerate(STAGE_MODULES)}  # pipeline order
         return sorted(rows, key=lambda r: (order.get(r.stage.split("/")[0], 99), r.stage, -r.count, r.outcome))
 
     def shard_summary(self, snapshot_id: str) -> dict[str, dict[str, int]]:
@@ -435,70 +436,9 @@ class Lineage:
             return [dict(r) for r in conn.execute(sa.select(snapshot_table).order_by(snapshot_table.c.id)).mappings()]
 
 
-PER_SHARD_STAGES = ("curate", "index", "train", "eval")
-"""Stages whose shards are alternative views of the same rows (one per subset): counted per shard."""
-
-
 @dataclass(frozen=True)
 class FunnelRow:
     stage: str
     outcome: str
     count: int
     shards: int
-
-
-@dataclass(frozen=True)
-class StageRun:
-    """Identity of one stage execution on one shard: its skip key plus where it reads and writes."""
-
-    snapshot: str
-    stage: str
-    shard_id: str
-    input_uri: str
-    config_digest: str
-    inputs_digest: str | None = None
-    """Digest of the exact upstream outputs read (their checksums or run ids); None: no upstream."""
-    output_uri: str | None = None
-    """The object that commits the output; checked to exist before a done run is reused."""
-
-
-def is_reusable(record: dict[str, Any] | None, run: StageRun, output_exists: Callable[[str], bool] | None) -> bool:
-    """A done run can stand for ``run``: same knobs, same inputs, and its output is still there.
-
-    A record without any output URI, or with no way to check it, is never trusted.
-    """
-    if record is None or record["config_digest"] != run.config_digest:
-        return False
-    if (record.get("inputs_digest") or None) != (run.inputs_digest or None):
-        return False
-    out = run.output_uri or record.get("output_uri")
-    return bool(out) and output_exists is not None and output_exists(out)
-
-
-def run_stage(
-    lineage: Lineage | None,
-    run: StageRun,
-    fn: Callable[[], ShardStats],
-    *,
-    force: bool = False,
-    output_exists: Callable[[str], bool] | None = None,
-) -> tuple[ShardStats | None, bool]:
-    """Run ``fn`` for one shard unless its current done run has the same skip key and output.
-
-    Returns ``(stats, skipped)``. A done record whose output has vanished is not
-    trusted: the shard runs again. Failures are recorded with their error and re-raised.
-    """
-    if lineage is None:
-        return fn().done(), False
-    if not force and is_reusable(lineage.current_record(run.snapshot, run.stage, run.shard_id), run, output_exists):
-        return None, True
-    run_id = lineage.start(run.snapshot, run.stage, run.shard_id, run.input_uri, run.config_digest, run.inputs_digest)
-    try:
-        stats = fn().done()
-    except BaseException as exc:
-        lineage.fail(run_id, f"{type(exc).__name__}: {exc}")
-        raise
-    if stats.output_uri is None:
-        stats.output_uri = run.output_uri
-    lineage.finish(run_id, stats)
-    return stats, False

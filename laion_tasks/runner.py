@@ -30,35 +30,17 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from laion_tasks import layout, progress, storage
 from laion_tasks.config import Settings
-from laion_tasks.lineage import Lineage, StageRun, is_reusable, run_stage
-from laion_tasks.stage import Context, StageError, StageSpec
+from laion_tasks.lineage import Lineage
+from laion_tasks.stage import STAGE_MODULES, Context, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
 T = TypeVar("T")
-
-# Where each stage's declaration lives (imported only when that stage is used: the GPU
-# stage pulls in torch, which a DAG file must not import at parse time). Pipeline order.
-STAGE_MODULES: dict[str, str] = {
-    "extract": "laion_tasks.stages.extract",
-    "download": "laion_tasks.stages.download",
-    "clip": "laion_tasks.stages.clip_score",
-    "tag": "laion_tasks.stages.tag",
-    "dedup_centroids": "laion_tasks.stages.dedup",
-    "dedup_partition": "laion_tasks.stages.dedup",
-    "dedup_bucket": "laion_tasks.stages.dedup",
-    "dedup": "laion_tasks.stages.dedup",
-    "curate": "laion_tasks.stages.curate",
-    "index": "laion_tasks.stages.index",
-    "train": "laion_tasks.stages.train",
-    "eval": "laion_tasks.stages.evaluate",
-}
-
 
 class BatchError(StageError):
     """Some shards of a batch failed; the others are recorded done."""
@@ -69,6 +51,63 @@ class BatchError(StageError):
         """Failed shard id -> its error (input URI, exception type and message)."""
         self.report = report or {}
         """The batch's report over the shards that did not fail (counts, done, skipped)."""
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Identity of one stage execution on one shard: its skip key plus where it reads and writes."""
+
+    snapshot: str
+    stage: str
+    shard_id: str
+    input_uri: str
+    config_digest: str
+    inputs_digest: str | None = None
+    """Digest of the exact upstream outputs read (their checksums or run ids); None: no upstream."""
+    output_uri: str | None = None
+    """The object that commits the output; checked to exist before a done run is reused."""
+
+
+def is_reusable(record: dict[str, Any] | None, run: StageRun, output_exists: Callable[[str], bool] | None) -> bool:
+    """A done run can stand for ``run``: same knobs, same inputs, and its output is still there.
+
+    A record without any output URI, or with no way to check it, is never trusted.
+    """
+    if record is None or record["config_digest"] != run.config_digest:
+        return False
+    if (record.get("inputs_digest") or None) != (run.inputs_digest or None):
+        return False
+    out = run.output_uri or record.get("output_uri")
+    return bool(out) and output_exists is not None and output_exists(out)
+
+
+def run_stage(
+    lineage: Lineage | None,
+    run: StageRun,
+    fn: Callable[[], ShardStats],
+    *,
+    force: bool = False,
+    output_exists: Callable[[str], bool] | None = None,
+) -> tuple[ShardStats | None, bool]:
+    """Run ``fn`` for one shard unless its current done run has the same skip key and output.
+
+    Returns ``(stats, skipped)``. A done record whose output has vanished is not
+    trusted: the shard runs again. Failures are recorded with their error and re-raised.
+    """
+    if lineage is None:
+        return fn().done(), False
+    if not force and is_reusable(lineage.current_record(run.snapshot, run.stage, run.shard_id), run, output_exists):
+        return None, True
+    run_id = lineage.start(run.snapshot, run.stage, run.shard_id, run.input_uri, run.config_digest, run.inputs_digest)
+    try:
+        stats = fn().done()
+    except BaseException as exc:
+        lineage.fail(run_id, f"{type(exc).__name__}: {exc}")
+        raise
+    if stats.output_uri is None:
+        stats.output_uri = run.output_uri
+    lineage.finish(run_id, stats)
+    return stats, False
 
 
 def spec(name: str) -> StageSpec:

@@ -2,7 +2,7 @@
 
 A stage is a plain function over one shard: it reads its inputs by URI, writes its
 outputs atomically and returns a :class:`ShardStats` with counts by outcome. Lineage
-recording wraps the call (see :func:`laion_tasks.lineage.run_stage`), so the stage
+recording wraps the call (see :func:`laion_tasks.runner.run_stage`), so the stage
 itself stays pure and testable.
 
 Each stage module also declares the stage once, as a :class:`StageSpec` (name, upstream
@@ -11,7 +11,8 @@ stages, result-changing knobs, commit object, shard function); the generic runne
 
 Outcome names: ``kept`` / ``success`` for rows that go on; ``drop:<reason>`` for rows
 a filter removed; ``fail:<reason>`` for rows that could not be processed; ``bad:<reason>``
-for unreadable input records. Every input row lands in exactly one outcome.
+for unreadable input records; ``skip:<reason>`` for rows a stage passes over without a
+verdict (a CLIP row with no image to score). Every input row lands in exactly one outcome.
 Observations that are not about one input row (a tar member with no Parquet row, a
 malformed hash) are ``diagnostics``: recorded in lineage, never added to the outcomes,
 so outcome totals always equal the row count.
@@ -31,6 +32,26 @@ if TYPE_CHECKING:
     from laion_tasks.lineage import Lineage
 
 T = TypeVar("T")
+
+# The stages, in pipeline order, and where each one's declaration lives (imported only when that
+# stage is used: a DAG file imports the declarations, never a model library).
+STAGE_MODULES: dict[str, str] = {
+    "extract": "laion_tasks.stages.extract",
+    "download": "laion_tasks.stages.download",
+    "clip": "laion_tasks.stages.clip_score",
+    "tag": "laion_tasks.stages.tag",
+    "dedup_centroids": "laion_tasks.stages.dedup",
+    "dedup_partition": "laion_tasks.stages.dedup",
+    "dedup_bucket": "laion_tasks.stages.dedup",
+    "dedup": "laion_tasks.stages.dedup",
+    "curate": "laion_tasks.stages.curate",
+    "index": "laion_tasks.stages.index",
+    "train": "laion_tasks.stages.train",
+    "eval": "laion_tasks.stages.evaluate",
+}
+
+VIEW_STAGES = ("curate", "index", "train", "eval")
+"""Stages whose shards are alternative views of the same rows (one per subset): counted per shard."""
 
 
 @dataclass

@@ -15,7 +15,8 @@ from curate_fixtures import expected_base_outcome, make_snapshot
 from laion_tasks import layout, storage
 from laion_tasks.card import _sample_rows, write_dataset_card
 from laion_tasks.config import CurateConfig
-from laion_tasks.lineage import Lineage, StageRun, run_stage
+from laion_tasks.lineage import Lineage
+from laion_tasks.runner import StageRun, run_stage
 from laion_tasks.snapshot_db import open_snapshot
 from laion_tasks.stage import ShardStats
 from laion_tasks.stages.curate import curate_snapshot, eligible_sql

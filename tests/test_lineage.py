@@ -3,7 +3,8 @@
 import pytest
 import sqlalchemy as sa
 
-from laion_tasks.lineage import Lineage, StageRun, run_stage, shard_run_table
+from laion_tasks.lineage import Lineage, shard_run_table
+from laion_tasks.runner import StageRun, run_stage
 from laion_tasks.stage import ShardStats
 
 

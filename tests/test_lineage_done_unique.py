@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from laion_tasks.lineage import MIGRATIONS_DIR, Lineage, StageRun, engine_for, run_stage, shard_run_table
+from laion_tasks.lineage import MIGRATIONS_DIR, Lineage, engine_for, shard_run_table
+from laion_tasks.runner import StageRun, run_stage
 from laion_tasks.stage import ShardStats
 
 ITERATIONS = 100

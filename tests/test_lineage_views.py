@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 
 from laion_tasks import layout, storage
 from laion_tasks.config import load_settings
-from laion_tasks.lineage import Lineage, StageRun, run_stage
+from laion_tasks.lineage import Lineage
+from laion_tasks.runner import StageRun, run_stage
 from laion_tasks.serve import lineage_queries as q
 from laion_tasks.serve.lineage_app import create_lineage_app
 from laion_tasks.stage import ShardStats

@@ -102,7 +102,7 @@ def test_download_plan_appends_new_candidates_to_new_shards(tmp_path: Path) -> N
     assert {s: Path(layout.shard_input_uri(root, snap, s)).read_bytes() for s in first} == before
 
     # shard 000002 was downloaded; then an old candidates file changes and the plan is recut
-    from laion_tasks.lineage import StageRun, run_stage
+    from laion_tasks.runner import StageRun, run_stage
     from laion_tasks.stage import ShardStats
 
     images = layout.images_parquet_uri(root, snap, "000002")
@@ -129,7 +129,7 @@ def test_skip_key_follows_upstream_runs(tmp_path: Path) -> None:
     clip = runner.spec("clip")
     before = runner.inputs_digest(ctx, clip, "000000")
     other = runner.inputs_digest(ctx, clip, "000001")
-    from laion_tasks.lineage import StageRun, run_stage
+    from laion_tasks.runner import StageRun, run_stage
     from laion_tasks.stage import ShardStats
 
     assert isinstance(ctx.lineage, Lineage)

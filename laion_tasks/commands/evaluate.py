@@ -49,7 +49,7 @@ def zeroshot(
 ) -> None:
     """Classify every image against class-name prompts; print the metrics, write JSON + Markdown reports."""
     from laion_tasks import storage
-    from laion_tasks.lineage import StageRun, run_stage
+    from laion_tasks.runner import StageRun, run_stage
     from laion_tasks.models.clip import load_clip
     from laion_tasks.stages.evaluate import evaluate_zeroshot
 

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Launch open_clip_train on the subset's shards; write epoch_latest.pt + logs to storage."""
         from laion_tasks import layout, storage
-        from laion_tasks.lineage import StageRun, run_stage
+        from laion_tasks.runner import StageRun, run_stage
         from laion_tasks.stages.train import subset_shards, train_clip
 
         settings = settings_from(config)

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from laion_tasks.lineage import FunnelRow, Lineage, shard_run_table
-from laion_tasks.runner import STAGE_MODULES as STAGE_ORDER  # pipeline order
+from laion_tasks.stage import STAGE_MODULES as STAGE_ORDER  # pipeline order
 
 SHARD_STATES = ("done", "failed", "running")
 
