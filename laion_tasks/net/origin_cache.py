@@ -109,7 +109,11 @@ class SharedOriginStore:
         hit = self._read(path, origin, time.time())
         if hit is not None:
             return hit
-        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # the directory is gone (removed under us): answer without sharing
+            record, lifetime = await fetch()
+            return record, time.time() + lifetime
         locked = False
         try:
             locked = await _flock(lock_fd, lock_wait_s)
