@@ -6,7 +6,7 @@ Both sides load the SAME randomly initialised laion-tiny-clip (seed 0, saved as 
 checkpoint; the peer registers our model config with open_clip.add_model_config) and classify
 the same images: ../shared/data/images/imagenet_sample200 against all 1000 ImageNet class
 names x the 80 OpenAI templates, and skimage_clip8 against its 8 captions. Predictions,
-logits and metrics must be identical. Writes bench/results/eval.md.
+logits and metrics must be identical. Records the run in bench/results/eval.json.
 
 The peer venv is /work/peers/clip-benchmark, created if missing with the pip command from
 ../shared/PEERS.md (needs PyPI). tests/test_eval_parity.py reuses these helpers.
@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -189,43 +188,31 @@ def metrics_equal(a: dict, b: dict) -> bool:
 
 
 def write_results(rows: list[dict], path: Path, threads: int) -> None:
-    lines = [
-        "## Zero-shot eval: laion_tasks vs CLIP_benchmark 1.6.2",
-        "",
-        f"`.venv/bin/python bench/eval_parity.py` on {platform.node()} ({os.cpu_count()}-core shared VM, CPU only, "
-        f"torch threads={threads}; other helpers' processes were running, so timings are noisy). GPU not measured.",
-        "Same randomly initialised laion-tiny-clip (seed 0, one state_dict checkpoint loaded by both sides), fp32.",
-        "",
-        "| case | images | classes x templates | top-1 ours / peer | top-5 ours / peer | mean recall ours / peer | "
-        "predictions equal | top-5 equal | max abs logit diff | ours s | peer s (compute) | ratio peer/ours |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        def f(v):  # noqa: ANN001
-            return "n/a" if v is None or v != v else f"{v:.4f}"
+    """Record the run in ``path`` (bench/results/eval.json, bench/README.md); collect_results.py renders it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from collect_results import machine_info, now, save_run
 
-        lines.append(
-            f"| {r['case']} | {r['n_images']} | {r['n_classes']} x {r['n_templates']} | "
-            f"{f(r['ours']['acc1'])} / {f(r['peer']['acc1'])} | {f(r['ours']['acc5'])} / {f(r['peer']['acc5'])} | "
-            f"{f(r['ours']['mean_per_class_recall'])} / {f(r['peer']['mean_per_class_recall'])} | "
-            f"{r['predictions_equal']} | {r['top5_equal']} | {r['max_abs_logit_diff']:.3g} | "
-            f"{r['ours_s']:.1f} | {r['peer_compute_s']:.1f} | {r['peer_compute_s'] / r['ours_s']:.2f} |"
-        )
-    lines += [
-        "",
-        "Both sides do the same work (one text batch per class, then batched images); the timing ratio shows that",
-        "laion_tasks adds no overhead to the protocol, nothing more. Peer wall time also includes its interpreter",
-        "start and model load. A random model's accuracy is near chance: parity is about identical predictions.",
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    setup = (
+        f"torch threads={threads} on both sides. Same randomly initialised laion-tiny-clip (seed 0, one state_dict "
+        "checkpoint loaded by both sides), fp32. Both sides do the same work (one text batch per class, then batched "
+        "images); the timing ratio shows that laion_tasks adds no overhead to the protocol, nothing more. Peer wall "
+        "time also includes its interpreter start and model load. A random model's accuracy is near chance: parity is "
+        "about identical predictions."
+    )
+    cases = [{**r, "peer_over_ours": r["peer_compute_s"] / r["ours_s"]} for r in rows]
+    save_run(path.stem, {
+        "date": now(), "command": " ".join([".venv/bin/python bench/eval_parity.py", *sys.argv[1:]]),
+        "machine": machine_info(), "setup": setup,
+        "settings": {"threads": threads, "model": "laion-tiny-clip, randomly initialised (seed 0)"}, "cases": cases,
+    }, title="Zero-shot eval: laion_tasks vs CLIP_benchmark 1.6.2", results_dir=path.parent)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--templates", type=int, default=None, help="use only the first N of the 80 templates")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval.md")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval.json",
+                        help="the JSON record (bench/README.md)")
     args = parser.parse_args()
     peer_python()
     rows = []
