@@ -450,7 +450,7 @@ def render_download(record: dict, run: dict) -> Section:
                                       "profile_ms", "profile_rest_ms", "quality"})
         if quality is not None:
             other = unknown_figures({"quality": quality}, set()) + other
-        if other:
+        if other and not run.get("tables"):
             s.lines += table(["other recorded figure", "value"], [[k, v] for k, v in other]) + [""]
     return s
 
@@ -668,7 +668,7 @@ def render_dedup(record: dict, run: dict) -> Section:
                 "precision"], body, ["---:", "---"] + ["---:"] * 4 + ["---"] + ["---:"] * 4),
         "",
     ]
-    if other:
+    if other and not run.get("tables"):
         s.lines += table(["rows", "impl", "other recorded figure", "value"], other) + [""]
     cos = st.get("near_cosine")
     gt = st.get("ground_truth", "planted")
@@ -761,7 +761,7 @@ def render_curate(record: dict, run: dict) -> Section:
                body, ["---:", "---"] + ["---:"] * 7),
         "",
     ]
-    if other:
+    if other and not run.get("tables"):
         s.lines += table(["rows", "impl", "other recorded figure", "value"], other) + [""]
     join = "with the dedup join" if with_dedup else "**without dedup verdicts** (no dedup join)"
     ours = [e for e in results if "one_scan" in e]
@@ -857,6 +857,44 @@ def render_eval(record: dict, run: dict) -> Section:
     return s
 
 
+# Run keys each renderer reads; any other key's figures are shown generically (see ``other_run_figures``).
+COMMON_RUN_KEYS = {"label", "date", "command", "machine", "source", "setup", "settings", "notes", "tables", "checks"}
+RUN_KEYS: dict[str, set[str]] = {
+    "extract": {"input", "ours", "peer", "ratio", "floors", "parity", "cpu_breakdown_s"},
+    "download": {"inputs"},
+    "clip": {"ours", "peer", "correctness"},
+    "langid": {"test_set", "sets", "alt_text", "worst", "rss_mb"},
+    "tag": {"tag", "dedup"},
+    "dedup": {"results"},
+    "curate": {"results"},
+    "index": {"sizes"},
+    "eval": {"cases"},
+}
+
+
+def other_run_figures(name: str, run: dict) -> list[str]:
+    """Figures under run keys the bench's renderer does not read: a table per list of objects, one for the rest.
+
+    Skipped when the run carries its own ``tables`` (it then shows what it wants shown)."""
+    if run.get("tables"):
+        return []
+    lines: list[str] = []
+    rest: dict[str, Any] = {}
+    for key, value in run.items():
+        if key in COMMON_RUN_KEYS or key in RUN_KEYS.get(name, set()):
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            flat = [dict(unknown_figures(v, set())) for v in value]
+            columns = list(dict.fromkeys(k for row in flat for k in row))
+            lines += [f"**{key}**", "", *table(columns, [[row.get(c, "") for c in columns] for row in flat]), ""]
+        else:
+            rest[key] = value
+    figures = unknown_figures(rest, set())
+    if figures:
+        lines += table(["recorded figure", "value"], [[k, v] for k, v in figures]) + [""]
+    return lines
+
+
 RENDERERS: dict[str, RunRenderer] = {
     "extract": render_extract, "download": render_download, "clip": render_clip, "langid": render_langid,
     "tag": render_tag, "dedup": render_dedup, "curate": render_curate, "index": render_index, "eval": render_eval,
@@ -900,11 +938,7 @@ def render_record(name: str, record: dict) -> Section:
                 raise ValueError(f"bench/results/{name}.json, run {run.get('label')!r}: cannot render ({exc!r})") from exc
             out.rows += part.rows
             out.lines += part.lines
-        else:
-            figures = unknown_figures(run, {"label", "date", "machine", "command", "source", "setup", "notes", "tables",
-                                            "checks"})
-            if figures:
-                out.lines += table(["recorded figure", "value"], [[k, v] for k, v in figures]) + [""]
+        out.lines += other_run_figures(name, run)
         rows, lines = generic_parts(run, name, measured(run))
         out.rows += rows
         out.lines += lines

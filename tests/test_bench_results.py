@@ -161,14 +161,21 @@ def test_checks_and_tables_added_to_a_record_are_rendered(tmp_path: Path) -> Non
                        "target": {"op": ">=", "value": 0.95, "text": ">= 0.95"}},
                       {"figure": "PSNR gap to img2dataset (dB)", "value": -0.7,
                        "target": {"op": ">=", "value": -0.5, "text": "within 0.5 dB"}}],
-           "tables": [{"title": "Brute-force ground truth", "columns": ["rows", "pairs"], "rows": [[1000000, 12345]]}],
-           "new_measurement": {"psnr_db": 41.5}}
+           "tables": [{"title": "Brute-force ground truth", "columns": ["rows", "pairs"], "rows": [[1000000, 12345]]}]}
     write(tmp_path, "newbench", [run])
+    # a run without tables of its own: keys the renderer does not read are shown as recorded figures
+    write(tmp_path, "dedup", [{"date": "2026-12-03", "machine": MACHINE, "new_measurement": {"psnr_db": 41.5},
+                               "alternates": [{"rows": 1000, "probes": 4, "recall_near": 0.97}],
+                               "results": [{"rows": 1000, "ours": {"seconds": 1.0, "cpu_seconds": 1.0,
+                                                                   "vmhwm_kb": 1, "anon_peak_kb": 1,
+                                                                   "recall_near": 0.96, "band_recall": 0.93}}]}])
     text = cr.render_results(cr.load_records(tmp_path))
     assert verdict_cell(headline(text, "brute force, 1M")) == "met"
     assert verdict_cell(headline(text, "PSNR gap")) == "**not met**"
     assert "**Brute-force ground truth**" in text and "| 1,000,000 | 12,345 |" in text
-    assert "new_measurement.psnr_db" in text and "41.5" in text
+    assert "| new_measurement.psnr_db | 41.5 |" in text
+    assert "**alternates**" in text and "| 1,000 | 4 | 0.97 |" in text
+    assert "| 1,000 | ours | band_recall | 0.93 |" in text
     assert "GPU figures: newbench (2026-12-02, 1 x NVIDIA H200)." in text
 
 
