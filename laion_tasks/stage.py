@@ -38,7 +38,7 @@ T = TypeVar("T")
 STAGE_MODULES: dict[str, str] = {
     "extract": "laion_tasks.stages.extract",
     "download": "laion_tasks.stages.download",
-    "clip": "laion_tasks.stages.clip_score",
+    "clip": "laion_tasks.stages.clip",
     "tag": "laion_tasks.stages.tag",
     "dedup_centroids": "laion_tasks.stages.dedup",
     "dedup_partition": "laion_tasks.stages.dedup",
@@ -216,7 +216,8 @@ EXECUTION_ONLY: dict[str, str] = {
     "clip.num_workers": "decode workers: rows are written in shard order",
     "clip.channels_last": "memory layout of the image tower: the same arithmetic, float rounding at most",
     "clip.compile": "torch.compile of the same graph: float rounding at most",
-    "clip.execution": "in this process or in a pod: the same code on the same inputs (device and precision are keyed)",
+    "clip.execution": "in this process or in a pod: the same code on the same inputs. The device and precision are "
+    "keyed as configured: with `auto` a CPU and a GPU run share a key, so name them to key the hardware",
     "clip.k8s_*": "pod placement and resources",
     "clip.gpu_pool": "Airflow pool of the GPU pods",
     "tag.image_batch_size": "images decoded and scored together",

@@ -105,7 +105,7 @@ def test_pod_spec_renders_without_a_cluster(gpu_pod) -> None:  # type: ignore[no
 
 def test_pod_env_rebuilds_the_same_clip_settings_and_digest(gpu_pod) -> None:  # type: ignore[no-untyped-def]
     """What the pod loads from its env equals the scheduler's settings, so lineage digests match."""
-    from laion_tasks.stages.clip_score import SPEC
+    from laion_tasks.stages.clip import SPEC
 
     settings = deployment_settings()
     env = {k: v.replace(gpu_pod.storage_root_template(settings), settings.storage.root) for k, v in gpu_pod.pod_env(settings).items()}
@@ -170,10 +170,11 @@ def test_pod_without_a_secret_is_refused(gpu_pod) -> None:  # type: ignore[no-un
 
 
 def test_clip_digest_follows_language_routing() -> None:
-    """A changed language threshold re-routes pairs between models, so CLIP must re-run;
-    a batch size, a device or a threshold (applied in curate) re-runs nothing."""
+    """A changed language threshold re-routes pairs between models, so CLIP must re-run, as must a
+    device or precision (they change the embeddings); a batch size, a pod resource or a threshold
+    (applied in curate) re-runs nothing."""
     from laion_tasks.config import Settings
-    from laion_tasks.stages.clip_score import SPEC
+    from laion_tasks.stages.clip import SPEC
 
     def digest(data: dict) -> str:  # type: ignore[type-arg]
         return SPEC.config_digest(Settings.model_validate(data), "000000")
@@ -181,6 +182,7 @@ def test_clip_digest_follows_language_routing() -> None:
     base = digest({})
     assert digest({"tag": {"language_threshold": 0.7}}) != base
     assert digest({"clip": {"english": {"model": "ViT-L-14"}}}) != base
-    for same in ({"tag": {"nudenet": True}}, {"clip": {"batch_size": 8, "device": "cuda", "k8s_memory": "1Gi"}},
+    assert digest({"clip": {"device": "cuda"}}) != base and digest({"clip": {"precision": "fp32"}}) != base
+    for same in ({"tag": {"nudenet": True}}, {"clip": {"batch_size": 8, "num_workers": 2, "k8s_memory": "1Gi"}},
                  {"clip": {"english": {"threshold": 0.3}}}):
         assert digest(same) == base, same
