@@ -24,6 +24,7 @@ import fnmatch
 import glob
 import hashlib
 import http.server
+import importlib
 import os
 import pickle
 import tarfile
@@ -148,7 +149,7 @@ class Recorder:
         monkeypatch.setattr(Section, "__getattribute__", getattribute)
         monkeypatch.setattr(Settings, "knobs", paused_knobs)
         for name in STAGES:
-            module = __import__(runner.STAGE_MODULES[name], fromlist=["_"])
+            module = importlib.import_module(runner.STAGE_MODULES[name])
             spec = runner.spec(name)
             recording = dataclasses.replace(spec, run_shard=self._recording(spec))
             if getattr(module, "SPECS", None):
@@ -199,7 +200,7 @@ def _covers(pattern: FieldPath, path: FieldPath) -> bool:
     return len(pattern) <= len(path) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(path, pattern))
 
 
-def upstream_result_fields(spec: StageSpec) -> dict[str, StageSpec]:
+def upstream_stages(spec: StageSpec) -> dict[str, StageSpec]:
     """Every stage this one reads, directly or through another: a change of their result fields
     re-runs them, and this stage follows because the runs it reads changed."""
     seen: dict[str, StageSpec] = {}
@@ -215,7 +216,7 @@ def upstream_result_fields(spec: StageSpec) -> dict[str, StageSpec]:
 def undeclared(spec: StageSpec, shard: str, reads: set[FieldPath]) -> list[str]:
     """The fields read on ``shard`` that nothing declares: the skip key would miss a change of them."""
     patterns = [_pattern(f, shard) for f in (*spec.result_fields, *spec.input_files)]
-    for upstream in upstream_result_fields(spec).values():
+    for upstream in upstream_stages(spec).values():
         same_shards = bool(spec.plan_name) and upstream.plan_name == spec.plan_name
         patterns += [_pattern(f, shard if same_shards else None) for f in upstream.result_fields]
     patterns += [_pattern(f, None) for f in (*EXECUTION_ONLY, *UNKEYED_READS.get(spec.name, {}))]
