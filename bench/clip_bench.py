@@ -91,7 +91,7 @@ OURS = """
 import json, sys, time
 from laion_tasks.config import ClipConfig, ClipModelConfig
 from laion_tasks.models.clip import cached_clip
-from laion_tasks.stages.clip_score import clip_score_shard
+from laion_tasks.stages.clip.encode import clip_score_shard
 args = json.loads(sys.argv[1])
 model = ClipModelConfig(model=args["model"], pretrained=None, checkpoint=args["ckpt"], threshold=0.28)
 cfg = ClipConfig(english=model, multilingual=model, use_multilingual=False, device=args["device"],

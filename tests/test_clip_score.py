@@ -17,8 +17,8 @@ from PIL import Image
 from clip_fixtures import FixtureSample, encode_image, skimage_samples, synthetic_image, write_shard
 from laion_tasks.config import ClipConfig, ClipModelConfig
 from laion_tasks.models.clip import cached_clip
-from laion_tasks.stages import clip_score as cs
-from laion_tasks.stages.clip_score import clip_score_shard
+from laion_tasks.stages.clip import data as cs_data, encode as cs
+from laion_tasks.stages.clip.encode import clip_score_shard
 
 EN = "a small dog playing with a red ball in the garden"
 DE = "Ein kleiner Hund spielt im Garten mit einem roten Ball"
@@ -81,10 +81,10 @@ def test_preprocessing_equals_open_clip_transform(shared_data: Path, tmp_path: P
     samples.append(FixtureSample("webp", "caption", encode_image(synthetic_image(3, (300, 500)), "WEBP"), ext="webp"))
     samples.append(FixtureSample("wide", "caption", encode_image(synthetic_image(4, (900, 120)))))
     _, tar = write_shard(tmp_path, samples)
-    members = cs.index_tar_images(tar)
+    members = cs_data.index_tar_images(tar)
     clip = cached_clip("laion-tiny-clip", None, None, "cpu", 0)
-    items = [cs.PairItem(i, s.caption, members[s.key]) for i, s in enumerate(samples)]
-    dataset = cs.ShardPairs(tar, items, clip.preprocess, clip.tokenizer, raw_jpeg=False)
+    items = [cs_data.PairItem(i, s.caption, members[s.key]) for i, s in enumerate(samples)]
+    dataset = cs_data.ShardPairs(tar, items, clip.preprocess, clip.tokenizer, raw_jpeg=False)
     # Reference built independently from open_clip's public transform factory.
     reference = open_clip.image_transform(224, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
     for i, sample in enumerate(samples):
@@ -100,7 +100,7 @@ def test_gpu_decode_path_is_close_to_pil(shared_data: Path, tmp_path: Path) -> N
     """torchvision decode_jpeg + tensor resize (the CUDA path, run here on the CPU) vs the exact PIL path."""
     samples = skimage_samples(shared_data)
     clip = cached_clip("laion-tiny-clip", None, None, "cpu", 0)
-    transform = cs.TensorTransform.from_open_clip(clip.preprocess)
+    transform = cs_data.TensorTransform.from_open_clip(clip.preprocess)
     assert transform is not None and transform.crop == (224, 224)
     jpegs = [torch.frombuffer(bytearray(s.image), dtype=torch.uint8) for s in samples]
     decoded, errors = cs.decode_jpegs_on_device(jpegs, torch.device("cpu"))
@@ -316,6 +316,6 @@ def test_bf16_autocast_on_cpu_stays_close(skimage_shard, tmp_path: Path) -> None
 
 
 def test_webdataset_key_split() -> None:
-    assert cs.webdataset_key("000001.jpg") == ("000001", "jpg")
-    assert cs.webdataset_key("dir/000001.seg.JPG") == ("dir/000001", "seg.jpg")
+    assert cs_data.webdataset_key("000001.jpg") == ("000001", "jpg")
+    assert cs_data.webdataset_key("dir/000001.seg.JPG") == ("dir/000001", "seg.jpg")
     assert json.loads(json.dumps(cs.OUTCOME))["no_image"] == "skip:no_image"

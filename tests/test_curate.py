@@ -336,7 +336,7 @@ def test_cli_curate_records_lineage_and_skips_done_subsets(tmp_path: Path, monke
 def test_clip_threshold_is_applied_in_curate(tmp_path: Path) -> None:
     """Changing clip.english.threshold changes the subsets without re-scoring (issue 12.4)."""
     from laion_tasks.config import ClipConfig, ClipModelConfig, Settings
-    from laion_tasks.stages.clip_score import SPEC as CLIP_SPEC
+    from laion_tasks.stages.clip import SPEC as CLIP_SPEC
 
     root = str(tmp_path / "root")
     rows = make_snapshot(root, SNAP, shards=2, per_shard=60, seed=5)

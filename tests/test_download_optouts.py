@@ -453,7 +453,7 @@ def test_a_pdq_near_image_is_in_no_tar_parquet_or_embedding(tmp_path: Path) -> N
 
     # Nothing downstream can embed it: the CLIP stage reads only the tar.
     from laion_tasks.config import ClipConfig, ClipModelConfig
-    from laion_tasks.stages.clip_score import clip_score_shard
+    from laion_tasks.stages.clip.encode import clip_score_shard
 
     clip_cfg = ClipConfig(
         english=ClipModelConfig(model="laion-tiny-clip", pretrained=None, threshold=0.0),

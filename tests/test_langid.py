@@ -55,7 +55,7 @@ def test_unsure_and_macro_codes_defer_to_lingua_with_iso_639_1_codes() -> None:
 
 
 def test_config_builds_the_options_and_every_knob_reaches_the_clip_digest() -> None:
-    from laion_tasks.stages.clip_score import SPEC
+    from laion_tasks.stages.clip import SPEC
 
     def clip_config_digest(settings: Settings) -> str:
         return SPEC.config_digest(settings, "000000")

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Score one download shard with CLIP: similarity, kept/filtered status and fp16 embeddings."""
-        from laion_tasks.stages.clip_score import score_with_settings
+        from laion_tasks.stages.clip.encode import score_with_settings
 
         settings = settings_from(config)
         echo_json(score_with_settings(settings, images_parquet, tar, out_parquet, img_emb, txt_emb).to_dict())
