@@ -739,28 +739,37 @@ def render_curate(record: dict, run: dict) -> Section:
     if not results:
         return s
     with_dedup = st.get("dedup_verdicts")
-    body, other = [], []
-    known = {"seconds", "cpu_seconds", "vmhwm_kb", "anon_peak_kb", "rows", "status", "scans", "dedup"}
+    body, other, verdicts = [], [], []
+    known = {"seconds", "cpu_seconds", "vmhwm_kb", "anon_peak_kb", "rows", "status", "scans", "duplicates"}
     for e in results:
+        dd = e.get("dedup") or {}
+        if dd.get("removed") is not None:
+            reasons = ", ".join(f"{k.removeprefix('drop:dup_')} {n0(v)}" for k, v in dd.get("by_reason", {}).items())
+            verdicts.append(f"{rows_label(e['rows'])}: {n0(dd['removed'])} rows ({pct(dd['removed'] / e['rows'])}) named "
+                            f"duplicates ({reasons}), from {n0(dd.get('near_pairs', 0))} near pairs"
+                            + (f"; written in {dd['seconds']:.0f} s, not counted" if "seconds" in dd else ""))
         for impl, (label, scans) in CURATE_IMPLS.items():
             m = e.get(impl)
             if not m:
                 continue
-            dd = m.get("dedup") or e.get("dedup") or {}
+            dups = m.get("duplicates")
             body.append([f"{e['rows']:,}", label, str(m.get("scans", scans)), n0(m["seconds"]), f"{m['cpu_seconds']:.1f}",
                          n0(e["rows"] / m["cpu_seconds"]), f"{gib(m['anon_peak_kb'])} / {gib(m['vmhwm_kb'])}",
                          n0(sum(m["rows"].values())),
-                         n0(dd["removed"]) if dd.get("removed") is not None else ("none" if not with_dedup else "?")])
+                         n0(sum(dups.values())) if dups else ("none: no verdicts" if not with_dedup else "?")])
             other += [[f"{e['rows']:,}", impl, k, v] for k, v in unknown_figures(m, known)]
         other += [[f"{e['rows']:,}", "", k, v] for k, v in unknown_figures(e, {"rows", "dedup", *CURATE_IMPLS})]
     s.lines += [
         "Rates are per CPU-second (user + system of the child process), which the machine's load does not change.",
         "",
         *table(["rows", "impl", "snapshot scans", "wall s", "CPU s", "rows per CPU-s (all subsets)",
-                "peak RSS anon / VmHWM (GiB)", "rows written (sum over subsets)", "dedup duplicates in input"],
-               body, ["---:", "---"] + ["---:"] * 7),
+                "peak RSS anon / VmHWM (GiB)", "rows written (sum over subsets)",
+                "duplicates dropped within subsets (sum)"], body, ["---:", "---"] + ["---:"] * 7),
         "",
     ]
+    if verdicts:
+        s.lines += ["Dedup verdicts of the generated snapshot (dedup's own partition and resolve steps): "
+                    + "; ".join(verdicts) + ".", ""]
     if other and not run.get("tables"):
         s.lines += table(["rows", "impl", "other recorded figure", "value"], other) + [""]
     join = "with the dedup join" if with_dedup else "**without dedup verdicts** (no dedup join)"
