@@ -6,7 +6,7 @@ short text but 10 to 100 times slower, and its cost grows with the text's length
 when it is unsure (top-1 confidence below ``accept_confidence``), names a code outside ISO 639-1, or names a
 language of a family it confuses (id/ms, da/nb/nn, bs/hr/sr ...) does lingua decide, on the first
 ``lingua_max_chars`` characters, among fastText's top candidates (or all 75 languages).
-``bench/langid_bench.py`` measures the trade-off; ``bench/results/tag.md`` has it.
+``bench/langid_bench.py`` measures the trade-off; ``bench/results/langid.json`` records it (shown in bench/RESULTS.md).
 
 Codes are ISO 639-1 (``en``, ``de``, ``nb`` ...). The en / multi / nolang split is LAION's. Both models load once per
 process (``functools.lru_cache``); lingua loads each language's model lazily, on first use.
@@ -129,7 +129,7 @@ def _lingua_codes() -> frozenset[str]:
 def _candidates(top: list[tuple[str, float]]) -> tuple[str, ...]:
     """lingua's choices for a text fastText is unsure of: its top 5 (with their families) and the languages
     lid.176 lacks. A handful of languages instead of 75 makes lingua several times faster, at a small cost in
-    accuracy when the right language is not among fastText's top 5 (bench/results/tag.md)."""
+    accuracy when the right language is not among fastText's top 5 (bench/RESULTS.md, language ID)."""
     known = _lingua_codes()
     found = set(_LID176_MISSING)
     for label, _ in top:
