@@ -167,6 +167,17 @@ class StageSpec:
     """True for a shard that must run even when current (e.g. it has downloads to retry)."""
     after_batch: Callable[[Context, dict[str, Any]], dict[str, Any]] | None = None
     """Adds to a batch's report (e.g. a subset's manifest, a checkpoint URI)."""
+    after: tuple[str, ...] = ()
+    """Stages that must finish first although their outputs are not in the skip key (the download plan
+    reads extract's candidates; the centroids sample the scored shards)."""
+    mapped: bool = True
+    """One DAG task per batch of the plan; False: one task for every shard (a snapshot-wide step)."""
+    pod_section: str | None = None
+    """Config section whose ``execution: kubernetes`` runs the stage as a GPU pod in the DAG."""
+    publishes: Callable[["Settings"], list[str]] | None = None
+    """Names of the Assets its DAG task announces (curate: one per subset), for the downstream DAGs."""
+    downstream: bool = False
+    """Runs in an Asset-triggered DAG after curation (index, train, eval), not in the snapshot DAG."""
     input_files: tuple[str, ...] = ()
     """Dotted config paths (globs allowed) that name input files, such as hash lists: each file's content
     (sha256, or the S3 ETag), not its path, enters the inputs half of the skip key."""

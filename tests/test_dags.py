@@ -42,7 +42,7 @@ def test_snapshot_dag_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     dag = dagbag.dags["laion_snapshot_CC_MAIN_2024_10"]
     tasks = {t.task_id: t for t in dag.tasks}
     for name in ("plan_extract", "extract", "plan_download", "download", "clip", "tag", "dedup_centroids",
-                 "dedup_partition", "plan_dedup", "dedup_bucket", "dedup", "dataset_card"):
+                 "dedup_partition", "plan_dedup_bucket", "dedup_bucket", "dedup", "dataset_card"):
         assert name in tasks, name
     assert tasks["dataset_card"].downstream_task_ids == {"verify"} and not tasks["verify"].downstream_task_ids
     assert tasks["download"].pool == "download"
@@ -50,7 +50,7 @@ def test_snapshot_dag_shape(dagbag) -> None:  # type: ignore[no-untyped-def]
     assert tasks["extract"].execution_timeout is not None
     assert {"storage_root", "max_wat_files", "force", "retry_failed_downloads"} <= set(dag.params.keys())
     assert tasks["plan_extract"].downstream_task_ids == {"extract"}
-    curate_tasks = [t for t in dag.tasks if t.task_id.startswith("curate_")]
+    curate_tasks = [t for t in dag.tasks if t.task_id == "curate"]
     assert curate_tasks and all(t.outlets for t in curate_tasks)
     uris = {o.uri for t in curate_tasks for o in t.outlets}
     assert "laion://CC-MAIN-2024-10/subsets/laion2B-en" in uris

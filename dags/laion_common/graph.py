@@ -132,45 +132,50 @@ def verify(snapshot: str) -> dict[str, Any]:
 
 
 def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str | None = None) -> None:
-    """Wire extract -> download -> clip -> tag -> dedup -> curate -> card -> verify for one snapshot.
+    """The snapshot DAG, built from the stage declarations (``StageSpec``) in pipeline order, then
+    the dataset card and ``verify``. Adding a stage means writing its module; nothing here changes.
 
-    Every stage task is ``runner.run_batch`` on the stage's declaration; the stages that
-    share the download plan map over the same batches. ``snapshot`` may be a string or
-    an XComArg (the monthly DAG resolves it at run time). Subset Assets are only
-    declared when the snapshot is known at parse time.
+    - A stage that writes a plan, or the first mapped stage of a plan, gets a ``plan_<stage>`` task;
+      every mapped stage on that plan expands over its batches (XCom carries ranges, not ids).
+    - A stage with ``mapped=False`` is one task over all its shards (curate publishes each subset's Asset).
+    - Edges come from ``reads`` and ``after``; ``pod_section`` in ``kubernetes`` mode makes it a GPU pod.
+    - ``downstream`` stages (index, train, eval) run in the Asset-triggered DAGs.
+
+    ``snapshot`` may be a string or an XComArg (the monthly DAG resolves it at run time). Subset
+    Assets are only declared when the snapshot is known at parse time.
     """
-    extract_plan = plan.override(task_id="plan_extract")("extract", snapshot)
-    extracted = stage_task("extract").partial(snapshot=snapshot).expand(batch=extract_plan)
-    download_plan = plan.override(task_id="plan_download")("download", snapshot)
-    extracted >> download_plan
-    downloaded = (
-        stage_task("download", pool=settings.orchestration.download_pool).partial(snapshot=snapshot).expand(batch=download_plan)
-    )
-    if settings.clip.execution == "kubernetes":
-        from laion_common.gpu_pod import clip_pod_partial
+    from laion_tasks import runner
+    from laion_tasks.stage import STAGE_MODULES
 
-        scored = clip_pod_partial("clip", settings).expand(arguments=clip_pod_args(snapshot, download_plan))
-    else:
-        scored = stage_task("clip").partial(snapshot=snapshot).expand(batch=download_plan)
-    downloaded >> scored
-    tagged = stage_task("tag").partial(snapshot=snapshot).expand(batch=download_plan)
-    scored >> tagged
-    centroids = stage_task("dedup_centroids")(snapshot)
-    tagged >> centroids
-    partitioned = stage_task("dedup_partition").partial(snapshot=snapshot).expand(batch=download_plan)
-    centroids >> partitioned
-    bucket_plan = plan.override(task_id="plan_dedup")("dedup_bucket", snapshot)
-    partitioned >> bucket_plan
-    bucketed = stage_task("dedup_bucket").partial(snapshot=snapshot).expand(batch=bucket_plan)
-    deduped = stage_task("dedup")(snapshot)
-    bucketed >> deduped
+    specs = [runner.spec(name) for name in STAGE_MODULES]
+    specs = [s for s in specs if not s.downstream]
+    tasks: dict[str, Any] = {}
+    plans: dict[str, Any] = {}
+    for stage in specs:
+        upstream = [tasks[n] for n in (*stage.reads, *stage.after) if n in tasks]
+        if not stage.mapped:
+            published = stage.publishes(settings) if stage.publishes else []
+            outlets = [subset_asset(static_snapshot, n) for n in published] if static_snapshot else []
+            node = stage_task(stage.name, outlets=outlets)(snapshot)
+        else:
+            if stage.plan_name not in plans:
+                plans[stage.plan_name] = plan.override(task_id=f"plan_{stage.name}")(stage.name, snapshot)
+                for up in upstream:
+                    up >> plans[stage.plan_name]
+            batches = plans[stage.plan_name]
+            pod = stage.pod_section and getattr(settings, stage.pod_section).execution == "kubernetes"
+            if pod:
+                from laion_common.gpu_pod import clip_pod_partial
+
+                node = clip_pod_partial(stage.name, settings).expand(arguments=clip_pod_args(snapshot, batches))
+            else:
+                pool = {"pool": settings.orchestration.download_pool} if stage.name == "download" else {}
+                node = stage_task(stage.name, **pool).partial(snapshot=snapshot).expand(batch=batches)
+        for up in upstream:
+            up >> node
+        tasks[stage.name] = node
     card = dataset_card(snapshot)
-    # one task curates every subset from one scan (lineage keeps a curate shard per subset)
-    # and publishes every subset's Asset
-    subsets = list(settings.curate.subsets)
-    outlets = [subset_asset(static_snapshot, name) for name in subsets] if static_snapshot else []
-    curated = stage_task("curate").override(task_id="curate_subsets", outlets=outlets)(snapshot, {"shards": subsets})
-    deduped >> curated >> card >> verify(snapshot)
+    tasks[specs[-1].name] >> card >> verify(snapshot)
 
 
 @task

@@ -10,6 +10,8 @@ drop reason, so every download row lands in exactly one outcome):
                              ``curate.require_clip_kept`` (default: LAION subsets are subsets of LAION-5B);
 4. ``drop:hashlist_blocked`` the tag stage matched a URL / image hash list;
 5. ``drop:predicate``        the subset predicate is not true (NULL counts as false);
+   then the subset's DataComp rules, if set (``drop:text_language``, ``drop:text_class``,
+   ``drop:clip_score``, ``drop:image_cluster``: :mod:`laion_tasks.stages.subset_rules`);
 6. ``drop:duplicate``        a duplicate of a sample kept *in this subset*: dedup's rules
                              (:func:`laion_tasks.stages.dedup.resolve_verdicts`) applied to the rows
                              that pass 1-5, so a duplicate group keeps one member in every subset
@@ -47,6 +49,7 @@ from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, CurateConfig, SubsetConfig
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot, predicate_columns
 from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
+from laion_tasks.stages.subset_rules import apply_rules
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,10 @@ class SubsetCounts:
     """Eligible samples that dedup's snapshot-wide verdict names a duplicate (``dup_of``)."""
     unavailable: dict[str, str] = field(default_factory=dict)
     """Subset name -> why it cannot be computed."""
+    rule_drops: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Of the matched samples, those each subset rule dropped (before dedup)."""
+    rules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Subset name -> what its rules decided (threshold and model, clusters hit, classes)."""
 
     @property
     def total(self) -> int:
@@ -154,9 +161,11 @@ class SubsetCounts:
             out["drop:unavailable"] = self.eligible
         else:
             matched, duplicates = self.matched.get(name, 0), self.duplicates.get(name, 0)
+            ruled = self.rule_drops.get(name, {})
             out["drop:predicate"] = self.eligible - matched
+            out.update(ruled)
             out["drop:duplicate"] = duplicates
-            out["kept"] = matched - duplicates
+            out["kept"] = matched - sum(ruled.values()) - duplicates
         return {k: v for k, v in out.items() if v}
 
 
@@ -273,6 +282,8 @@ def _scan_snapshot(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cur
     counts = _tally(rows, subsets, columns, columns_by_subset, config)
     counts.snapshot_duplicates = int(db.con.execute(
         f"SELECT count(*) FROM {SCAN_TABLE} WHERE base_outcome = '{ELIGIBLE}' AND _dup_any").fetchall()[0][0])
+    ruled = apply_rules(db, SCAN_TABLE, subsets, config, skip=set(counts.unavailable))  # narrows s<i> before dedup
+    counts.rule_drops, counts.rules = {n: r.drops for n, r in ruled.items()}, {n: r.record for n, r in ruled.items()}
     counts.duplicates = _dedup_within_subsets(db, list(subsets))
     return counts, [f"s{i}" for i in range(len(subsets))]
 
@@ -557,6 +568,7 @@ def curate_subsets(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cur
             "require_clip_kept": config.require_clip_kept,
             "counts": dict(sorted(outcomes.items())),
             "total_samples": counts.total,
+            **({"rules": counts.rules[name]} if name in counts.rules else {}),
         }
         keep: set[str] = set()
         if name in counts.unavailable:
@@ -655,6 +667,8 @@ def _run_curate(ctx: Context, name: str) -> ShardStats:
 
 SPEC = StageSpec(
     name="curate",
+    mapped=False,  # one task curates every subset from one scan
+    publishes=lambda settings: list(settings.curate.subsets),
     reads=("download", "clip", "tag", "dedup"),
     # one shard per subset: its own predicate, the shared rules, and the CLIP thresholds applied here
     result_fields=(
@@ -663,6 +677,8 @@ SPEC = StageSpec(
         "curate.rows_per_file",
         "curate.samples_per_tar",
         "clip.*.threshold",
+        # the image rule embeds an ImageFolder target set with the English model (subset_rules)
+        "clip.english.model", "clip.english.pretrained", "clip.english.checkpoint", "clip.device", "clip.seed",
     ),
     output=lambda ctx, name: storage.join(layout.subset_dir(ctx.root, ctx.snapshot, name), MANIFEST),
     run_shard=_run_curate,

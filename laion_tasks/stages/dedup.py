@@ -1091,6 +1091,8 @@ SPECS = {
             # scored by then, and kept when shards are added or re-scored, so that growing a crawl
             # does not re-partition every old shard. (Changing its knobs retrains it.)
             name="dedup_centroids",
+            after=("tag",),
+            mapped=False,
             reads=(),
             result_fields=("dedup.near_dup", "dedup.cluster_size", "dedup.near_dup_probes",
                            "dedup.kmeans_sample_per_cluster", "dedup.kmeans_iterations", "dedup.seed",
@@ -1126,6 +1128,7 @@ SPECS = {
         ),
         StageSpec(
             name="dedup",
+            mapped=False,
             reads=("dedup_bucket", "dedup_partition"),
             result_fields=("dedup.near_dup", "dedup.buckets", "dedup.near_dup_threshold", *ELIGIBILITY_FIELDS,
                            "dedup.faiss_gpu", "dedup.gpu_knn"),

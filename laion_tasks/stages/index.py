@@ -379,6 +379,7 @@ def _run_index(ctx: Context, subset: str) -> ShardStats:
 
 SPEC = StageSpec(
     name="index",
+    downstream=True,
     reads=("curate", "clip"),  # the subset of the same name; every shard's embeddings
     # Not nprobe / k_factor: query-time knobs the searcher sets when it opens an index (serve passes them).
     result_fields=(

@@ -303,6 +303,7 @@ def _run_train(ctx: Context, subset: str) -> ShardStats:
 
 SPEC = StageSpec(
     name="train",
+    downstream=True,
     reads=("curate",),  # the subset of the same name
     result_fields=TRAIN_RESULT_FIELDS,
     output=lambda ctx, subset: storage.join(model_dir(ctx, subset), CHECKPOINT_NAME),

@@ -50,6 +50,7 @@ def _download_shards(ctx: Context) -> list[str]:
 
 SPEC = StageSpec(
     name="clip",
+    pod_section="clip",
     reads=("download",),
     # The models, and the language ID that routes each pair to one of them; the device, the precision
     # (bf16/fp16 autocast on a GPU) and the JPEG decoder (nvJPEG or PIL), which change the embeddings.

@@ -136,6 +136,7 @@ def _must_retry(ctx: Context, shard: str) -> bool:
 
 SPEC = StageSpec(
     name="download",
+    after=("extract",),
     reads=(),
     result_fields=DOWNLOAD_RESULT_FIELDS,
     output=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),

@@ -126,6 +126,7 @@ def _eval_report(ctx: Context, shards: dict[str, Any]) -> dict[str, Any]:
 
 SPEC = StageSpec(
     name="eval",
+    downstream=True,
     reads=("train",),  # the checkpoint trained on the subset of the same name
     # the device and precision (amp or fp32) change the scores; batch_size and decode_threads do not
     result_fields=("eval.dataset", "eval.templates", "eval.classnames", "eval.top_confusions", "train.model",
