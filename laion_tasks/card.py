@@ -27,6 +27,7 @@ from laion_tasks.config import ClipConfig, CurateConfig, Settings, SubsetConfig
 from laion_tasks.lineage import FunnelRow, Lineage
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot
 from laion_tasks.stage import ShardStats
+from laion_tasks.stages.subset_rules import describe as describe_rules
 from laion_tasks.stages.curate import (
     ELIGIBLE,
     HASH_DEFINITION,
@@ -70,6 +71,8 @@ class SubsetInfo:
     files: list[dict[str, Any]] = field(default_factory=list)
     webdataset: dict[str, Any] | None = None
     note: str | None = None
+    rules: dict[str, Any] = field(default_factory=dict)
+    """What the subset's DataComp rules decided (threshold and model, clusters hit, classes)."""
 
 
 # -- queries ---------------------------------------------------------------------
@@ -282,6 +285,7 @@ def _subset_info(
         info = SubsetInfo(
             name, where, description, state, counts.unavailable.get(name), computed.get("kept", 0), computed
         )
+    info.rules = (manifest or {}).get("rules") or counts.rules.get(name, {})
     if stats is not None and manifest is not None and dict(stats.counts) != info.outcomes:
         info.note = f"the run's counts {dict(stats.counts)} differ from the manifest {info.outcomes}"
     if subset is not None and info.outcomes and computed and info.outcomes != computed:
@@ -313,6 +317,7 @@ def _write_subset_card(db: SnapshotDB, info: SubsetInfo, config: CurateConfig) -
         f"- **predicate:** `{info.where}`",
         f"- **entry rules:** downloaded, CLIP-scored{', kept by the CLIP threshold' if config.require_clip_kept else ''}, "
         "not on a hash list, not a duplicate; then the predicate (NULL counts as false).",
+        *describe_rules(info.rules),
     ]
     if info.note:
         lines += ["", f"> **Note:** {info.note}"]
@@ -514,7 +519,8 @@ def write_dataset_card(
             lines.append(f"- reason: {info.reason}")
         if info.note:
             lines.append(f"- note: {info.note}")
-        lines += [f"- samples: **{info.rows:,}**", f"- predicate: `{info.where}`", f"- card: `{subset_cards[info.name]}`"]
+        lines += [f"- samples: **{info.rows:,}**", f"- predicate: `{info.where}`", *describe_rules(info.rules),
+                  f"- card: `{subset_cards[info.name]}`"]
     uri = storage.join(out_dir, "README.md")
     storage.write_text(uri, "\n".join(lines) + "\n")
     return uri

@@ -313,7 +313,29 @@ class SubsetConfig(Section):
     where: str
     """A DuckDB SQL predicate over the tagged metadata columns."""
     write_images: bool = False
+    """Also copy the subset's samples into WebDataset tars (what ``laion train`` reads)."""
     description: str = ""
+    """Shown in the dataset card."""
+    # DataComp's filters, applied after the predicate and before the within-subset dedup
+    # (laion_tasks/stages/subset_rules.py); each is off unless set, and set ones combine (intersection).
+    text_classes: list[str] | str | None = None
+    """Text rule (DataComp's text-based filter): keep captions that contain one of these class names as whole
+    words, any case; a list, or a ``.json`` list / ``.txt`` (one per line) file of names. None: off."""
+    text_languages: list[str] = ["en"]
+    """The text rule's language filter, applied before the class names (DataComp: English only)."""
+    clip_score_top_pct: float | None = Field(None, gt=0, le=100)
+    """CLIP-score rule: keep samples whose score is in the top N percent of every scored sample of the snapshot
+    (DataComp's "CLIP score top 30%"); the threshold is an exact snapshot-wide quantile. None: off."""
+    clip_score_model: str = "similarity"
+    """What the CLIP-score rule ranks by: ``similarity`` (stored by the clip stage, each pair scored by the model of
+    its language route) or the directory of another scorer's clip table (``<shard>.parquet`` with ``key``,
+    ``similarity`` and ``clip_model``, as the clip stage writes it), e.g. a ViT-L/14 or DFN run."""
+    image_targets: str | None = None
+    """Image rule (DataComp's image-based filter): an ImageFolder directory (embedded with ``clip.english``) or an
+    embeddings ``.npy`` (n, d); keep samples whose image embedding is in a k-means cluster one of them falls in."""
+    image_cluster_size: int = Field(1000, ge=1)
+    """Pool embeddings per cluster the image rule wants (DataComp medium: 128M / 100k clusters); dedup's centroids
+    are reused when theirs hold between half and twice this, else the rule clusters the pool itself."""
 
 
 def _default_subsets() -> dict[str, SubsetConfig]:
@@ -467,6 +489,11 @@ class TrainConfig(Section):
     """s3:// shards: stage = copy to local disk first; pipe = stream via 'pipe:aws s3 cp URI -' (needs awscli)."""
     extra_args: list[str] = []
     """Passed verbatim to open_clip_train.main (e.g. ["--grad-checkpointing"])."""
+    compare_subsets: list[str] = []
+    """More subsets trained and evaluated beside ``subset`` with the same settings; the card gets one zero-shot table."""
+    samples_seen: int | None = Field(None, ge=1)
+    """Samples each subset trains on (over all epochs; a small subset is repeated), so compared subsets see the
+    same number; None: one pass over each subset per epoch."""
     k8s_namespace: str = "default"
     """Namespace of the training pod."""
     k8s_cpu: str = "8"

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from laion_tasks.config import Settings
+from laion_tasks.config import Settings, SubsetConfig
 
 
 def _default(value: Any) -> str:
@@ -49,6 +49,11 @@ def render() -> str:
     out += ["## Default subsets (`curate.subsets`)", "", "| subset | predicate | description |", "|---|---|---|"]
     for name, subset in settings.curate.subsets.items():
         out.append(f"| `{name}` | `{subset.where}` | {subset.description} |")
+    out += ["", "## Keys of one subset (`curate.subsets.<name>`)", "", "| key | default | meaning |", "|---|---|---|"]
+    for name, field in SubsetConfig.model_fields.items():
+        default = "required" if field.is_required() else f"`{_default(field.default)}`"
+        desc = (field.description or "").replace("\n", " ").replace("|", "\\|")
+        out.append(f"| `{name}` | {default} | {desc} |")
     return "\n".join(out) + "\n"
 
 

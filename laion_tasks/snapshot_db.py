@@ -150,6 +150,8 @@ class SnapshotDB:
     view_sql: str
     """The SQL of the ``samples`` view, for reuse and for the record."""
     work_dir: Path
+    clip: ClipConfig | None = None
+    """The CLIP settings the view was built with (thresholds; the subset rules embed targets with ``english``)."""
     _owns_work_dir: bool = True
     _closed: bool = field(default=False, repr=False)
 
@@ -315,7 +317,7 @@ def open_snapshot(
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
     log.info("snapshot %s/%s: parquet files %s", root, snapshot, files)
-    return SnapshotDB(root=root, snapshot=snapshot, con=con, files=files, view_sql=view_sql, work_dir=work_dir)
+    return SnapshotDB(root=root, snapshot=snapshot, con=con, files=files, view_sql=view_sql, work_dir=work_dir, clip=clip)
 
 
 # -- predicates ---------------------------------------------------------------
