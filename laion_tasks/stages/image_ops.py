@@ -5,10 +5,13 @@ small picklable :class:`ImageOptions`. Failures are returned as a status, never 
 every sample must end with a status in the output Parquet.
 
 Speed: when the target is at least 1.5x smaller than a JPEG, the decoder is asked for a
-reduced-scale decode (``Image.draft``: libjpeg's DCT scaling, never below the target) with
-its fast integer IDCT; downscaling uses an area (BOX) filter, the same choice as img2dataset's
-``INTER_AREA`` (and faster than OpenCV's on these sizes). Upscaling uses LANCZOS. The caller
-passes the sha256 it already computed, so the raw bytes are hashed once.
+reduced-scale decode (``Image.draft``: libjpeg's DCT scaling, never below 1.5x the target) with
+its fast integer IDCT; downscaling then uses Pillow's antialiased BICUBIC, and upscaling LANCZOS.
+Why not less: measured against a full decode + LANCZOS reference (bench/download_quality.py), a
+BOX filter (Pillow's BOX weighs whole pixels, it is not OpenCV's INTER_AREA) and DCT scaling down
+to the target itself put our output about 3 dB PSNR below img2dataset's; this path is above it
+(bench/RESULTS.md). The fast IDCT costs under 0.1 dB there. The caller passes the sha256 it
+already computed, so the raw bytes are hashed once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ from typing import Callable, Literal
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+
+SHRINK_ON_LOAD_MARGIN = 1.5
+"""A DCT-scaled JPEG decode keeps at least this many times the target's pixels per side, so the resize filter
+still has input to average (decoding straight to the target size costs about 1 dB PSNR on large images)."""
+DOWNSCALE_FILTER = Image.Resampling.BICUBIC
+UPSCALE_FILTER = Image.Resampling.LANCZOS
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ def _resize(img: Image.Image, target: tuple[int, int]) -> Image.Image:
     if target == img.size:
         return img
     shrinking = target[0] <= img.size[0] and target[1] <= img.size[1]
-    return img.resize(target, Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
+    return img.resize(target, DOWNSCALE_FILTER if shrinking else UPSCALE_FILTER)
 
 
 def _finish_geometry(img: Image.Image, opts: ImageOptions, resized: bool) -> Image.Image:
@@ -170,10 +179,11 @@ def _transform(img: Image.Image, opts: ImageOptions, result: ImageResult, inspec
         return result
     target = _target_size(width, height, opts)
     if img.format == "JPEG" and target[0] * 3 <= width * 2 and target[1] * 3 <= height * 2:
-        # Shrinking by 1.5x or more: libjpeg scales in the DCT domain (1/2, 1/4, 1/8, never below the target,
-        # so the BOX resize still has the pixels it needs) and uses its fast integer IDCT, whose small error the
-        # downscale averages away. Colour and EXIF handling are unchanged.
-        draft_size = (target[1], target[0]) if swapped else target
+        # Shrinking by 1.5x or more: libjpeg scales in the DCT domain (1/2, 1/4, 1/8, never below
+        # SHRINK_ON_LOAD_MARGIN x the target, so the resize still has pixels to filter) and uses its fast integer
+        # IDCT, whose small error the downscale averages away. Colour and EXIF handling are unchanged.
+        wanted = (round(target[0] * SHRINK_ON_LOAD_MARGIN), round(target[1] * SHRINK_ON_LOAD_MARGIN))
+        draft_size = (wanted[1], wanted[0]) if swapped else wanted
         if img.draft("RGB", draft_size) is not None:
             img.decoderconfig = (img.decoderconfig[0], 1)  # Pillow's "draft" flag: JDCT_IFAST
     img.load()
