@@ -782,7 +782,7 @@ def render_curate(record: dict, run: dict) -> Section:
                                 "(one scan per subset, same code)" for e in peers),
                       ", ".join(f"{e['scan_per_subset']['cpu_seconds'] / e['one_scan']['cpu_seconds']:.1f}x at "
                                 f"{rows_label(e['rows'])}" for e in peers), None, None,
-                      (f"per row {per[min(per)] / per[max(per)]:.1f}x dearer at {rows_label(max(per))} than at "
+                      (f"cost per row at {rows_label(max(per))} {per[min(per)] / per[max(per)]:.2f}x that at "
                        f"{rows_label(min(per))}") if len(per) > 1 else "", when))
     for e in peers:
         same = e["one_scan"]["rows"] == e["scan_per_subset"]["rows"]
@@ -813,7 +813,8 @@ def render_index(record: dict, run: dict) -> Section:
                      f"{h['p99_ms']:.1f}", n0(h["qps_4_clients"]), f"{h['recall_at_40']:.3f}",
                      f"{h['server_rss_anon_gb']:.2f} / {h['server_rss_file_gb']:.2f}",
                      "n/a" if flat is None else f"{flat:.1f}",
-                     "n/a (fp32 matrix does not fit)" if flat is None else f"{flat / h['p50_ms']:.1f}x"])
+                     "n/a (fp32 matrix does not fit)" if flat is None else
+                     f"{r.get('flat_over_ours_p50') or flat / h['p50_ms']:.1f}x"])
     s.lines += table(["vectors", "index", "nprobe / k_factor", "build s", "build peak RSS GB", "index on disk GB",
                       "HTTP p50 ms", "HTTP p99 ms", "QPS (4 clients)", f"recall@{k}", "server RSS GB (anon / file)",
                       "flat exact p50 ms", "p50 ratio flat/ours"], body) + [""]
@@ -1190,6 +1191,10 @@ def scale_values(records: dict[str, dict]) -> dict[str, str]:
     return v
 
 
+def _f3(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _scale_dedup_table(run: dict) -> list[str]:
     body = []
     st = run.get("settings", {})
@@ -1199,7 +1204,7 @@ def _scale_dedup_table(run: dict) -> list[str]:
                 continue
             m = e[impl]
             body.append([label, f"{_dedup_per_row(e, impl) * 1e6:.0f}", f"{gib(m['anon_peak_kb'])} GiB",
-                         f"{m['recall_exact']:.3f} / {m['recall_near']:.3f}", f"{m['precision']:.3f}"])
+                         f"{_f3(m.get('recall_exact'))} / {_f3(m.get('recall_near'))}", _f3(m.get("precision"))])
     if not any(e["rows"] == 16_000_000 for e in run["results"]):
         body.append(["16,000,000", "not run", "", "", ""])
     return table([f"rows (synthetic {st.get('dim', 512)}-d fp16)", "CPU-µs per row", "peak RSS (anon)",
