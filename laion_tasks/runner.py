@@ -69,7 +69,7 @@ class StageRun:
 
 
 def is_reusable(record: dict[str, Any] | None, run: StageRun, output_exists: Callable[[str], bool] | None) -> bool:
-    """A done run can stand for ``run``: same knobs, same inputs, and its output is still there.
+    """A done run can stand for ``run``: same knobs, same inputs, the same commit object, still there.
 
     A record without any output URI, or with no way to check it, is never trusted.
     """
@@ -77,6 +77,8 @@ def is_reusable(record: dict[str, Any] | None, run: StageRun, output_exists: Cal
         return False
     if (record.get("inputs_digest") or None) != (run.inputs_digest or None):
         return False
+    if run.output_uri and record.get("output_uri") and record["output_uri"] != run.output_uri:
+        return False  # it committed another object (a dedup run of another grouping): not this run's output
     out = run.output_uri or record.get("output_uri")
     return bool(out) and output_exists is not None and output_exists(out)
 
@@ -104,8 +106,9 @@ def run_stage(
     except BaseException as exc:
         lineage.fail(run_id, f"{type(exc).__name__}: {exc}")
         raise
-    if stats.output_uri is None:
-        stats.output_uri = run.output_uri
+    if run.output_uri is not None:
+        stats.output_uri = run.output_uri  # the declared commit object: what a later skip checks
+
     lineage.finish(run_id, stats)
     return stats, False
 

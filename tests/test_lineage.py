@@ -87,8 +87,12 @@ def test_skip_key_covers_inputs_and_output(lineage_url: str) -> None:
     assert run_stage(lineage, moved, fn("new input"), output_exists=_there)[1] is False
     # a done record is never trusted without an existence check of its output
     assert run_stage(lineage, moved, fn("unchecked"), output_exists=None)[1] is False
-    assert calls == ["first", "new input", "unchecked"]
-    assert [r["status"] for r in lineage.runs("s", "clip")] == ["superseded", "superseded", "done"]
+    # the same key, but the run commits another object (a dedup shard that changed run): it runs
+    elsewhere = StageRun("s", "clip", "000001", "in", "knobs", inputs_digest="download-run-2", output_uri="out://clip/other")
+    assert run_stage(lineage, elsewhere, fn("other output"), output_exists=_there)[1] is False
+    assert run_stage(lineage, elsewhere, fn("again"), output_exists=_there)[1] is True
+    assert calls == ["first", "new input", "unchecked", "other output"]
+    assert [r["status"] for r in lineage.runs("s", "clip")] == ["superseded", "superseded", "superseded", "done"]
     assert sum(r.count for r in lineage.funnel("s")) == 1
 
 
