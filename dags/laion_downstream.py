@@ -1,10 +1,12 @@
 """DAGs that consume curated subsets, scheduled on their Airflow Assets.
 
 * ``laion_index_<crawl>``: builds the kNN search index of each subset in ``index.subsets``.
-* ``laion_train_eval_<crawl>``: trains CLIP with open_clip's trainer on ``train.subset``,
-  evaluates it zero-shot (CLIP_benchmark protocol) on ``eval.dataset``, and posts the
-  metrics into the dataset card. With ``clip.execution: kubernetes`` training runs as a
-  GPU pod (torchrun on ``train.gpus`` GPUs); otherwise in-process.
+* ``laion_train_eval_<crawl>``: trains CLIP with open_clip's trainer on ``train.subset`` and
+  each of ``train.compare_subsets`` (same settings, ``train.samples_seen`` each), evaluates
+  every model zero-shot (CLIP_benchmark protocol) on ``eval.dataset``, and posts the metrics,
+  and with compared subsets one table of them, into the dataset card. With
+  ``clip.execution: kubernetes`` training runs as GPU pods (torchrun on ``train.gpus`` GPUs),
+  one per subset; otherwise in-process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from airflow.sdk import dag, task
 
 from laion_common.graph import run_settings, subset_asset, task_defaults
 from laion_tasks.config import load_settings
+from laion_tasks.stages.train import trained_subsets
 
 SETTINGS = load_settings()
 START = pendulum.datetime(2024, 1, 1, tz="UTC")
@@ -61,7 +64,12 @@ def post_to_card(snapshot: str, evaluation: dict[str, Any]) -> dict[str, Any]:
     from laion_tasks.card import post_eval_to_card
 
     settings, _ = run_settings()
-    return post_eval_to_card(settings, snapshot, settings.train.subset, evaluation)
+    posted = post_eval_to_card(settings, snapshot, settings.train.subset, evaluation)
+    if settings.train.compare_subsets:
+        from laion_tasks.card import post_comparison_to_card
+
+        posted["comparison"] = post_comparison_to_card(settings, snapshot)["rows"]
+    return posted
 
 
 def _safe(snapshot: str) -> str:
@@ -91,8 +99,9 @@ def make_index_dag(snapshot: str):  # type: ignore[no-untyped-def]
 def make_train_eval_dag(snapshot: str):  # type: ignore[no-untyped-def]
     @dag(
         dag_id=f"laion_train_eval_{_safe(snapshot)}",
-        description=f"Train CLIP on {snapshot}/{SETTINGS.train.subset}, evaluate zero-shot, post to the card",
-        schedule=[subset_asset(snapshot, SETTINGS.train.subset)],
+        description=f"Train CLIP on {snapshot}/{', '.join(trained_subsets(SETTINGS.train))}, evaluate zero-shot, "
+        "post to the card",
+        schedule=[subset_asset(snapshot, s) for s in trained_subsets(SETTINGS.train)],
         start_date=START,
         catchup=False,
         max_active_runs=1,
@@ -104,9 +113,13 @@ def make_train_eval_dag(snapshot: str):  # type: ignore[no-untyped-def]
         if SETTINGS.clip.execution == "kubernetes":
             from laion_common.train_pod import train_pod_operator
 
-            pod = train_pod_operator("train", SETTINGS, snapshot, SETTINGS.train.subset, pool=SETTINGS.clip.gpu_pool)
+            pods = [
+                train_pod_operator("train" if s == SETTINGS.train.subset else f"train_{s.replace('.', '_')}", SETTINGS,
+                                   snapshot, s, pool=SETTINGS.clip.gpu_pool)
+                for s in trained_subsets(SETTINGS.train)
+            ]
             checkpoint = checkpoint_uri(snapshot)
-            pod >> checkpoint
+            pods >> checkpoint
         else:
             checkpoint = train(snapshot)
         post_to_card(snapshot, evaluate(snapshot, checkpoint))

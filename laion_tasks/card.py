@@ -565,3 +565,80 @@ def post_eval_to_card(settings: Settings, snapshot: str, subset: str, evaluation
             text = head.rstrip("\n") + ("\n\n## " + tail[1] if len(tail) > 1 else "\n")
         storage.write_text(uri, text.rstrip("\n") + "\n" + "\n".join(lines))
     return {"posted": True, "cards": targets, "metrics": metrics}
+
+
+COMPARISON_MARKER = "## Zero-shot comparison of the subsets"
+
+
+def _rules_summary(manifest: dict[str, Any]) -> str:
+    """One table cell: the predicate and each DataComp rule of a subset, in a few words."""
+    parts = [f"`{manifest.get('where', '')}`"]
+    rules = manifest.get("rules") or {}
+    if "text" in rules:
+        parts.append(f"text: {rules['text']['classes']} class(es), {'/'.join(rules['text']['languages'])}")
+    if "clip_score" in rules:
+        score = rules["clip_score"]
+        threshold = "n/a" if score["threshold"] is None else f"{score['threshold']:.4g}"
+        parts.append(f"CLIP score top {score['top_pct']:g}% (>= {threshold})")
+    if "image_clusters" in rules:
+        image = rules["image_clusters"]
+        parts.append(f"image clusters {image['clusters_hit']}/{image['clusters']}")
+    return " ∩ ".join(parts)
+
+
+def comparison_rows(settings: Settings, snapshot: str) -> list[dict[str, Any]]:
+    """Per trained subset: its rules, size, samples seen in training and zero-shot metrics (None where missing)."""
+    import json
+
+    from laion_tasks.stages.train import trained_subsets
+
+    root = settings.storage.root
+    rows = []
+    for subset in trained_subsets(settings.train):
+        model = storage.join(layout.models_dir(root, snapshot), subset)
+        train_uri, eval_uri = storage.join(model, "train.json"), storage.join(model, "eval", "zeroshot.json")
+        trained = json.loads(storage.read_text(train_uri)) if storage.exists(train_uri) else {}
+        evaluated = json.loads(storage.read_text(eval_uri)) if storage.exists(eval_uri) else {}
+        manifest = read_manifest(root, snapshot, subset) or {}
+        rows.append({
+            "subset": subset, "rules": _rules_summary(manifest) if manifest else "(not curated)",
+            "rows": manifest.get("rows"), "usable": trained.get("usable_samples"),
+            "samples_seen": trained.get("samples_seen"), "metrics": evaluated.get("metrics") or {},
+        })
+    return rows
+
+
+def post_comparison_to_card(settings: Settings, snapshot: str) -> dict[str, Any]:
+    """Write (or replace) the card's table of every trained subset's zero-shot scores, trained alike."""
+    rows = comparison_rows(settings, snapshot)
+    train, ev = settings.train, settings.eval
+
+    def pct(value: Any) -> str:
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+    lines = [
+        COMPARISON_MARKER,
+        "",
+        f"Each subset trained `{train.model}` with the same settings ({train.epochs} epoch(s), batch {train.batch_size}, "
+        f"lr {train.lr:g}, seed {train.seed}"
+        + (f", {train.samples_seen:,} samples seen each: a smaller subset is repeated" if train.samples_seen else
+           ", one pass over each subset per epoch: the samples seen differ")
+        + f"), then zero-shot on `{ev.dataset}` (CLIP_benchmark protocol).",
+        "",
+        "| subset | rules | samples | samples seen | top-1 | top-5 | mean per-class recall |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {r['subset']} | {r['rules']} | {r['rows'] if r['rows'] is not None else 'n/a'} | "
+                     f"{r['samples_seen'] if r['samples_seen'] is not None else 'not trained'} | {pct(m.get('acc1'))} | "
+                     f"{pct(m.get('acc5'))} | {pct(m.get('mean_per_class_recall'))} |")
+    uri = storage.join(layout.card_dir(settings.storage.root, snapshot), "README.md")
+    if storage.exists(uri):
+        text = storage.read_text(uri)
+        if COMPARISON_MARKER in text:  # replace an earlier comparison
+            head, _, rest = text.partition(COMPARISON_MARKER)
+            tail = rest.split("\n## ", 1)
+            text = head.rstrip("\n") + ("\n\n## " + tail[1] if len(tail) > 1 else "\n")
+        storage.write_text(uri, text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
+    return {"posted": storage.exists(uri), "card": uri, "rows": rows}

@@ -126,6 +126,14 @@ def open_clip_train_args(
     ]  # fmt: skip
 
 
+def samples_seen(num_samples: int, args: list[str], epochs: int, world: int = 1) -> int:
+    """Samples open_clip_train draws over all epochs: whole global batches, a whole number per loader worker
+    (``open_clip_train.data.get_wds_dataset`` rounds up), repeating the data where it is smaller."""
+    batch, workers = int(args[args.index("--batch-size") + 1]), max(1, int(args[args.index("--workers") + 1]))
+    batches = -(-(-(-num_samples // (batch * world))) // workers) * workers
+    return batches * batch * world * epochs
+
+
 def launch_command(args: list[str], config: TrainConfig, use_cuda: bool) -> list[str]:
     """Single process, or torchrun with one worker per GPU."""
     if use_cuda and config.gpus > 1:
@@ -206,6 +214,11 @@ def train_clip(
     usable = stats.counts.get("success", 0)
     if usable == 0:
         raise StageError(f"{train_shards[0]} (+{len(train_shards) - 1}): no sample with an image and a caption")
+    if num_samples and usable < config.batch_size * max(1, config.gpus):
+        # open_clip_train repeats a small subset to reach num_samples, but drops each pass's partial batch:
+        # with fewer samples than one batch no pass yields a batch and training never ends
+        raise StageError(f"{train_shards[0]}: {usable} usable samples, fewer than one batch of "
+                         f"{config.batch_size * max(1, config.gpus)}: lower train.batch_size to compare at train.samples_seen")
     samples = num_samples or usable
     use_cuda = config.device != "cpu" and _cuda_available()
     own_work = work_dir is None
@@ -250,6 +263,8 @@ def train_clip(
         stats.extra = {
             "model": config.model,
             "num_samples": samples,
+            "usable_samples": usable,
+            "samples_seen": samples_seen(samples, args, config.epochs, config.gpus if use_cuda and config.gpus > 1 else 1),
             "shards": len(train_shards),
             "epochs": config.epochs,
             "device": "cuda" if use_cuda else "cpu",
@@ -287,6 +302,7 @@ TRAIN_RESULT_FIELDS = (
     "train.device",  # a GPU, with precision auto, trains in amp
     "train.precision",
     "train.workers",  # WebDataset splits the shards by loader worker: the order samples are seen in
+    "train.samples_seen",
 )
 """Not here: shard_access and the pod knobs (``stage.EXECUTION_ONLY``)."""
 
@@ -295,10 +311,21 @@ def model_dir(ctx: Context, subset: str) -> str:
     return storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset)
 
 
+def trained_subsets(config: TrainConfig) -> list[str]:
+    """``train.subset`` then ``train.compare_subsets``: each is trained (and evaluated) with the same settings."""
+    return list(dict.fromkeys([config.subset, *config.compare_subsets]))
+
+
+def epoch_samples(config: TrainConfig) -> int | None:
+    """``--train-num-samples`` per epoch that makes ``train.samples_seen`` in all (None: the subset's size)."""
+    return -(-config.samples_seen // max(1, config.epochs)) if config.samples_seen else None
+
+
 def _run_train(ctx: Context, subset: str) -> ShardStats:
     digest = SPEC.config_digest(ctx.settings, subset)
     shards = subset_shards(layout.subset_dir(ctx.root, ctx.snapshot, subset))
-    return train_clip(shards, model_dir(ctx, subset), ctx.settings.train, run_name=f"{subset}-{digest[:8]}")
+    config = ctx.settings.train
+    return train_clip(shards, model_dir(ctx, subset), config, epoch_samples(config), run_name=f"{subset}-{digest[:8]}")
 
 
 SPEC = StageSpec(
@@ -308,12 +335,13 @@ SPEC = StageSpec(
     result_fields=TRAIN_RESULT_FIELDS,
     output=lambda ctx, subset: storage.join(model_dir(ctx, subset), CHECKPOINT_NAME),
     run_shard=_run_train,
-    shards=lambda ctx: [ctx.settings.train.subset],
+    shards=lambda ctx: trained_subsets(ctx.settings.train),
     plan_name="subsets",
     input_uri=lambda ctx, subset: layout.subset_dir(ctx.root, ctx.snapshot, subset),
     section="train",
     after_batch=lambda ctx, shards: {
         "subset": ctx.settings.train.subset,
         "checkpoint": storage.join(model_dir(ctx, ctx.settings.train.subset), CHECKPOINT_NAME),
+        "checkpoints": {s: storage.join(model_dir(ctx, s), CHECKPOINT_NAME) for s in trained_subsets(ctx.settings.train)},
     },
 )

@@ -114,14 +114,25 @@ def _run_eval(ctx: Context, subset: str) -> ShardStats:
     return evaluate_zeroshot(model, cfg.dataset or "", eval_dir(ctx, subset), cfg, cfg.classnames, cfg.templates)
 
 
+def _trained(ctx: Context) -> list[str]:
+    from laion_tasks.stages.train import trained_subsets
+
+    return trained_subsets(ctx.settings.train)
+
+
 def _eval_report(ctx: Context, shards: dict[str, Any]) -> dict[str, Any]:
-    subset = ctx.settings.train.subset
+    """``train.subset``'s metrics and report, and under ``subsets`` those of every trained subset."""
+    from laion_tasks.stages.train import trained_subsets
+
     if not ctx.settings.eval.dataset:
         return {"skipped": "eval.dataset is not set"}
-    out = eval_dir(ctx, subset)
-    summary = storage.join(out, "zeroshot.json")
-    metrics = json.loads(storage.read_text(summary)).get("metrics", {}) if storage.exists(summary) else {}
-    return {"subset": subset, "report": storage.join(out, "zeroshot.md"), "metrics": metrics}
+    per_subset: dict[str, Any] = {}
+    for subset in trained_subsets(ctx.settings.train):
+        out = eval_dir(ctx, subset)
+        summary = storage.join(out, "zeroshot.json")
+        metrics = json.loads(storage.read_text(summary)).get("metrics", {}) if storage.exists(summary) else {}
+        per_subset[subset] = {"report": storage.join(out, "zeroshot.md"), "metrics": metrics}
+    return {"subset": ctx.settings.train.subset, **per_subset[ctx.settings.train.subset], "subsets": per_subset}
 
 
 SPEC = StageSpec(
@@ -133,7 +144,7 @@ SPEC = StageSpec(
                    "eval.device", "eval.precision"),
     output=lambda ctx, subset: storage.join(eval_dir(ctx, subset), "zeroshot.json"),
     run_shard=_run_eval,
-    shards=lambda ctx: [ctx.settings.train.subset] if ctx.settings.eval.dataset else [],
+    shards=lambda ctx: _trained(ctx) if ctx.settings.eval.dataset else [],
     plan_name="subsets",
     input_uri=lambda ctx, subset: storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset),
     section="eval",
