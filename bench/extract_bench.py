@@ -81,7 +81,7 @@ FLOOR_SCRIPT = textwrap.dedent(
     core, path, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     os.sched_setaffinity(0, {core})
     import orjson
-    from laion_tasks.stages.extract import _fast_links
+    from laion_tasks.stages.extract.wat import _fast_links
     from fastwarc.warc import ArchiveIterator, WarcRecordType
     wall, cpu, n = time.perf_counter(), time.process_time(), 0
     with open(path, "rb") as f:

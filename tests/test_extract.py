@@ -21,13 +21,8 @@ from laion_tasks import storage
 from laion_tasks.config import ExtractConfig
 from laion_tasks.fixtures.wat import FixturePage, warc_record, wat_records, write_wat
 from laion_tasks.stage import StageError
-from laion_tasks.stages.extract import (
-    COLUMNS,
-    _Resolver,
-    candidate_uid,
-    extract_wat,
-    list_wat_files,
-)
+from laion_tasks.stages.extract import extract_wat, list_wat_files
+from laion_tasks.stages.extract.links import COLUMNS, _Resolver, candidate_uid
 
 HEAD500 = "wat/cc-2016-40_head500/CC-MAIN-20160924173739-00000-ip-10-143-35-109.head500.warc.wat.gz"
 TRIPLE = "wat/cc-2014-35_triple/CC-MAIN-20140820021334-00006-ip-10-180-136-8.ec2.internal.warc.wat"
