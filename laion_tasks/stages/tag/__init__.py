@@ -31,16 +31,13 @@ Scores:
 
 from __future__ import annotations
 
-from collections import Counter
-
-import functools
 import io
 import logging
-import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,32 +47,32 @@ from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, TagConfig
 from laion_tasks.hashlists import HashLists, hashlists_for, pdq_hash
 from laion_tasks.progress import Progress, shard_label
-from laion_tasks.stage import Context, read_parquet, ShardStats, StageError, StageSpec
+from laion_tasks.stage import Context, ShardStats, StageError, StageSpec, read_parquet
+from laion_tasks.stages.tag.inputs import (
+    BLOCKED,
+    OUTPUT_SCHEMA,
+    IMAGE_EXTENSIONS,
+    _block_without_image,
+    _clip_languages,
+    _Columns,
+    _DownloadRows,
+    _float_column,
+    _iter_tar_samples,
+    _load_embeddings,
+    _previously_blocked,
+    _read_download_rows,
+    _rewrite_tar_without,
+)
+from laion_tasks.stages.tag.models import (
+    _aesthetic_head,
+    _device,
+    _nsfw_head,
+    _watermark_model,
+    _zero_shot_for,
+    keyword_pattern,
+)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "webp", "png")
-BLOCKED = "blocked_hashlist"
-
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("uid", pa.string()),
-        ("language", pa.string()),
-        ("language_score", pa.float32()),
-        ("language_group", pa.string()),
-        ("punsafe", pa.float32()),
-        ("nsfw_method", pa.string()),
-        ("nsfw_text", pa.bool_()),
-        ("nudenet_unsafe", pa.float32()),
-        ("pwatermark", pa.float32()),
-        ("watermark_method", pa.string()),
-        ("aesthetic_score", pa.float32()),
-        ("pdq", pa.string()),
-        ("hashlist_blocked", pa.bool_()),
-        ("tag_status", pa.string()),
-    ]
-)
 
 # tag_status -> ShardStats outcome
 OUTCOMES = {
@@ -87,257 +84,6 @@ OUTCOMES = {
     "missing_from_tar": "fail:missing_from_tar",
 }
 
-
-def keyword_pattern(keywords: list[str]) -> re.Pattern[str] | None:
-    """Whole-word, case-insensitive alternation of the keyword list ("sex" does not hit "Essex")."""
-    words = [re.escape(k.strip()) for k in keywords if k.strip()]
-    return re.compile(r"(?<!\w)(?:" + "|".join(words) + r")(?!\w)", re.IGNORECASE) if words else None
-
-
-# ---------------------------------------------------------------- models (loaded once per process)
-
-
-@functools.lru_cache(maxsize=2)
-def _nsfw_head(path: str) -> Any:
-    from laion_tasks.models.heads import load_nsfw_head
-
-    return load_nsfw_head(path)
-
-
-@functools.lru_cache(maxsize=2)
-def _aesthetic_head(path: str) -> Any:
-    from laion_tasks.models.heads import load_aesthetic_head
-
-    return load_aesthetic_head(path)
-
-
-@functools.lru_cache(maxsize=2)
-def _watermark_model(path: str, device: str) -> Any:
-    from laion_tasks.models.heads import load_watermark_model
-
-    return load_watermark_model(path, device)
-
-
-@functools.lru_cache(maxsize=4)
-def _zero_shot(model: str, pretrained: str | None, checkpoint: str | None, device: str, seed: int,
-               positive: tuple[str, ...], negative: tuple[str, ...]) -> Any:
-    from laion_tasks.models.clip import cached_clip
-    from laion_tasks.models.heads import ZeroShotScorer
-
-    clip = cached_clip(model, pretrained, checkpoint, device, seed)
-    return ZeroShotScorer.from_prompts(clip, positive, negative)
-
-
-def _zero_shot_for(clip_config: ClipConfig, positive: list[str], negative: list[str]) -> Any:
-    m = clip_config.english
-    return _zero_shot(m.model, m.pretrained, m.checkpoint, clip_config.device, clip_config.seed,
-                      tuple(positive), tuple(negative))
-
-
-def _device(clip_config: ClipConfig) -> str:
-    from laion_tasks.models.clip import resolve_device
-
-    return str(resolve_device(clip_config.device))
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def _embedding_rows(clip_table: pa.Table, emb: np.ndarray, emb_uri: str) -> np.ndarray:
-    """Row of ``emb`` for each clip row (-1: none). Accepts aligned or compacted (has_embedding only) arrays."""
-    n = clip_table.num_rows
-    has = (
-        np.asarray(clip_table.column("has_embedding").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-        if "has_embedding" in clip_table.column_names
-        else np.ones(n, dtype=bool)
-    )
-    if emb.shape[0] == n:
-        return np.where(has, np.arange(n), -1)
-    if emb.shape[0] == int(has.sum()):
-        return np.where(has, np.cumsum(has) - 1, -1)
-    raise StageError(
-        f"{emb_uri}: {emb.shape[0]} embedding rows match neither the {n} clip rows nor their {int(has.sum())} embeddings"
-    )
-
-
-def _iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per WebDataset sample, grouping consecutive members by key."""
-    current: str | None = None
-    files: dict[str, bytes] = {}
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            key, _, ext = name.partition(".")
-            handle = tar.extractfile(member)
-            data = handle.read() if handle else b""
-            if key != current and current is not None:
-                yield current, files
-                files = {}
-            current = key
-            files[ext.lower()] = data
-    if current is not None:
-        yield current, files
-
-
-def _rewrite_tar_without(src: Path, tar_uri: str, blocked: set[str]) -> int:
-    """Copy the tar member by member, leaving out every file of a blocked key. Returns members removed."""
-    removed = 0
-    with storage.atomic_local_path(tar_uri, suffix=".tar") as tmp:
-        with tarfile.open(src, "r:*") as old, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as new:
-            for member in old:
-                key = member.name.rsplit("/", 1)[-1].partition(".")[0]
-                if key in blocked:
-                    removed += 1
-                    continue
-                new.addfile(member, old.extractfile(member) if member.isfile() else None)
-    return removed
-
-
-def _previously_blocked(out_parquet_uri: str) -> set[str]:
-    try:
-        if not storage.exists(out_parquet_uri):
-            return set()
-    except storage.StorageError:
-        return set()
-    table = read_parquet(out_parquet_uri, "previous tag output")
-    if "tag_status" not in table.column_names:
-        return set()
-    keys = table.column("key").to_pylist()
-    return {k for k, s in zip(keys, table.column("tag_status").to_pylist()) if s == BLOCKED}
-
-
-# ---------------------------------------------------------------- the stage
-
-
-@dataclass
-class _DownloadRows:
-    """The download parquet's columns that tagging reads, one entry per row, in its order."""
-
-    keys: list[str]
-    uids: list[Any]
-    statuses: list[Any]
-    urls: list[Any]
-    captions: list[Any]
-    sha256s: list[Any]
-    row_of: dict[str, int]
-
-    @property
-    def n(self) -> int:
-        return len(self.keys)
-
-
-@dataclass
-class _Columns:
-    n: int
-    punsafe: np.ndarray = field(init=False)
-    pwatermark: np.ndarray = field(init=False)
-    aesthetic: np.ndarray = field(init=False)
-    nudenet: np.ndarray = field(init=False)
-    nsfw_method: list[str | None] = field(init=False)
-    watermark_method: list[str | None] = field(init=False)
-    pdq: list[str | None] = field(init=False)
-    blocked: np.ndarray = field(init=False)
-    status: list[str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.punsafe = np.full(self.n, np.nan, dtype=np.float32)
-        self.pwatermark = np.full(self.n, np.nan, dtype=np.float32)
-        self.aesthetic = np.full(self.n, np.nan, dtype=np.float32)
-        self.nudenet = np.full(self.n, np.nan, dtype=np.float32)
-        self.nsfw_method = [None] * self.n
-        self.watermark_method = [None] * self.n
-        self.pdq = [None] * self.n
-        self.blocked = np.zeros(self.n, dtype=bool)
-        self.status = ["no_image"] * self.n
-
-    def block(self, i: int) -> None:
-        self.blocked[i] = True
-        self.status[i] = BLOCKED
-
-
-def _float_column(values: np.ndarray) -> pa.Array:
-    return pa.array(values, type=pa.float32(), mask=np.isnan(values))
-
-
-def _read_download_rows(images_parquet_uri: str) -> _DownloadRows:
-    images = read_parquet(images_parquet_uri, "download parquet")
-    for col in ("key", "uid", "status"):
-        if col not in images.column_names:
-            raise StageError(f"{images_parquet_uri}: missing column {col!r}")
-    n = images.num_rows
-    keys: list[str] = [str(k) for k in images.column("key").to_pylist()]
-
-    def optional(name: str) -> list[Any]:
-        return images.column(name).to_pylist() if name in images.column_names else [None] * n
-
-    rows = _DownloadRows(
-        keys=keys,
-        uids=images.column("uid").to_pylist(),
-        statuses=images.column("status").to_pylist(),
-        urls=optional("url"),
-        captions=optional("caption"),
-        sha256s=optional("sha256"),
-        row_of={k: i for i, k in enumerate(keys)},
-    )
-    if len(rows.row_of) != n:
-        raise StageError(f"{images_parquet_uri}: duplicate keys in the download parquet")
-    return rows
-
-
-def _block_without_image(
-    rows: _DownloadRows, cols: _Columns, hashlists: HashLists | None, sticky: set[str]
-) -> None:
-    """Hash-list checks that need no image: previous blocks, download's own blocks, URL, original sha256."""
-    for i in range(rows.n):
-        if rows.keys[i] in sticky or rows.statuses[i] == BLOCKED:
-            cols.block(i)
-        elif hashlists is not None and (
-            (rows.urls[i] and hashlists.url_blocked(rows.urls[i])) or hashlists.digest_blocked("sha256", rows.sha256s[i])
-        ):
-            cols.block(i)
-
-
-_LANGUAGE_COLUMNS = ("language", "language_score", "language_group")
-
-
-def _clip_languages(rows: _DownloadRows, clip_table: pa.Table, clip_parquet_uri: str) -> dict[str, pa.Array]:
-    """The clip stage's language columns aligned to the download rows: language ID runs once, in the clip stage."""
-    missing = [c for c in ("key", *_LANGUAGE_COLUMNS) if c not in clip_table.column_names]
-    if missing:
-        raise StageError(f"{clip_parquet_uri}: missing column(s) {missing}; re-run the clip stage")
-    position = {str(k): j for j, k in enumerate(clip_table.column("key").to_pylist())}
-    absent = [k for k in rows.keys if k not in position]
-    if absent:
-        raise StageError(f"{clip_parquet_uri}: {len(absent)} download row(s) not scored, e.g. {absent[0]!r}; "
-                         "re-run the clip stage")
-    take = pa.array([position[k] for k in rows.keys], pa.int64())
-    return {c: clip_table.column(c).take(take).combine_chunks().cast(OUTPUT_SCHEMA.field(c).type)
-            for c in _LANGUAGE_COLUMNS}
-
-
-def _load_embeddings(rows: _DownloadRows, clip_table: pa.Table, img_emb_uri: str) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised image embeddings aligned to the download rows (zeros where none), and which rows have one."""
-    n = rows.n
-    with storage.local_copy(img_emb_uri) as emb_path:
-        try:
-            emb_all = np.load(emb_path, mmap_mode="r")
-        except Exception as exc:
-            raise StageError(f"{img_emb_uri}: cannot load embeddings: {type(exc).__name__}: {exc}") from exc
-        emb_rows_clip = _embedding_rows(clip_table, emb_all, img_emb_uri)
-        emb_row = np.full(n, -1, dtype=np.int64)
-        clip_keys = [str(k) for k in clip_table.column("key").to_pylist()]
-        for j, k in enumerate(clip_keys):
-            i = rows.row_of.get(k)
-            if i is not None:
-                emb_row[i] = emb_rows_clip[j]
-        has_emb = emb_row >= 0
-        emb = np.zeros((n, emb_all.shape[1] if emb_all.ndim == 2 else 0), dtype=np.float32)
-        if has_emb.any():
-            emb[has_emb] = np.asarray(emb_all[emb_row[has_emb]], dtype=np.float32)
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.maximum(norms, 1e-12), has_emb
 
 
 @dataclass
@@ -618,3 +364,4 @@ SPEC = StageSpec(
     # the hash lists by content, not path: a list edited in place re-runs tag (not download)
     input_files=("tag.*_hashlist",),
 )
+
