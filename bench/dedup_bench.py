@@ -58,7 +58,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -472,8 +472,11 @@ def evaluate(data: Path, name: str, shard_size: int, threshold: float) -> dict:
     return result
 
 
-def run_child(name: str, data: Path, args: argparse.Namespace, probes: int) -> dict:
-    """One measured run in a child process; its CPU time is the child's and its children's (RUSAGE_CHILDREN)."""
+def run_child(name: str, data: Path, args: argparse.Namespace, probes: int,
+              meanwhile: Callable[[], None] | None = None) -> dict:
+    """One measured run in a child process; its CPU time is the child's and its children's (RUSAGE_CHILDREN:
+    the only child of this process while it runs). ``meanwhile`` runs in this process during the child's run
+    (the brute-force ground truth of a new size: its CPU time is this process's own, not the child's)."""
     cmd = [sys.executable, __file__, "--child", name, "--data", str(data), "--memory-limit", args.memory_limit,
            "--cluster-size", str(args.cluster_size), "--probes", str(probes), "--buckets", str(args.buckets),
            "--shard-size", str(args.shard_size)]
@@ -483,22 +486,36 @@ def run_child(name: str, data: Path, args: argparse.Namespace, probes: int) -> d
         shutil.rmtree(data / old, ignore_errors=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    # output to files, not pipes: nobody reads a pipe while ``meanwhile`` runs, and a full one would stall the child
+    out_path, err_path = data / f"child-{name}.out", data / f"child-{name}.err"
+    with open(out_path, "w") as out, open(err_path, "w") as err, \
+            subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env) as proc:
+        try:
+            if meanwhile is not None:
+                meanwhile()
+            proc.wait(timeout=args.timeout)
+        except BaseException:
+            proc.kill()
+            raise
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stdout, stderr = out_path.read_text(), err_path.read_text()
     if proc.returncode:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{name} failed:\n{stderr[-4000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
     result["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     result["load"] = f"{load:.1f} before, {os.getloadavg()[0]:.1f} after"
-    t = time.perf_counter()
-    result.update(evaluate(data, name, args.shard_size, args.threshold))
-    rows_out = 0
+    result["concurrent_brute_force"] = meanwhile is not None
+    return result
+
+
+def evaluate_run(data: Path, name: str, args: argparse.Namespace) -> dict:
+    """evaluate() plus the row count of the verdicts."""
     import pyarrow.parquet as pq
 
-    for path in (data / f"out-{name}").glob("*.parquet"):
-        rows_out += pq.read_metadata(path).num_rows
-    result["rows_out"] = rows_out
-    print(f"{name} (probes {probes}) evaluated in {time.perf_counter() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+    result = evaluate(data, name, args.shard_size, args.threshold)
+    result["rows_out"] = sum(pq.read_metadata(path).num_rows for path in (data / f"out-{name}").glob("*.parquet"))
+    print(f"{name} evaluated in {time.perf_counter() - t:.0f} s", flush=True)
     return result
 
 
@@ -564,19 +581,25 @@ def main() -> None:
             if args.generate_only:
                 continue
             shards = json.loads((data / "shards.json").read_text())
-            if not (data / "truth.json").exists():
+
+            def ground_truth() -> None:
                 truth = brute_force(data, shards, args.shard_size, rows, args.queries, args.threshold, seed=rows)
                 (data / "truth.json").write_text(json.dumps(truth))
                 print(f"brute force: {truth}", flush=True)
-            truth = json.loads((data / "truth.json").read_text())
-            entry = {"rows": rows, "ours": {**run_child("ours", data, args, args.probes), **truth}}
+
+            # a new size's brute force runs here while the child runs (it needs no verdicts), so a big size
+            # takes the longer of the two instead of their sum
+            have_truth = (data / "truth.json").exists()
+            ours = run_child("ours", data, args, args.probes, meanwhile=None if have_truth else ground_truth)
+            ours.update(evaluate_run(data, "ours", args))
+            entry = {"rows": rows, "ours": {**ours, **json.loads((data / "truth.json").read_text())}}
             print(json.dumps(entry), flush=True)
             for probes in args.alt_probes:
-                alt = run_child("ours", data, args, probes)
+                alt = {**run_child("ours", data, args, probes), **evaluate_run(data, "ours", args)}
                 alternates.append({"rows": rows, "probes": probes, **alt})
                 print(json.dumps(alternates[-1]), flush=True)
             if rows <= args.peer_rows:
-                entry["peer"] = run_child("peer", data, args, args.probes)
+                entry["peer"] = {**run_child("peer", data, args, args.probes), **evaluate_run(data, "peer", args)}
                 print(json.dumps(entry["peer"]), flush=True)
             results.append(entry)
         finally:
