@@ -132,6 +132,19 @@ class DownloadConfig(Section):
     ]
     """IPTC PLUS Data Mining values (XMP ``plus:DataMining``, any case) that opt an image out of our use, besides
     every ``DMI-PROHIBITED*`` value (-SEELINKEDRIGHTSEXPR and later ones included), which always does."""
+    respect_usage_prefs: bool = True
+    """Read AI-use preferences: IETF AIPREF ``Content-Usage`` (response header and robots.txt rule), Cloudflare's
+    ``Content-Signal`` (robots.txt, header) and RSL ``License:`` URLs (robots.txt); each sample's go to its
+    ``usage_pref`` column (laion_tasks/net/usage_prefs.py), and curate drops rows whose preference refuses a
+    subset's ``intended_uses``. False: none are read or recorded."""
+    usage_pref_refuse: list[Literal["train-ai", "ai-input", "search"]] = ["train-ai"]
+    """Uses whose refusal stops the download itself (status ``opted_out_ai_train``, ``opted_out_ai_input``,
+    ``opted_out_search``; the image is not fetched when robots.txt says it, not read past the headers when the
+    response does). Other refusals are only recorded. [] downloads everything and leaves the choice to curate."""
+    usage_pref_reading: Literal["strict", "drafts"] = "strict"
+    """``strict``: the drafts' reading plus every refusal a publisher may have meant (any case, ``no`` for ``n``,
+    earlier drafts' labels, robots.txt rules outside a group); ``drafts``: exactly draft-ietf-aipref-vocab-07,
+    draft-ietf-aipref-attach-05 and contentsignals.org."""
     image_size: int = 256
     """Target size in pixels for the resize mode."""
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
@@ -336,6 +349,9 @@ class SubsetConfig(Section):
     image_cluster_size: int = Field(1000, ge=1)
     """Pool embeddings per cluster the image rule wants (DataComp medium: 128M / 100k clusters); dedup's centroids
     are reused when theirs hold between half and twice this, else the rule clusters the pool itself."""
+    intended_uses: list[Literal["train-ai", "ai-input", "search"]] = ["train-ai"]
+    """What the subset is for (AIPREF / Content Signals categories of use): rows whose publisher refuses any of
+    them (``usage_pref``, recorded by the download stage) are dropped as ``drop:usage_pref``. [] declares none."""
 
 
 def _default_subsets() -> dict[str, SubsetConfig]:

@@ -36,6 +36,7 @@ import duckdb
 
 from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, CurateConfig, memory_bytes
+from laion_tasks.net.usage_prefs import SQL_TYPE as USAGE_PREF_SQL_TYPE
 from laion_tasks.stage import StageError
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ IMAGES_COLUMNS: dict[str, str] = {
     "mime_type": "VARCHAR",
     "sha256": "VARCHAR",
     "final_url": "VARCHAR",
+    "usage_pref": USAGE_PREF_SQL_TYPE,  # AI-use preferences found at download (laion_tasks/net/usage_prefs.py)
 }
 CLIP_COLUMNS: dict[str, str] = {
     "key": "VARCHAR",

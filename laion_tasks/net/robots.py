@@ -32,6 +32,7 @@ from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 from laion_tasks.net.origin_cache import TRANSIENT_TTL_S, OriginCache, Record, SharedOriginStore, fetch_shared
+from laion_tasks.net.usage_prefs import Reading, RobotsUsage, UsagePref, parse_robots_usage
 
 ROBOTS_MAX_BYTES = 500 * 1024
 """RFC 9309: crawlers must parse at least 500 KiB; we read no more."""
@@ -61,6 +62,17 @@ class RobotsRules:
     """The status an unavailable robots.txt gives (``blocked_ssrf`` when the guard refused the host)."""
     expires_at: float = math.inf
     """When this answer must be asked again (a ``time.time()``)."""
+    usage: RobotsUsage = RobotsUsage()
+    """Its AI-use preference lines (``Content-Usage``, ``Content-Signal``, RSL ``License``): parsed with the
+    rules, so the per-origin answer carries them (:mod:`laion_tasks.net.usage_prefs`)."""
+
+    def usage_pref(self, url: str, token: str, reading: Reading) -> UsagePref | None:
+        """The AI-use preferences robots.txt attaches to ``url`` for ``token``: the rules of the group protego
+        chose for the token (draft-ietf-aipref-attach-05 §3.1), and the RSL license URLs."""
+        if not self.usage.rules and not self.usage.licenses:
+            return None
+        rule_set = self.parser._get_matching_rule_set(token) if self.parser is not None else None
+        return self.usage.pref_for(url, getattr(rule_set, "user_agent", None), reading)
 
     def allows(self, url: str, token: str) -> bool:
         if self.unavailable is not None:
@@ -103,7 +115,8 @@ def rules_from_record(record: Record, expires_at: float = math.inf) -> RobotsRul
         return RobotsRules(allow_all=True, expires_at=expires_at)
     from protego import Protego
 
-    return RobotsRules(parser=Protego.parse(str(record["body"])), expires_at=expires_at)
+    body = str(record["body"])
+    return RobotsRules(parser=Protego.parse(body), expires_at=expires_at, usage=parse_robots_usage(body))
 
 
 async def read_capped(resp: Any, limit: int) -> bytes:

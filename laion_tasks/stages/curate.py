@@ -10,6 +10,8 @@ drop reason, so every download row lands in exactly one outcome):
                              ``curate.require_clip_kept`` (default: LAION subsets are subsets of LAION-5B);
 4. ``drop:hashlist_blocked`` the tag stage matched a URL / image hash list;
 5. ``drop:predicate``        the subset predicate is not true (NULL counts as false);
+   ``drop:usage_pref``        the publisher refuses one of the subset's ``intended_uses`` (the ``usage_pref``
+                             the download stage recorded: AIPREF ``Content-Usage``, ``Content-Signal``);
    then the subset's DataComp rules, if set (``drop:text_language``, ``drop:text_class``,
    ``drop:clip_score``, ``drop:image_cluster``: :mod:`laion_tasks.stages.subset_rules`);
 6. ``drop:duplicate``        a duplicate of a sample kept *in this subset*: dedup's rules
@@ -47,6 +49,7 @@ import pyarrow.parquet as pq
 
 from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, CurateConfig, SubsetConfig
+from laion_tasks.net.usage_prefs import ROW_FIELDS
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot, predicate_columns
 from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 from laion_tasks.stages.subset_rules import apply_rules
@@ -145,6 +148,8 @@ class SubsetCounts:
     """Of the matched samples, those each subset rule dropped (before dedup)."""
     rules: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Subset name -> what its rules decided (threshold and model, clusters hit, classes)."""
+    usage_drops: dict[str, int] = field(default_factory=dict)
+    """Of the matched samples, those whose publisher refuses one of the subset's ``intended_uses``."""
 
     @property
     def total(self) -> int:
@@ -162,10 +167,12 @@ class SubsetCounts:
         else:
             matched, duplicates = self.matched.get(name, 0), self.duplicates.get(name, 0)
             ruled = self.rule_drops.get(name, {})
+            refused = self.usage_drops.get(name, 0)
             out["drop:predicate"] = self.eligible - matched
+            out["drop:usage_pref"] = refused
             out.update(ruled)
             out["drop:duplicate"] = duplicates
-            out["kept"] = matched - sum(ruled.values()) - duplicates
+            out["kept"] = matched - refused - sum(ruled.values()) - duplicates
         return {k: v for k, v in out.items() if v}
 
 
@@ -266,10 +273,10 @@ def _scan_snapshot(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cur
                CASE WHEN {keep} THEN dedup_rank END AS _rank, CASE WHEN {keep} THEN dedup_ua1 END AS _ua1,
                CASE WHEN {keep} THEN dedup_ua2 END AS _ua2, CASE WHEN {keep} THEN dedup_sh1 END AS _sh1,
                CASE WHEN {keep} THEN dedup_sh2 END AS _sh2, {keep} AND dup_of IS NOT NULL AS _dup,
-               dup_of IS NOT NULL AS _dup_any
+               dup_of IS NOT NULL AS _dup_any, CASE WHEN {keep} THEN usage_pref END AS _usage
         FROM (
           SELECT {base_outcome_sql(config)} AS base_outcome, {", ".join(flags + nonnull) or "NULL AS _none"},
-                 shard, {LAION_COLUMNS_SQL}, dedup_rank, dedup_ua1, dedup_ua2, dedup_sh1, dedup_sh2, dup_of
+                 shard, {LAION_COLUMNS_SQL}, dedup_rank, dedup_ua1, dedup_ua2, dedup_sh1, dedup_sh2, dup_of, usage_pref
           FROM (SELECT *, ('0x' || substr(sha256(coalesce(url, '') || coalesce(caption, '')), 1, 16))::UBIGINT AS h64
                 FROM {SAMPLES_VIEW})
         )
@@ -282,10 +289,27 @@ def _scan_snapshot(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cur
     counts = _tally(rows, subsets, columns, columns_by_subset, config)
     counts.snapshot_duplicates = int(db.con.execute(
         f"SELECT count(*) FROM {SCAN_TABLE} WHERE base_outcome = '{ELIGIBLE}' AND _dup_any").fetchall()[0][0])
+    counts.usage_drops = _drop_refused_uses(db, subsets, skip=set(counts.unavailable))  # narrows s<i>, before the rules
     ruled = apply_rules(db, SCAN_TABLE, subsets, config, skip=set(counts.unavailable))  # narrows s<i> before dedup
     counts.rule_drops, counts.rules = {n: r.drops for n, r in ruled.items()}, {n: r.record for n, r in ruled.items()}
     counts.duplicates = _dedup_within_subsets(db, list(subsets))
     return counts, [f"s{i}" for i in range(len(subsets))]
+
+
+def _drop_refused_uses(db: SnapshotDB, subsets: dict[str, SubsetConfig], skip: set[str]) -> dict[str, int]:
+    """Clear the flag ``s<i>`` of every eligible sample whose ``usage_pref`` says ``n`` for one of subset i's
+    ``intended_uses`` (``drop:usage_pref``); return how many each subset lost. Rows the download stage
+    already refused (``download.usage_pref_refuse``) never get here: they are ``drop:not_downloaded``."""
+    out: dict[str, int] = {}
+    for i, (name, subset) in enumerate(subsets.items()):
+        if name in skip or not subset.intended_uses:
+            continue
+        refused = " OR ".join(f"_usage.{ROW_FIELDS[use]} = 'n'" for use in subset.intended_uses)
+        cond = f"base_outcome = '{ELIGIBLE}' AND s{i} AND coalesce({refused}, false)"
+        out[name] = int(db.con.execute(f"SELECT count(*) FROM {SCAN_TABLE} WHERE {cond}").fetchall()[0][0])
+        if out[name]:
+            db.con.execute(f"UPDATE {SCAN_TABLE} SET s{i} = false WHERE {cond}")
+    return out
 
 
 def _dedup_within_subsets(db: SnapshotDB, names: list[str]) -> dict[str, int]:
@@ -566,6 +590,7 @@ def curate_subsets(db: SnapshotDB, subsets: dict[str, SubsetConfig], config: Cur
             "where": subset.where,
             "description": subset.description,
             "require_clip_kept": config.require_clip_kept,
+            "intended_uses": list(subset.intended_uses),
             "counts": dict(sorted(outcomes.items())),
             "total_samples": counts.total,
             **({"rules": counts.rules[name]} if name in counts.rules else {}),

@@ -91,6 +91,9 @@ DOWNLOAD_RESULT_FIELDS = (
     "download.respect_tdm_reservation",
     "download.respect_embedded_optouts",
     "download.embedded_optout_dmi_values",
+    "download.respect_usage_prefs",
+    "download.usage_pref_refuse",
+    "download.usage_pref_reading",
     # what is kept and how it is written
     "download.max_image_pixels",
     "download.max_image_side",

@@ -7,11 +7,14 @@ up to ``backoff_max_s``) and 5xx. Redirects are followed by hand so every hop is
 
 Checks, in order, for every hop: URL hash list, SSRF guard, origins that opted out
 host-wide (:class:`~.optout.HostOptOuts`, no request), robots.txt (RFC 9309,
-:mod:`laion_tasks.net.robots`), tdmrep.json (:mod:`laion_tasks.net.tdmrep`). Then, on the
-response: ``X-Robots-Tag`` and ``tdm-reservation`` headers before the body; the body size
-capped while streaming. On the bytes, before anything is decoded or written: the image
-hash list, then opt-outs embedded in the image (XMP / C2PA, :mod:`.optout`). Every failure
-becomes one status string (see :func:`is_retryable` for which ones are retried).
+:mod:`laion_tasks.net.robots`), its AI-use preferences (``Content-Usage``, ``Content-Signal``:
+:mod:`laion_tasks.net.usage_prefs`), tdmrep.json (:mod:`laion_tasks.net.tdmrep`). Then, on the
+response: ``X-Robots-Tag``, ``tdm-reservation``, ``Content-Usage`` and ``Content-Signal`` headers
+before the body; the body size capped while streaming. On the bytes, before anything is
+decoded or written: the image hash list, then opt-outs embedded in the image (XMP / C2PA,
+:mod:`.optout`). Every failure becomes one status string (see :func:`is_retryable` for which
+ones are retried). A use in ``download.usage_pref_refuse`` that the publisher refuses is the
+status ``opted_out_<use>`` (``opted_out_ai_train``), the outcome ``opted_out:<use>``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from laion_tasks.net import ssrf
 from laion_tasks.net.origin_cache import SharedOriginStore
 from laion_tasks.net.robots import ROBOTS_MAX_BYTES, RobotsCache, user_agent_token  # noqa: F401 - re-exported
 from laion_tasks.net.tdmrep import TdmRepCache, header_reserved
+from laion_tasks.net.usage_prefs import OUTCOME_NAMES, UsagePref, combine, header_pref
 from laion_tasks.stages.download import optout
 from laion_tasks.stages.image_ops import ImageResult
 
@@ -38,6 +42,12 @@ RETRYABLE_STATUSES = frozenset({"timeout", "connection_error", "http_429", "robo
 """Plus every ``http_5xx``: see :func:`is_retryable`."""
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 KNOWN_DIRECTIVES_WITH_COLON = ("unavailable_after", "max-snippet", "max-image-preview", "max-video-preview")
+USAGE_REFUSAL_STATUSES = {f"opted_out_{name}": f"opted_out:{name}" for name in OUTCOME_NAMES.values()}
+"""Status of a sample whose publisher refuses a use in ``download.usage_pref_refuse`` -> its lineage outcome."""
+
+
+def usage_refusal_status(use: str) -> str:
+    return f"opted_out_{OUTCOME_NAMES[use]}"
 
 
 class Blocklist(Protocol):
@@ -66,17 +76,21 @@ class SampleResult:
     error_message: str | None = None
     final_url: str | None = None
     image: ImageResult | None = None
+    usage_pref: UsagePref | None = None
+    """The AI-use preferences found for the sample (robots.txt of every hop, the response's headers)."""
 
 
 class _Failure(Exception):
     """One attempt failed with a status; ``retry_after`` comes from a 429/503 header."""
 
-    def __init__(self, status: str, message: str, url: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, status: str, message: str, url: str | None = None, retry_after: float | None = None,
+                 usage_pref: UsagePref | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.url = url
         self.retry_after = retry_after
+        self.usage_pref = usage_pref
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -203,14 +217,24 @@ class Fetcher:
             raise _Failure("invalid_url", str(exc), url) from None
 
     # -- opt-outs before a request -------------------------------------------------------
-    async def _check_opt_outs(self, url: str) -> None:
-        """Host-wide opt-outs already known, then robots.txt, then tdmrep.json (per origin, from the task's store)."""
+    def _refuse_usage(self, pref: UsagePref | None, url: str) -> None:
+        """Raise the refusal of the first use in ``download.usage_pref_refuse`` that ``pref`` disallows."""
+        refused = pref.refused(self.config.usage_pref_refuse) if pref is not None else []
+        if refused:
+            assert pref is not None
+            why = "; ".join(pref.sources)
+            raise _Failure(usage_refusal_status(refused[0]), f"{refused[0]} refused: {why}", url, usage_pref=pref)
+
+    async def _check_opt_outs(self, url: str) -> UsagePref | None:
+        """Host-wide opt-outs already known, then robots.txt and the AI-use preferences it attaches to ``url``
+        (returned), then tdmrep.json (per origin, from the task's store)."""
         config = self.config
         known = self.host_opt_outs.check(url)
         if known is not None:
             raise _Failure(known[0], known[1], url)
+        rules = await self.robots.rules(url) if config.respect_robots_txt or config.respect_usage_prefs else None
         if config.respect_robots_txt:
-            rules = await self.robots.rules(url)
+            assert rules is not None
             if rules.unavailable is not None:
                 self.host_opt_outs.record(url, rules.status, rules.unavailable)
                 raise _Failure(rules.status, rules.unavailable, url)
@@ -219,6 +243,10 @@ class Fetcher:
                 if rules.disallows_everything(self.ua_token):
                     self.host_opt_outs.record(url, "opted_out_robots_txt", f"robots.txt disallows everything for {self.ua_token}")
                 raise _Failure("opted_out_robots_txt", reason, url)
+        pref = None
+        if config.respect_usage_prefs and rules is not None:
+            pref = rules.usage_pref(url, self.ua_token, config.usage_pref_reading)
+            self._refuse_usage(pref, url)
         if config.respect_tdm_reservation:
             tdm = await self.tdmrep.rules(url)
             rule = tdm.reserves(url)
@@ -227,6 +255,7 @@ class Fetcher:
                 if tdm.reserves_everything():
                     self.host_opt_outs.record(url, "opted_out_tdm_reservation", reason)
                 raise _Failure("opted_out_tdm_reservation", reason, url)
+        return pref
 
     # -- one URL ----------------------------------------------------------------------
     async def fetch(self, url: str, process: Any, on_body: Any = None) -> SampleResult:
@@ -239,12 +268,12 @@ class Fetcher:
         while True:
             async with self.slots:
                 try:
-                    data, final_url = await self._attempt(url)
+                    data, final_url, usage = await self._attempt(url)
                 except _Failure as failure:
                     # robots.txt results are cached per origin: retrying now cannot change them.
                     final = failure.status == "robots_txt_unavailable" or not is_retryable(failure.status)
                     if final or attempt >= self.config.retries:
-                        return SampleResult(failure.status, failure.message, failure.url)
+                        return SampleResult(failure.status, failure.message, failure.url, usage_pref=failure.usage_pref)
                     delay = self._backoff(attempt, failure)
                     if delay is None:
                         return SampleResult(
@@ -259,8 +288,11 @@ class Fetcher:
                     if self.config.respect_embedded_optouts:
                         refusal = optout.embedded_opt_out(data, self.config.embedded_optout_dmi_values)
                         if refusal is not None:
-                            return SampleResult(optout.STATUS, refusal, final_url)
-                    return await process(data, final_url, digest.hex())
+                            return SampleResult(optout.STATUS, refusal, final_url, usage_pref=usage)
+                    result = await process(data, final_url, digest.hex())
+                    if result.status != "blocked_hashlist":  # nothing of a listed image is kept
+                        result.usage_pref = usage
+                    return result
             attempt += 1
             self.retries += 1
             await asyncio.sleep(delay)
@@ -275,15 +307,18 @@ class Fetcher:
             delay = max(delay, failure.retry_after)
         return delay
 
-    async def _attempt(self, url: str) -> tuple[bytes, str]:
+    async def _attempt(self, url: str) -> tuple[bytes, str, UsagePref | None]:
+        """The body, the URL that served it, and the AI-use preferences of every hop's robots.txt and of the
+        response combined (most restrictive: draft-ietf-aipref-vocab-07 §6.1)."""
         config = self.config
         seen = {url}
         current = url
         deadline: float | None = None
         loop = asyncio.get_running_loop()
+        hop_prefs: list[UsagePref | None] = []
         for hop in range(config.max_redirects + 1):
             self._check_hop(current)
-            await self._check_opt_outs(current)
+            hop_prefs.append(await self._check_opt_outs(current))
             host_slot = self._host_slot(urlsplit(current).netloc.lower())
             if deadline is None:
                 await host_slot.acquire()  # queueing for a busy host is not the server's fault
@@ -296,7 +331,7 @@ class Fetcher:
                     raise _Failure("timeout", f"deadline {config.request_deadline_s}s passed at hop {hop}", current) from None
             try:
                 async with asyncio.timeout_at(deadline):
-                    location = await self._request(current)
+                    location = await self._request(current, combine(hop_prefs))
             except TimeoutError:
                 raise _Failure("timeout", f"no complete response within {config.request_deadline_s}s", current) from None
             except _Failure:
@@ -306,16 +341,17 @@ class Fetcher:
                 raise _Failure(status, message, current) from None
             finally:
                 host_slot.release()
-            if isinstance(location, bytes):
-                return location, current
+            if isinstance(location, tuple):
+                return location[0], current, location[1]
             if location in seen:
                 raise _Failure("redirect_loop", f"redirect loop after {hop + 1} hops", location)
             seen.add(location)
             current = location
         raise _Failure("too_many_redirects", f"more than max_redirects={config.max_redirects} redirects", current)
 
-    async def _request(self, url: str) -> bytes | str:
-        """One GET: the body bytes, or the absolute URL a redirect points to."""
+    async def _request(self, url: str, robots_pref: UsagePref | None) -> tuple[bytes, UsagePref | None] | str:
+        """One GET: the body bytes with the AI-use preferences (``robots_pref``, the robots.txt ones of the hops
+        so far, and the response's), or the absolute URL a redirect points to."""
         config = self.config
         async with self.session.get(url, allow_redirects=False) as resp:
             status = resp.status
@@ -339,6 +375,12 @@ class Fetcher:
                 raise _Failure("opted_out_x_robots_tag", f"X-Robots-Tag: {directive}", url)
             if config.respect_tdm_reservation and header_reserved(resp.headers.get("tdm-reservation")):
                 raise _Failure("opted_out_tdm_reservation", "tdm-reservation: 1", url)
+            usage = robots_pref
+            if config.respect_usage_prefs:
+                usage = combine([robots_pref, header_pref(resp.headers.getall("Content-Usage", []),
+                                                          resp.headers.getall("Content-Signal", []),
+                                                          config.usage_pref_reading)])
+                self._refuse_usage(usage, url)
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > config.max_response_bytes:
                 raise _Failure("too_large", f"Content-Length {length} > max_response_bytes {config.max_response_bytes}", url)
@@ -355,7 +397,7 @@ class Fetcher:
             self.bytes_downloaded += size
             if size == 0:
                 raise _Failure("empty_body", f"HTTP {status} with an empty body", url)
-            return b"".join(chunks)
+            return b"".join(chunks), usage
 
 
 ERROR_BODY_DRAIN_BYTES = 64 * 1024

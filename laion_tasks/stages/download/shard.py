@@ -6,7 +6,9 @@ One shard in, two objects out:
   readable by ``webdataset`` and open_clip's training loader. Members are in completion
   order (writing as results arrive keeps memory bounded).
 - ``<shard>.parquet``: EVERY input row, in input order, with the input columns plus
-  ``caption`` and ``status``/``error_message``/sizes/``mime_type``/``sha256``/``final_url``.
+  ``caption`` and ``status``/``error_message``/sizes/``mime_type``/``sha256``/``final_url``, and
+  ``usage_pref``: the AI-use preferences found for the sample (a struct: ``train_ai``, ``ai_input``,
+  ``search`` each ``y``/``n``/NULL, the ``sources`` they came from, RSL ``licenses``; NULL when none).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from laion_tasks.config import DownloadConfig
 from laion_tasks.net.origin_cache import SharedOriginStore
 from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import read_parquet, ShardStats, StageError
-from laion_tasks.stages.download.fetch import SUCCESS, Blocklist, SampleResult, is_retryable
+from laion_tasks.net.usage_prefs import ROW_FIELDS, UsagePref
+from laion_tasks.stages.download.fetch import SUCCESS, USAGE_REFUSAL_STATUSES, Blocklist, SampleResult, is_retryable
 from laion_tasks.stages.download.workers import RunOutcome, download_rows
 from laion_tasks.stages.image_ops import ImageResult
 from laion_tasks.stages.regroup import sample_key
@@ -35,6 +38,12 @@ from laion_tasks.stages.regroup import sample_key
 TAR_MTIME = 1_700_000_000
 """Fixed tar member mtime, so the same results give the same tar bytes. An int: a float mtime
 makes tarfile add a PAX header block pair to every member (slower, ~1.5 KB more per sample)."""
+
+USAGE_PREF_TYPE = pa.struct(
+    [*((name, pa.string()) for name in ROW_FIELDS.values()), ("sources", pa.list_(pa.string())),
+     ("licenses", pa.list_(pa.string()))]
+)
+"""``usage_pref`` (:meth:`laion_tasks.net.usage_prefs.UsagePref.to_row`; DuckDB: ``usage_prefs.SQL_TYPE``)."""
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -49,6 +58,7 @@ RESULT_SCHEMA = pa.schema(
         ("mime_type", pa.string()),
         ("sha256", pa.string()),
         ("final_url", pa.string()),
+        ("usage_pref", USAGE_PREF_TYPE),
     ]
 )
 
@@ -146,6 +156,7 @@ def _result_columns(captions: list[str | None], results: list[SampleResult]) -> 
         "mime_type": img("mime_type"),
         "sha256": img("sha256"),
         "final_url": [r.final_url for r in results],
+        "usage_pref": [r.usage_pref.to_row() if r.usage_pref is not None else None for r in results],
     }
     return {f.name: pa.array(values[f.name], f.type) for f in RESULT_SCHEMA}
 
@@ -160,9 +171,15 @@ def _with_results(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
 def _stats_for(results: list[SampleResult], outcome: RunOutcome, parquet_uri: str) -> ShardStats:
     """Counts by outcome; the Parquet, written last, is the shard's commit object."""
     stats = ShardStats(output_uri=parquet_uri)
+    usage: dict[str, int] = {}
     for r in results:
-        stats.add(SUCCESS if r.status == SUCCESS else f"fail:{r.status}")
+        stats.add(SUCCESS if r.status == SUCCESS else USAGE_REFUSAL_STATUSES.get(r.status) or f"fail:{r.status}")
+        if r.usage_pref is not None and r.status == SUCCESS:  # kept rows that carry a preference, for the record
+            for key in [f"{use}={value}" for use, value in r.usage_pref.values] + ["rsl_license"] * bool(r.usage_pref.licenses):
+                usage[key] = usage.get(key, 0) + 1
     stats.extra.update({"retries": outcome.retries, "bytes_downloaded": outcome.bytes_downloaded})
+    if usage:
+        stats.extra["usage_pref_kept"] = dict(sorted(usage.items()))
     return stats
 
 
@@ -299,5 +316,5 @@ def _results_from_table(table: pa.Table) -> list[SampleResult]:
                 mime_type=get("mime_type"),
                 sha256=get("sha256"),
             )
-        out.append(SampleResult(get("status"), get("error_message"), get("final_url"), image))
+        out.append(SampleResult(get("status"), get("error_message"), get("final_url"), image, UsagePref.from_row(get("usage_pref"))))
     return out
