@@ -27,13 +27,13 @@ from laion_tasks.config import ClipConfig, CurateConfig, Settings, SubsetConfig
 from laion_tasks.lineage import FunnelRow, Lineage
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot
 from laion_tasks.stage import ShardStats
+from laion_tasks.wds import iter_samples
 from laion_tasks.stages.subset_rules import describe as describe_rules
 from laion_tasks.stages.curate import (
     ELIGIBLE,
     HASH_DEFINITION,
     LAION_COLUMNS,
     SubsetCounts,
-    iter_tar_samples,
     base_outcome_sql,
     count_subsets,
     eligible_sql,
@@ -144,7 +144,7 @@ def _thumbnails(db: SnapshotDB, samples: list[dict[str, Any]], size: int = 128) 
         uri = layout.images_tar_uri(db.root, db.snapshot, shard)
         try:
             with storage.open_read(uri) as handle:
-                for key, members in iter_tar_samples(handle, keys):
+                for key, members in iter_samples(handle, keys):
                     for info, data in members:
                         if info.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
                             try:
@@ -595,7 +595,7 @@ def comparison_rows(settings: Settings, snapshot: str) -> list[dict[str, Any]]:
     root = settings.storage.root
     rows = []
     for subset in trained_subsets(settings.train):
-        model = storage.join(layout.models_dir(root, snapshot), subset)
+        model = layout.model_dir(root, snapshot, subset)
         train_uri, eval_uri = storage.join(model, "train.json"), storage.join(model, "eval", "zeroshot.json")
         trained = json.loads(storage.read_text(train_uri)) if storage.exists(train_uri) else {}
         evaluated = json.loads(storage.read_text(eval_uri)) if storage.exists(eval_uri) else {}

@@ -17,6 +17,7 @@ from PIL import Image
 from clip_fixtures import FixtureSample, encode_image, skimage_samples, synthetic_image, write_shard
 from laion_tasks.config import ClipConfig, ClipModelConfig
 from laion_tasks.models.clip import cached_clip
+from laion_tasks import wds
 from laion_tasks.stages.clip import data as cs_data, encode as cs
 from laion_tasks.stages.clip.encode import clip_score_shard
 
@@ -81,7 +82,7 @@ def test_preprocessing_equals_open_clip_transform(shared_data: Path, tmp_path: P
     samples.append(FixtureSample("webp", "caption", encode_image(synthetic_image(3, (300, 500)), "WEBP"), ext="webp"))
     samples.append(FixtureSample("wide", "caption", encode_image(synthetic_image(4, (900, 120)))))
     _, tar = write_shard(tmp_path, samples)
-    members = cs_data.index_tar_images(tar)
+    members = wds.index_images(tar)
     clip = cached_clip("laion-tiny-clip", None, None, "cpu", 0)
     items = [cs_data.PairItem(i, s.caption, members[s.key]) for i, s in enumerate(samples)]
     dataset = cs_data.ShardPairs(tar, items, clip.preprocess, clip.tokenizer, raw_jpeg=False)
@@ -315,7 +316,7 @@ def test_bf16_autocast_on_cpu_stays_close(skimage_shard, tmp_path: Path) -> None
         assert abs(a["similarity"] - b["similarity"]) < 0.05
 
 
-def test_webdataset_key_split() -> None:
-    assert cs_data.webdataset_key("000001.jpg") == ("000001", "jpg")
-    assert cs_data.webdataset_key("dir/000001.seg.JPG") == ("dir/000001", "seg.jpg")
+def test_webdataset_key_split() -> None:  # laion_tasks.wds: the one key rule
+    assert wds.split_member("000001.jpg") == ("000001", "jpg")
+    assert wds.split_member("dir/000001.seg.JPG") == ("dir/000001", "seg.jpg")
     assert json.loads(json.dumps(cs.OUTCOME))["no_image"] == "skip:no_image"

@@ -7,7 +7,6 @@ import io
 import logging
 import multiprocessing
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -19,12 +18,12 @@ import torch
 from laion_tasks import storage
 from laion_tasks.config import ClipConfig
 from laion_tasks.stage import StageError
+from laion_tasks.wds import TarMember
 
 log = logging.getLogger(__name__)
 
 
 ClipStatus = Literal["scored", "no_image", "decode_error", "empty_caption"]
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "webp", "png")
 JPEG_EXTENSIONS = ("jpg", "jpeg")
 OUTCOME = {
     "scored": "success",
@@ -45,42 +44,6 @@ OUTPUT_SCHEMA = pa.schema(
         ("has_embedding", pa.bool_()),
     ]
 )
-
-
-# --------------------------------------------------------------------------- tar access
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """Where an image's bytes sit inside the uncompressed tar, so workers can pread them."""
-
-    offset: int
-    size: int
-    ext: str
-
-
-def webdataset_key(member_name: str) -> tuple[str, str]:
-    """WebDataset's split: the key is the path up to the first dot of the basename."""
-    directory, _, base = member_name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    key = f"{directory}/{stem}" if directory else stem
-    return key, ext.lower() if dot else ""
-
-
-def index_tar_images(tar_path: Path) -> dict[str, TarMember]:
-    """Key -> image member for an uncompressed tar (tarfile reads headers only, not payloads)."""
-    out: dict[str, TarMember] = {}
-    try:
-        with tarfile.open(tar_path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = webdataset_key(member.name)
-                if ext in IMAGE_EXTENSIONS and key not in out:
-                    out[key] = TarMember(member.offset_data, member.size, ext)
-    except tarfile.TarError as exc:
-        raise StageError(f"{tar_path}: not a readable uncompressed tar: {exc}") from exc
-    return out
 
 
 # --------------------------------------------------------------------------- preprocessing

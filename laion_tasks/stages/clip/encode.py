@@ -20,6 +20,7 @@ from laion_tasks.langid import LangIdOptions, detect_languages, language_group
 from laion_tasks.models.clip import LoadedClip, cached_clip
 from laion_tasks.progress import Progress, shard_label
 from laion_tasks.stage import ShardStats, StageError
+from laion_tasks.wds import index_images
 from laion_tasks.stages.clip.data import (
     OUTCOME,
     OUTPUT_SCHEMA,
@@ -30,7 +31,6 @@ from laion_tasks.stages.clip.data import (
     _read_inputs,
     _workers,
     collate_pairs,
-    index_tar_images,
     open_image,
 )
 
@@ -239,7 +239,7 @@ def clip_score_shard(
     with contextlib.ExitStack() as stack:
         todo = [i for i in range(n) if status[i] is None]
         tar_path = stack.enter_context(storage.local_copy(tar_uri)) if todo else None
-        members = index_tar_images(tar_path) if tar_path is not None else {}
+        members = index_images(tar_path) if tar_path is not None else {}
         # Models are grouped by identity so that use_multilingual=False or equal configs load once.
         plan: dict[tuple, list[int]] = {}
         for i in todo:

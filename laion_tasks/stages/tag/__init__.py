@@ -51,18 +51,17 @@ from laion_tasks.stage import Context, ShardStats, StageError, StageSpec, read_p
 from laion_tasks.stages.tag.inputs import (
     BLOCKED,
     OUTPUT_SCHEMA,
-    IMAGE_EXTENSIONS,
     _block_without_image,
     _clip_languages,
     _Columns,
     _DownloadRows,
     _float_column,
-    _iter_tar_samples,
     _load_embeddings,
     _previously_blocked,
     _read_download_rows,
     _rewrite_tar_without,
 )
+from laion_tasks.wds import image_bytes, iter_samples, sample_files
 from laion_tasks.stages.tag.models import (
     _aesthetic_head,
     _device,
@@ -142,7 +141,7 @@ def _check_sample(
 
     if cols.blocked[i]:
         return None
-    data = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    data = image_bytes(files)
     if data is None:
         cols.status[i] = "missing_from_tar"
         return None
@@ -180,7 +179,7 @@ def _image_pass(
     in_tar = sum(1 for s in rows.statuses if s == "success")
     with Progress(shard_label("tag", tar_uri), in_tar, unit="images") as progress:
         try:
-            for key, files in _iter_tar_samples(tar_path):
+            for key, files in ((k, sample_files(m)) for k, m in iter_samples(tar_path)):
                 progress.advance()
                 i = rows.row_of.get(key)
                 if i is None:

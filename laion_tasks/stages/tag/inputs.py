@@ -7,7 +7,7 @@ import logging
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +18,6 @@ from laion_tasks.stage import StageError, read_parquet
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "webp", "png")
 BLOCKED = "blocked_hashlist"
 
 OUTPUT_SCHEMA = pa.schema(
@@ -59,27 +58,6 @@ def _embedding_rows(clip_table: pa.Table, emb: np.ndarray, emb_uri: str) -> np.n
     raise StageError(
         f"{emb_uri}: {emb.shape[0]} embedding rows match neither the {n} clip rows nor their {int(has.sum())} embeddings"
     )
-
-
-def _iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per WebDataset sample, grouping consecutive members by key."""
-    current: str | None = None
-    files: dict[str, bytes] = {}
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            key, _, ext = name.partition(".")
-            handle = tar.extractfile(member)
-            data = handle.read() if handle else b""
-            if key != current and current is not None:
-                yield current, files
-                files = {}
-            current = key
-            files[ext.lower()] = data
-    if current is not None:
-        yield current, files
 
 
 def _rewrite_tar_without(src: Path, tar_uri: str, blocked: set[str]) -> int:
