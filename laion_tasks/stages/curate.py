@@ -42,7 +42,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,6 +52,7 @@ from laion_tasks.config import ClipConfig, CurateConfig, SubsetConfig
 from laion_tasks.net.usage_prefs import ROW_FIELDS
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot, predicate_columns
 from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
+from laion_tasks.wds import iter_samples
 from laion_tasks.stages.subset_rules import apply_rules
 
 log = logging.getLogger(__name__)
@@ -336,7 +337,7 @@ def _dedup_within_subsets(db: SnapshotDB, names: list[str]) -> dict[str, int]:
             if has_ranks:
                 resolve_verdicts(db.con, f"SELECT _rank AS rank, _ua1 AS ua1, _ua2 AS ua2, _sh1 AS sh1, _sh2 AS sh2 "
                                          f"FROM {SCAN_TABLE} WHERE {eligible} AND {flag}", edges)
-                dropped = f"_rank IN (SELECT rank FROM dd)"
+                dropped = "_rank IN (SELECT rank FROM dd)"
             else:
                 dropped = "_dup"
             n = db.con.execute(f"SELECT count(*) FROM {SCAN_TABLE} WHERE {eligible} AND {flag} AND {dropped}").fetchall()[0][0]
@@ -418,13 +419,6 @@ def _write_parquet_parts(db: SnapshotDB, out_dirs: dict[str, str], flags: dict[s
         raise
 
 
-def _split_member(name: str) -> tuple[str | None, str | None]:
-    """WebDataset's key/extension split: ``dir/KEY.ext.more`` -> (``dir/KEY``, ``ext.more``)."""
-    from webdataset.tariterators import base_plus_ext
-
-    return base_plus_ext(name)
-
-
 class _RollingTarWriter:
     """Writes samples into ``NNNNN.tar`` files of at most ``per_tar`` samples, each committed atomically."""
 
@@ -470,27 +464,6 @@ class _RollingTarWriter:
             ctx.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def iter_tar_samples(handle: IO[bytes], wanted: set[str]) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo, bytes]]]]:
-    """Stream a WebDataset tar, yielding (key, members) for the wanted keys, in tar order."""
-    current: str | None = None
-    members: list[tuple[tarfile.TarInfo, bytes]] = []
-    with tarfile.open(fileobj=handle, mode="r|*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _ext = _split_member(info.name)
-            if key is None or Path(key).name not in wanted:
-                continue
-            if current is not None and key != current:
-                yield Path(current).name, members
-                members = []
-            current = key
-            extracted = tar.extractfile(info)
-            members.append((info, extracted.read() if extracted else b""))
-    if current is not None:
-        yield Path(current).name, members
-
-
 def _iter_subset_keys_by_shard(db: SnapshotDB, flag: str) -> Iterator[tuple[str, set[str]]]:
     """(shard, keys) of one subset from the scan table, a batch at a time."""
     reader = db.con.sql(f"SELECT _shard, key FROM {SCAN_TABLE} WHERE keep AND {flag} ORDER BY _shard, key").to_arrow_reader(65_536)
@@ -523,7 +496,7 @@ def _write_webdataset(db: SnapshotDB, out_dir: str, flag: str, config: CurateCon
             found: set[str] = set()
             try:
                 with storage.open_read(tar_uri) as handle:
-                    for key, members in iter_tar_samples(handle, keys):
+                    for key, members in iter_samples(handle, keys):
                         if key in found:
                             continue
                         found.add(key)
