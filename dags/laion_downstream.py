@@ -43,10 +43,10 @@ def train(snapshot: str) -> str | None:
 @task
 def checkpoint_uri(snapshot: str) -> str:
     """Where the training pod wrote its checkpoint (the pod reports through storage and lineage, not XCom)."""
-    from laion_tasks import layout, storage
+    from laion_tasks import layout
 
     settings, _ = run_settings()
-    return storage.join(layout.models_dir(settings.storage.root, snapshot), settings.train.subset, "epoch_latest.pt")
+    return layout.checkpoint_uri(layout.model_dir(settings.storage.root, snapshot, settings.train.subset))
 
 
 @task

@@ -27,7 +27,7 @@ import laion_tasks.commands as commands_pkg
 HELP_ORDER = (
     # the main door, then the single-step tools in pipeline order, then the audit and setup tools
     "run",
-    "list-wats", "extract", "regroup", "download", "clip-score", "clip-score-shard", "langid", "tag", "dedup",
+    "list-wats", "extract", "regroup", "download", "clip", "clip-shard", "langid", "tag", "dedup",
     "curate", "card", "index", "serve", "train", "eval",
     "funnel", "shards", "verify", "serve-lineage", "config",
 )  # fmt: skip

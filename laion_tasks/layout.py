@@ -105,5 +105,21 @@ def index_dir(root: str, snapshot: str, subset: str) -> str:
     return join(root, snapshot, "index", subset)
 
 
-def models_dir(root: str, snapshot: str) -> str:
-    return join(root, snapshot, "models")
+CHECKPOINT_NAME = "epoch_latest.pt"
+"""open_clip_train's last checkpoint: the one a training run keeps."""
+
+
+def model_dir(root: str, snapshot: str, subset: str) -> str:
+    """One training run on a subset: its checkpoint, ``train.log``, ``train.json`` and ``eval/``."""
+    return join(root, snapshot, "models", subset)
+
+
+def checkpoint_uri(model_dir: str) -> str:
+    """The checkpoint in a training run's directory (the layout's :func:`model_dir`, or ``laion train --out``):
+    where the trainer writes it and every reader (eval, the card, the DAG) looks for it."""
+    return join(model_dir, CHECKPOINT_NAME)
+
+
+def eval_dir(root: str, snapshot: str, subset: str) -> str:
+    """The zero-shot evaluation of the model trained on a subset."""
+    return join(model_dir(root, snapshot, subset), "eval")

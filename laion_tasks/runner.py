@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 from laion_tasks import layout, progress, storage
 from laion_tasks.config import Settings
 from laion_tasks.lineage import Lineage
-from laion_tasks.stage import STAGE_MODULES, Context, ShardStats, StageError, StageSpec
+from laion_tasks.stage import STAGE_MODULES, Context, ShardStats, StageError, StageSpec, file_identity
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,9 @@ def batch_shards(ctx: Context, stage: StageSpec, batch: Batch) -> list[str]:
 
 def _upstream_identity(ctx: Context, stage: StageSpec, shard: str, current: dict[str, list[dict[str, Any]]]) -> list[str]:
     """``stage:shard:run-id`` of every upstream output this shard reads (plus external inputs and input files)."""
+    named = ctx.options.get("inputs")
+    if named:  # files named on the command line: by URI and content, whatever lineage holds upstream
+        return [f"{role}:{uri}:{_named_identity(ctx, uri)}" for role, uri in sorted(named.items())] + stage.input_file_identities(ctx)
     parts: list[str] = []
     for upstream in stage.reads:
         same_plan = spec(upstream).plan_name == stage.plan_name and bool(stage.plan_name)
@@ -198,6 +201,14 @@ def _upstream_identity(ctx: Context, stage: StageSpec, shard: str, current: dict
         parts.append(stage.external_inputs(ctx, shard))
     parts.extend(stage.input_file_identities(ctx))  # hash lists: by content, not by path
     return parts
+
+
+def _named_identity(ctx: Context, uri: str) -> str:
+    """An input file named on the command line: its content (sha256, S3 ETag). Not read for an http(s)
+    URI (a crawl's published WAT file: its URI is its identity), nor without lineage (no key is compared)."""
+    if ctx.lineage is None or storage.is_http(uri):
+        return "-"
+    return file_identity(ctx, uri)
 
 
 def inputs_digest(ctx: Context, stage: StageSpec, shard: str, current: dict[str, list[dict[str, Any]]] | None = None) -> str:
@@ -334,6 +345,68 @@ def run_all(settings: Settings, snapshot: str, stages: Sequence[str], *, force: 
     finally:
         ctx.close()
     return report
+
+
+UNRECORDED = "-"
+"""The snapshot of a command's run that no snapshot holds (``laion extract WAT OUT`` without ``--snapshot``):
+nothing is recorded, and every file it reads or writes is named, so no layout path is derived from it."""
+
+
+def run_on_files(
+    settings: Settings,
+    snapshot: str | None,
+    name: str,
+    shard: str,
+    *,
+    inputs: dict[str, str],
+    outputs: dict[str, str],
+    force: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """One shard of a stage on files named on the command line (``laion extract WAT OUT``): the stage's own
+    run, its files passed as context options (``Context.uri``), its inputs keyed by content; recorded in
+    lineage under ``snapshot`` when one is given. Returns the shard's stats, or ``{"skipped": True}``."""
+    report = run(settings, snapshot or UNRECORDED, name, {"shards": [shard]}, force=force, details=True,
+                 lineage=snapshot is not None, inputs=inputs, outputs=outputs, **options)
+    return dict(report["shards"][shard])
+
+
+def plan_only(settings: Settings, snapshot: str | None, name: str, **options: Any) -> list[str]:
+    """Plan a stage and run nothing (``laion regroup``: the download plan on named files); its shard ids.
+    Without a snapshot nothing is recorded or retired."""
+    ctx = open_context(settings, snapshot or UNRECORDED, lineage=snapshot is not None, **options)
+    try:
+        plan(ctx, name)
+        return spec(name).shards(ctx)
+    finally:
+        ctx.close()
+
+
+def run_one(
+    settings: Settings,
+    snapshot: str | None,
+    name: str,
+    shard: str,
+    fn: Callable[[], ShardStats],
+    *,
+    input_uri: str,
+    output_uri: str,
+    identity: Sequence[str] = (),
+    force: bool = False,
+) -> tuple[ShardStats | None, bool]:
+    """A stage's run on what a command's options name, outside its plan (``laion train --subset-dir``,
+    ``laion eval zeroshot``), keyed, skipped and recorded as a planned shard is: the stage's knobs
+    (``settings`` carries the command's overrides) and ``identity`` (the named inputs, a model, a seed).
+    Without a snapshot it just runs. Returns ``(stats, skipped)``."""
+    digest = hashlib.sha256(json.dumps(list(identity)).encode()).hexdigest()[:16] if identity else None
+    run = StageRun(snapshot or UNRECORDED, name, shard, input_uri, spec(name).config_digest(settings, shard), digest, output_uri)
+    if snapshot is None:
+        return run_stage(None, run, fn)
+    ctx = open_context(settings, snapshot)
+    try:
+        return run_stage(ctx.lineage, run, fn, force=force, output_exists=storage.output_exists)
+    finally:
+        ctx.close()
 
 
 def stage_env(settings: Settings, stage: StageSpec) -> dict[str, str]:

@@ -120,6 +120,12 @@ class Context:
     def root(self) -> str:
         return self.settings.storage.root
 
+    def uri(self, role: str, default: str) -> str:
+        """The file the command line named for ``role`` (``laion extract WAT OUT``: ``inputs["wat"]``,
+        ``outputs["candidates"]``), else ``default``, the layout's path: one shard on explicit files
+        runs the stage's own code through the runner."""
+        return (self.options.get("inputs") or {}).get(role) or (self.options.get("outputs") or {}).get(role) or default
+
     def resource(self, name: str, make: Callable[[], T]) -> T:
         """Build something once per batch (hash lists, a model) and share it across shards."""
         if name not in self._resources:

@@ -81,8 +81,8 @@ def assert_downstream_outputs(settings: Settings, lineage: Lineage, snap: str) -
     """The Asset-triggered chain ran: kNN index, and train -> zero-shot eval -> metrics in the card."""
     root = settings.storage.root
     train_subset = settings.train.subset
-    model_dir = storage.join(layout.models_dir(root, snap), train_subset)
-    assert storage.exists(storage.join(model_dir, "epoch_latest.pt"))
+    model_dir = layout.model_dir(root, snap, train_subset)
+    assert storage.exists(layout.checkpoint_uri(model_dir))
     assert storage.exists(storage.join(model_dir, "eval", "zeroshot.json"))
     card_text = storage.read_text(storage.join(layout.card_dir(root, snap), "README.md"))
     assert f"Zero-shot evaluation of CLIP trained on `{train_subset}`" in card_text

@@ -7,6 +7,7 @@ for a caption must find its own sample first: the tests can fail for real.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,10 @@ def generate(
         np.save(emb_uri, emb)
         clip_uris.append(clip_uri)
         embedding_uris.append(emb_uri)
+    plan = Path(layout.shards_manifest_uri(str(root), SNAPSHOT))  # the download plan that names the shards
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_text(json.dumps({"shard_size": rows_per_shard, "candidates": {},
+                                "shards": {layout.shard_name(s): "fixture" for s in range(shards)}}))
     # A subset row whose sample the CLIP stage never saw.
     orphan = dict(subset_rows[0], key="999999999", uid="orphan", URL=f"{url_base}/orphan.png")
     subset_rows.append(orphan)

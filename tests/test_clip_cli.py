@@ -1,4 +1,4 @@
-"""``laion clip-score`` and the shard-addressed ``laion clip-score-shard`` (what GPU pods run)."""
+"""``laion clip`` (named files) and the shard-addressed ``laion clip-shard`` (what GPU pods run)."""
 
 from __future__ import annotations
 
@@ -41,26 +41,34 @@ def test_split_shard_ids() -> None:
     assert split_shard_ids(["['000005', '000006']"]) == ["000005", "000006"]
 
 
-def test_clip_score_command(tmp_path: Path) -> None:
+def test_clip_command(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, tmp_path / "data")
     parquet, tar = write_shard(tmp_path / "in", samples(3, 1))
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        app,
-        [
-            "clip-score", "--images-parquet", str(parquet), "--tar", str(tar),
-            "--out-parquet", str(out / "s.parquet"), "--img-emb", str(out / "s.img.npy"),
-            "--txt-emb", str(out / "s.txt.npy"), "--config", str(cfg),
-        ],
-    )
+    args = [
+        "clip", "--images-parquet", str(parquet), "--tar", str(tar),
+        "--out-parquet", str(out / "s.parquet"), "--img-emb", str(out / "s.img.npy"),
+        "--txt-emb", str(out / "s.txt.npy"), "--config", str(cfg),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     stats = json.loads(result.output[result.output.index("{"):])
     assert sum(stats["counts"].values()) == 4 and stats["counts"]["skip:no_image"] == 1
     assert pq.read_table(out / "s.parquet").num_rows == 4
     assert np.load(out / "s.img.npy", mmap_mode="r").shape == (4, 64)
+    assert not (tmp_path / "lineage.db").exists()  # no --snapshot: nothing recorded
+
+    # with --snapshot: the runner records it under the shard's name, and skips it while current
+    Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").ensure_snapshot(SNAPSHOT, str(tmp_path / "data"))
+    args += ["--snapshot", SNAPSHOT]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    [run] = Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").runs(SNAPSHOT, "clip")
+    assert (run["shard_id"], run["status"], run["input_uri"], run["output_uri"]) == (parquet.stem, "done", str(parquet), str(out / "s.parquet"))
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and json.loads(again.output[again.output.index("{"):]) == {"skipped": True}
 
 
-def test_clip_score_shard_command_uses_layout_and_lineage(tmp_path: Path) -> None:
+def test_clip_shard_command_uses_layout_and_lineage(tmp_path: Path) -> None:
     root = tmp_path / "data"
     cfg = write_config(tmp_path, root)
     for shard, seed in (("000000", 10), ("000001", 20)):
@@ -68,7 +76,7 @@ def test_clip_score_shard_command_uses_layout_and_lineage(tmp_path: Path) -> Non
         Path(layout.images_parquet_uri(str(root), SNAPSHOT, shard)).parent.mkdir(parents=True, exist_ok=True)
         Path(layout.images_parquet_uri(str(root), SNAPSHOT, shard)).write_bytes(parquet.read_bytes())
         Path(layout.images_tar_uri(str(root), SNAPSHOT, shard)).write_bytes(tar.read_bytes())
-    args = ["clip-score-shard", "--snapshot", SNAPSHOT, "--shard", "000000,000001", "--config", str(cfg)]
+    args = ["clip-shard", "--snapshot", SNAPSHOT, "--shard", "000000,000001", "--config", str(cfg)]
     runner = CliRunner()
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
@@ -101,11 +109,11 @@ def test_clip_score_shard_command_uses_layout_and_lineage(tmp_path: Path) -> Non
     assert [r["status"] for r in lineage.runs(SNAPSHOT, "clip")] == ["done", "superseded", "done"]
 
 
-def test_clip_score_shard_missing_input_is_recorded_as_failed(tmp_path: Path) -> None:
+def test_clip_shard_missing_input_is_recorded_as_failed(tmp_path: Path) -> None:
     root = tmp_path / "data"
     cfg = write_config(tmp_path, root)
     Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").ensure_snapshot(SNAPSHOT, str(root))  # a known snapshot, its shard missing
-    result = CliRunner().invoke(app, ["clip-score-shard", "--snapshot", SNAPSHOT, "--shard", "000042", "--config", str(cfg)])
+    result = CliRunner().invoke(app, ["clip-shard", "--snapshot", SNAPSHOT, "--shard", "000042", "--config", str(cfg)])
     assert result.exit_code == 2 and "000042" in result.output
     runs = Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").runs(SNAPSHOT, "clip")
     assert runs[-1]["status"] == "failed" and "000042.parquet" in runs[-1]["error"]

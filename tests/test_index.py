@@ -163,11 +163,25 @@ def test_cli_builds_the_subset_index(generated: Generated, tmp_path: Path) -> No
 
     from laion_tasks.cli import app
 
+    from laion_tasks.lineage import Lineage
+
     config = tmp_path / "laion.yaml"
-    config.write_text(f"storage:\n  root: {generated.root}\n")
-    result = CliRunner().invoke(app, ["index", "--snapshot", SNAPSHOT, "--subset", SUBSET, "-c", str(config)])
+    config.write_text(f"storage:\n  root: {generated.root}\nlineage:\n  url: sqlite:///{tmp_path / 'lineage.db'}\n")
+    args = ["index", "--snapshot", SNAPSHOT, "--subset", SUBSET, "-c", str(config)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["counts"]["kept"] == len(generated.captions)
-    assert Path(layout.index_dir(str(generated.root), SNAPSHOT, SUBSET), MANIFEST_FILE).exists()
+    manifest = Path(layout.index_dir(str(generated.root), SNAPSHOT, SUBSET), MANIFEST_FILE)
+    assert manifest.exists()
+    # recorded as `laion run index` records it, and skipped while current
+    lineage = Lineage(f"sqlite:///{tmp_path / 'lineage.db'}")
+    assert [(r["shard_id"], r["status"], r["output_uri"]) for r in lineage.runs(SNAPSHOT, "index")] == [(SUBSET, "done", str(manifest))]
+    assert json.loads(CliRunner().invoke(app, args).output) == {"skipped": True}
+    # every sample with an embedding, into a directory of our choosing
+    everything = CliRunner().invoke(app, ["index", "--snapshot", SNAPSHOT, "--out-dir", str(tmp_path / "all"), "-c", str(config)])
+    assert everything.exit_code == 0, everything.output
+    with_embedding = sum(sum(pq.read_table(u, columns=["has_embedding"]).column(0).to_pylist()) for u in generated.clip_uris)
+    assert json.loads(everything.output)["counts"] == {"kept": with_embedding, "drop:no_embedding": 6}
+    assert (tmp_path / "all" / MANIFEST_FILE).exists()
     missing = CliRunner().invoke(app, ["index", "--snapshot", SNAPSHOT, "--subset", "nope", "-c", str(config)])
-    assert missing.exit_code != 0
+    assert missing.exit_code == 2 and "subset 'nope' has no Parquet files" in missing.output

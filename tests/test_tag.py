@@ -198,7 +198,10 @@ def test_cli_tag_dedup_and_langid(tmp_path, monkeypatch):
     for src, dst in targets.items():
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dst)
-    for name, value in {"STORAGE__ROOT": str(root), "CLIP__ENGLISH__MODEL": "laion-tiny-clip",
+    plan = Path(layout.shards_manifest_uri(str(root), snap))  # the download plan: dedup's shards are its shards
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_text(json.dumps({"shard_size": 4, "candidates": {}, "shards": {"000000": "fixture"}}))
+    for name, value in {"STORAGE__ROOT": str(root), "LINEAGE__URL": f"sqlite:///{tmp_path / 'lineage.db'}", "CLIP__ENGLISH__MODEL": "laion-tiny-clip",
                         "CLIP__ENGLISH__PRETRAINED": "", "CLIP__DEVICE": "cpu", "DEDUP__BUCKETS": "4"}.items():
         monkeypatch.setenv(f"LAION_{name}", value)
     runner = CliRunner()
@@ -209,6 +212,17 @@ def test_cli_tag_dedup_and_langid(tmp_path, monkeypatch):
     result = runner.invoke(app, ["dedup", "--snapshot", snap])
     assert result.exit_code == 0, result.output
     assert pq.read_table(Path(layout.dedup_dir(str(root), snap)) / "000000.parquet").num_rows == 4
+    # the runner's steps, recorded as `laion run` records them; a second dedup finds them current
+    report = json.loads(result.output)
+    assert set(report) == {"dedup_centroids", "dedup_partition", "dedup_bucket", "dedup"}
+    assert (report["dedup_partition"]["done"], report["dedup_bucket"]["done"], report["dedup"]["done"]) == (1, 4, 1)
+    from laion_tasks.lineage import Lineage
+
+    recorded = Lineage(f"sqlite:///{tmp_path / 'lineage.db'}").runs(snap)
+    assert {r["stage"] for r in recorded} >= {"tag", "dedup_partition", "dedup_bucket", "dedup"}
+    assert all(r["status"] == "done" for r in recorded)
+    again = json.loads(runner.invoke(app, ["dedup", "--snapshot", snap]).output)
+    assert sum(step["done"] for step in again.values()) == 0 and again["dedup"]["skipped"] == 1
     result = runner.invoke(app, ["langid", "Der Hund schläft im Garten"])
     assert result.exit_code == 0 and json.loads(result.output)[0]["language"] == "de"
 

@@ -17,6 +17,8 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (defa
 
 SNAPSHOT_HELP = "Snapshot id, e.g. CC-MAIN-2024-10."
 
+ForceOption = typer.Option(False, "--force/--no-force", help="Run again although lineage has a current run.")
+
 
 def snapshot_option(required: bool = True, help: str = SNAPSHOT_HELP) -> Any:
     """``--snapshot``/``-s``: every command names its snapshot the same way (never positionally)."""

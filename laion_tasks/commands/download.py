@@ -1,14 +1,25 @@
-"""``laion regroup`` and ``laion download``: the download stage on the command line."""
+"""``laion regroup`` and ``laion download``: the download stage on named files, through the runner.
+
+``laion download`` is the stage's own run (the runner's, as in ``laion run download``): the
+hash lists block URLs and images here as they do in the DAG.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, settings_from
+from laion_tasks.commands._common import (
+    CliError,
+    ConfigOption,
+    ForceOption,
+    echo_json,
+    require_snapshot,
+    settings_from,
+    snapshot_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,18 +30,26 @@ def register(app: typer.Typer) -> None:
         shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Rows per shard (default: download.shard_size)."),
         config: Optional[Path] = ConfigOption,
     ) -> None:
-        """Cut extract's candidates into fixed-size download shards (deterministic)."""
-        from laion_tasks import storage
-        from laion_tasks.stages.regroup import make_download_shards
+        """Cut extract's candidates into fixed-size download shards (deterministic); the plan goes to <shards-dir>/manifest.json."""
+        from laion_tasks import runner, storage
 
         settings = settings_from(config)
         uris = list(candidates)
         if len(uris) == 1 and not uris[0].endswith(".parquet"):
             uris = storage.list_uris(uris[0], ".parquet")
         if not uris:
-            raise typer.BadParameter(f"no candidate .parquet files in {candidates}")
-        shards = make_download_shards(uris, shards_dir, shard_size or settings.download.shard_size)
-        typer.echo(json.dumps({"shards": len(shards), "first": shards[0] if shards else None}))
+            raise CliError(f"no candidate .parquet files in {', '.join(candidates)}", "CANDIDATES")
+        missing = [u for u in uris if not storage.exists(u)]
+        if missing:
+            raise CliError(f"candidate file {missing[0]} does not exist", "CANDIDATES")
+        if shard_size is not None:
+            settings = settings.model_copy(update={"download": settings.download.model_copy(update={"shard_size": shard_size})})
+        shards = runner.plan_only(
+            settings, None, "download", candidate_uris=uris,
+            outputs={"shards_dir": shards_dir, "shards_manifest": storage.join(shards_dir, "manifest.json")},
+        )  # fmt: skip
+        first = storage.join(shards_dir, f"{shards[0]}.parquet") if shards else None
+        echo_json({"shards": len(shards), "first": first})
 
     @app.command("download")
     def download(
@@ -38,12 +57,21 @@ def register(app: typer.Typer) -> None:
         tar_uri: str = typer.Argument(..., help="Output WebDataset tar."),
         parquet_uri: str = typer.Argument(..., help="Output Parquet with a status for every sample."),
         retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-download only retryable failures of a finished shard."),
+        snapshot: Optional[str] = snapshot_option(
+            required=False, help="Record the run in lineage under this snapshot (a re-run with the same shard and knobs is skipped)."
+        ),
+        force: bool = ForceOption,
         config: Optional[Path] = ConfigOption,
     ) -> None:
-        """Download the images of one shard; prints the counts by status as JSON."""
-        from laion_tasks.stages import download as stage
+        """Download the images of one shard (hash lists and opt-outs honoured); prints the counts by status as JSON."""
+        from laion_tasks import runner
 
         settings = settings_from(config)
-        run = stage.retry_failed if retry_failed else stage.download_shard
-        stats = run(shard_uri, tar_uri, parquet_uri, settings.download)
-        typer.echo(json.dumps(stats.to_dict(), sort_keys=True))
+        if snapshot is not None:
+            require_snapshot(settings, snapshot)
+        shard = shard_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+        stats = runner.run_on_files(
+            settings, snapshot, "download", shard, inputs={"shard": shard_uri},
+            outputs={"tar": tar_uri, "parquet": parquet_uri}, force=force, retry_failed_downloads=retry_failed,
+        )  # fmt: skip
+        echo_json(stats)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,6 @@ import typer
 from laion_tasks.commands._common import (
     ConfigOption,
     echo_json,
-    lineage_from,
     require_snapshot,
     settings_from,
     snapshot_option,
@@ -48,8 +46,7 @@ def zeroshot(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Classify every image against class-name prompts; print the metrics, write JSON + Markdown reports."""
-    from laion_tasks import storage
-    from laion_tasks.runner import StageRun, run_stage
+    from laion_tasks import runner, storage
     from laion_tasks.models.clip import load_clip
     from laion_tasks.stages.evaluate import evaluate_zeroshot
 
@@ -68,21 +65,13 @@ def zeroshot(
             clip = load_clip(model, pretrained, checkpoint, eval_config.device, seed)
         return evaluate_zeroshot(clip, dataset, out, eval_config, classnames, templates)
 
-    from laion_tasks.stages.evaluate import SPEC
-
-    knobs = SPEC.config_digest(settings.model_copy(update={"eval": eval_config}), "-")
-    identity = "|".join(str(x) for x in (knobs, model, pretrained, checkpoint, classnames, templates, seed))
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    lineage = lineage_from(settings, enabled=snapshot is not None)
-    if lineage is not None and snapshot is not None:
-        lineage.ensure_snapshot(snapshot, settings.storage.root)
-    stats, skipped = run_stage(
-        lineage,
-        StageRun(snapshot or "-", "eval", dataset.rstrip("/").rsplit("/", 1)[-1], dataset, digest,
-                 output_uri=storage.join(out, "zeroshot.json")),
-        run,
-        output_exists=storage.exists,
-    )
+    # the stage's knobs (with this command's overrides), and what the options name: model, data, prompts, seed
+    identity = [f"{k}:{v}" for k, v in {"model": model, "pretrained": pretrained, "checkpoint": checkpoint, "dataset": dataset,
+                                        "classnames": classnames, "templates": templates, "seed": seed}.items()]
+    stats, skipped = runner.run_one(
+        settings.model_copy(update={"eval": eval_config}), snapshot, "eval", dataset.rstrip("/").rsplit("/", 1)[-1], run,
+        input_uri=dataset, output_uri=storage.join(out, "zeroshot.json"), identity=identity,
+    )  # fmt: skip
     if skipped or stats is None:
         echo_json({"skipped": True, "reason": "lineage has a done eval with the same model, data and config", "out": out})
         return

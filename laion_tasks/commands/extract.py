@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, settings_from, snapshot_option
+from laion_tasks.commands._common import ConfigOption, ForceOption, echo_json, require_snapshot, settings_from, snapshot_option
+
+RECORD_HELP = "Record the run in lineage under this snapshot (a re-run with the same file and knobs is skipped)."
 
 
 def register(app: typer.Typer) -> None:
@@ -15,13 +17,19 @@ def register(app: typer.Typer) -> None:
     def extract(
         wat_uri: str = typer.Argument(..., help="WAT file: local path, s3://... or https://..., gzipped or plain."),
         output_uri: str = typer.Argument(..., help="Parquet shard to write (local path or s3://...)."),
+        snapshot: Optional[str] = snapshot_option(required=False, help=RECORD_HELP),
+        force: bool = ForceOption,
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Extract (image URL, alt text) candidates of one WAT file; prints the shard stats as JSON."""
-        from laion_tasks.stages.extract import extract_wat
+        from laion_tasks import layout, runner
 
         settings = settings_from(config)
-        echo_json(extract_wat(wat_uri, output_uri, settings.extract).to_dict())
+        if snapshot is not None:
+            require_snapshot(settings, snapshot, may_start=True)
+        stats = runner.run_on_files(settings, snapshot, "extract", layout.wat_id(wat_uri), inputs={"wat": wat_uri},
+                                    outputs={"candidates": output_uri}, force=force)
+        echo_json(stats)
 
     @app.command("list-wats")
     def list_wats(

@@ -10,7 +10,6 @@ import typer
 from laion_tasks.commands._common import (
     ConfigOption,
     echo_json,
-    lineage_from,
     require_snapshot,
     settings_from,
     snapshot_option,
@@ -39,8 +38,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Launch open_clip_train on the subset's shards; write epoch_latest.pt + logs to storage."""
-        from laion_tasks import layout, storage
-        from laion_tasks.runner import StageRun, run_stage
+        from laion_tasks import layout, runner, storage
         from laion_tasks.stages.train import subset_shards, train_clip
 
         settings = settings_from(config)
@@ -56,21 +54,18 @@ def register(app: typer.Typer) -> None:
         if out is None:
             if snapshot is None:
                 raise typer.BadParameter("give --out, or --snapshot to use <root>/<snapshot>/models/<subset>")
-            out = storage.join(layout.models_dir(settings.storage.root, snapshot), subset_name)
+            out = layout.model_dir(settings.storage.root, snapshot, subset_name)
         shards = subset_shards(subset_dir)
-        lineage = lineage_from(settings, enabled=snapshot is not None)
-        if lineage is not None and snapshot is not None:
-            lineage.ensure_snapshot(snapshot, settings.storage.root)
-        from laion_tasks.stages.train import SPEC
-
-        digest = SPEC.config_digest(settings.model_copy(update={"train": train_config}), subset_name)
-        stats, skipped = run_stage(
-            lineage,
-            StageRun(snapshot or "-", "train", subset_name, subset_dir, digest, output_uri=storage.join(out, "epoch_latest.pt")),
+        settings = settings.model_copy(update={"train": train_config})
+        digest = runner.spec("train").config_digest(settings, subset_name)
+        # the subset's shards by size (curate rewrites them), and the sample count asked for
+        identity = [f"subset:{subset_dir}", *(f"{u}:{storage.size(u)}" for u in shards), f"num_samples:{num_samples}"]
+        stats, skipped = runner.run_one(
+            settings, snapshot, "train", subset_name,
             lambda: train_clip(shards, out, train_config, num_samples, run_name=f"{subset_name}-{digest[:8]}"),
-            force=force,
-            output_exists=storage.exists,
-        )
+            input_uri=subset_dir, output_uri=layout.checkpoint_uri(out),
+            identity=identity if snapshot is not None else (), force=force,
+        )  # fmt: skip
         if skipped or stats is None:
             echo_json({"skipped": True, "reason": "lineage has a done train run with the same config", "out": out})
             return

@@ -366,6 +366,14 @@ def _check_alignment(con, clip_paths: list[str], embedding_paths: list[str], emb
 # -- the stage's declaration ---------------------------------------------------------
 
 
+ALL_SAMPLES = "_all"
+"""The index over every CLIP row with an embedding, not a subset's (``laion index`` without ``--subset``)."""
+
+
+def _index_dir(ctx: Context, subset: str) -> str:
+    return ctx.uri("index_dir", layout.index_dir(ctx.root, ctx.snapshot, subset))
+
+
 def _run_index(ctx: Context, subset: str) -> ShardStats:
     from laion_tasks.stages.regroup import download_shard_ids
 
@@ -373,8 +381,8 @@ def _run_index(ctx: Context, subset: str) -> ShardStats:
     shards = download_shard_ids(ctx)
     embeddings = [layout.clip_image_emb_uri(root, snap, s) for s in shards]
     clips = [layout.clip_parquet_uri(root, snap, s) for s in shards]
-    subset_parts = storage.list_uris(layout.subset_dir(root, snap, subset), ".parquet")
-    return build_index(embeddings, clips, layout.index_dir(root, snap, subset), ctx.settings.index, subset_uris=subset_parts)
+    subset_parts = None if subset == ALL_SAMPLES else storage.list_uris(layout.subset_dir(root, snap, subset), ".parquet")
+    return build_index(embeddings, clips, _index_dir(ctx, subset), ctx.settings.index, subset_uris=subset_parts)
 
 
 SPEC = StageSpec(
@@ -390,11 +398,11 @@ SPEC = StageSpec(
         "index.max_train_vectors",
         "index.metadata_row_group_size",
     ),
-    output=lambda ctx, subset: storage.join(layout.index_dir(ctx.root, ctx.snapshot, subset), MANIFEST_FILE),
+    output=lambda ctx, subset: storage.join(_index_dir(ctx, subset), MANIFEST_FILE),
     run_shard=_run_index,
     shards=lambda ctx: list(ctx.settings.index.subsets),
     plan_name="subsets",
     input_uri=lambda ctx, subset: layout.subset_dir(ctx.root, ctx.snapshot, subset),
     section="index",
-    after_batch=lambda ctx, shards: {"index_dirs": [layout.index_dir(ctx.root, ctx.snapshot, s) for s in shards]},
+    after_batch=lambda ctx, shards: {"index_dirs": [_index_dir(ctx, s) for s in shards]},
 )

@@ -106,7 +106,7 @@ def read_plan(ctx: "Context") -> dict:
     """The download plan: {"shard_size", "candidates": {wat id: checksum}, "shards": {shard id: checksum}}."""
 
     def load() -> dict:
-        uri = layout.shards_manifest_uri(ctx.root, ctx.snapshot)
+        uri = _manifest_uri(ctx)
         return json.loads(storage.read_text(uri)) if storage.exists(uri) else {"candidates": {}, "shards": {}}
 
     return ctx.resource("download_plan", load)
@@ -120,15 +120,25 @@ def shard_checksum(ctx: "Context", shard: str) -> str:
     return str(read_plan(ctx)["shards"].get(shard, "missing"))
 
 
-def _candidate_checksums(ctx: "Context") -> dict[str, str]:
-    """wat id -> checksum of its candidates file, for the extracted WAT files of the current plan."""
+def _manifest_uri(ctx: "Context") -> str:
+    return ctx.uri("shards_manifest", layout.shards_manifest_uri(ctx.root, ctx.snapshot))
+
+
+def _candidate_files(ctx: "Context") -> dict[str, str]:
+    """wat id -> its candidates file, for the WAT files of the current extract plan; or, with the
+    ``candidate_uris`` option (``laion regroup FILES --shards-dir D``), each named file by its URI."""
     from laion_tasks.runner import spec
 
-    wat_ids = spec("extract").shards(ctx)
+    if ctx.options.get("candidate_uris"):
+        return {uri: uri for uri in ctx.options["candidate_uris"]}
+    return {wat: layout.candidates_uri(ctx.root, ctx.snapshot, wat) for wat in spec("extract").shards(ctx)}
+
+
+def _candidate_checksums(ctx: "Context") -> dict[str, str]:
+    """wat id -> checksum of its candidates file, for the extracted WAT files of the current plan."""
     recorded = {r["shard_id"]: r["checksum"] for r in ctx.lineage.current_runs(ctx.snapshot, ["extract"])} if ctx.lineage else {}
     out: dict[str, str] = {}
-    for wat in wat_ids:
-        uri = layout.candidates_uri(ctx.root, ctx.snapshot, wat)
+    for wat, uri in _candidate_files(ctx).items():
         if not storage.exists(uri):
             continue  # not extracted (yet): a later plan appends it
         checksum = recorded.get(wat)
@@ -143,7 +153,7 @@ def plan_download_shards(ctx: "Context") -> list[str]:
     """Cut new candidate files into new shards (or recut all when old ones changed); write the manifest."""
     root, snapshot = ctx.root, ctx.snapshot
     size = ctx.settings.download.shard_size
-    shards_dir = layout.shards_dir(root, snapshot)
+    shards_dir = ctx.uri("shards_dir", layout.shards_dir(root, snapshot))
     old = read_plan(ctx)
     current = _candidate_checksums(ctx)
     stable = old.get("shard_size") == size and all(current.get(w) == c for w, c in old["candidates"].items())
@@ -154,13 +164,14 @@ def plan_download_shards(ctx: "Context") -> list[str]:
     else:
         new, shards, first = sorted(current), {}, 0
     if new:
-        uris = [layout.candidates_uri(root, snapshot, w) for w in new]
+        files = _candidate_files(ctx)
+        uris = [files[w] for w in new]
         shards.update(cut_download_shards(uris, shards_dir, size, first_index=first))
     if not stable:
         for uri in storage.list_uris(shards_dir, ".parquet"):
             if uri.rsplit("/", 1)[-1].removesuffix(".parquet") not in shards:
                 storage.delete(uri)
     plan = {"shard_size": size, "candidates": current, "shards": dict(sorted(shards.items()))}
-    storage.write_text(layout.shards_manifest_uri(root, snapshot), json.dumps(plan, indent=1, sort_keys=True))
+    storage.write_text(_manifest_uri(ctx), json.dumps(plan, indent=1, sort_keys=True))
     ctx.forget("download_plan")
     return sorted(shards)

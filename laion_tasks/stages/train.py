@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 """The image extensions open_clip_train's webdataset pipeline renames to ``image``."""
-CHECKPOINT_NAME = "epoch_latest.pt"
+CHECKPOINT_NAME = layout.CHECKPOINT_NAME
 LOSS_RE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?(\w+_loss): (\S+) \((\S+)\)")
 
 
@@ -244,7 +244,7 @@ def train_clip(
         checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
         if not checkpoint.exists():
             raise StageError(f"open_clip_train finished but wrote no {checkpoint}: {_tail(log_path, 2000)}")
-        checkpoint_uri = storage.join(output_uri, CHECKPOINT_NAME)
+        checkpoint_uri = layout.checkpoint_uri(output_uri)
         with storage.atomic_local_path(checkpoint_uri) as tmp:
             shutil.copyfile(checkpoint, tmp)
         log_bytes = 0
@@ -308,7 +308,7 @@ TRAIN_RESULT_FIELDS = (
 
 
 def model_dir(ctx: Context, subset: str) -> str:
-    return storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset)
+    return layout.model_dir(ctx.root, ctx.snapshot, subset)
 
 
 def trained_subsets(config: TrainConfig) -> list[str]:
@@ -333,7 +333,7 @@ SPEC = StageSpec(
     downstream=True,
     reads=("curate",),  # the subset of the same name
     result_fields=TRAIN_RESULT_FIELDS,
-    output=lambda ctx, subset: storage.join(model_dir(ctx, subset), CHECKPOINT_NAME),
+    output=lambda ctx, subset: layout.checkpoint_uri(model_dir(ctx, subset)),
     run_shard=_run_train,
     shards=lambda ctx: trained_subsets(ctx.settings.train),
     plan_name="subsets",
@@ -341,7 +341,7 @@ SPEC = StageSpec(
     section="train",
     after_batch=lambda ctx, shards: {
         "subset": ctx.settings.train.subset,
-        "checkpoint": storage.join(model_dir(ctx, ctx.settings.train.subset), CHECKPOINT_NAME),
-        "checkpoints": {s: storage.join(model_dir(ctx, s), CHECKPOINT_NAME) for s in trained_subsets(ctx.settings.train)},
+        "checkpoint": layout.checkpoint_uri(model_dir(ctx, ctx.settings.train.subset)),
+        "checkpoints": {s: layout.checkpoint_uri(model_dir(ctx, s)) for s in trained_subsets(ctx.settings.train)},
     },
 )

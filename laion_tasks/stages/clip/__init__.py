@@ -34,12 +34,21 @@ def _run_clip(ctx: Context, shard: str) -> ShardStats:
     root, snap = ctx.root, ctx.snapshot
     return score_with_settings(
         ctx.settings,
-        layout.images_parquet_uri(root, snap, shard),
-        layout.images_tar_uri(root, snap, shard),
-        layout.clip_parquet_uri(root, snap, shard),
-        layout.clip_image_emb_uri(root, snap, shard),
-        layout.clip_text_emb_uri(root, snap, shard),
+        _images_parquet(ctx, shard),
+        ctx.uri("tar", layout.images_tar_uri(root, snap, shard)),
+        _clip_parquet(ctx, shard),
+        ctx.uri("img_emb", layout.clip_image_emb_uri(root, snap, shard)),
+        ctx.uri("txt_emb", layout.clip_text_emb_uri(root, snap, shard)),
     )
+
+
+def _images_parquet(ctx: Context, shard: str) -> str:
+    return ctx.uri("images_parquet", layout.images_parquet_uri(ctx.root, ctx.snapshot, shard))
+
+
+def _clip_parquet(ctx: Context, shard: str) -> str:
+    """The commit object (``laion clip --out-parquet`` names its own)."""
+    return ctx.uri("out_parquet", layout.clip_parquet_uri(ctx.root, ctx.snapshot, shard))
 
 
 def _download_shards(ctx: Context) -> list[str]:
@@ -58,10 +67,10 @@ SPEC = StageSpec(
     # channels_last, compile, pod knobs (stage.EXECUTION_ONLY).
     result_fields=("clip.*.model", "clip.*.pretrained", "clip.*.checkpoint", "clip.use_multilingual", "clip.seed",
                    "clip.device", "clip.precision", "clip.gpu_jpeg_decode", *LANGID_FIELDS),
-    output=lambda ctx, shard: layout.clip_parquet_uri(ctx.root, ctx.snapshot, shard),
+    output=_clip_parquet,
     run_shard=_run_clip,
     shards=_download_shards,
     plan_name="shards",
-    input_uri=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),
+    input_uri=_images_parquet,
     section="clip",
 )

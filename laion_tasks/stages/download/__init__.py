@@ -113,6 +113,15 @@ fetched and blocked images never written, but a list that grows after a crawl re
 stage (its key has the lists' content), which re-checks every row, not the download."""
 
 
+def _shard_input(ctx: Context, shard: str) -> str:
+    return ctx.uri("shard", layout.shard_input_uri(ctx.root, ctx.snapshot, shard))
+
+
+def _images_parquet(ctx: Context, shard: str) -> str:
+    """The commit object (``laion download SHARD TAR PARQUET`` names its own)."""
+    return ctx.uri("parquet", layout.images_parquet_uri(ctx.root, ctx.snapshot, shard))
+
+
 def _run_download(ctx: Context, shard: str) -> ShardStats:
     from laion_tasks.hashlists import hashlists_for
 
@@ -122,9 +131,9 @@ def _run_download(ctx: Context, shard: str) -> ShardStats:
     origin_store = ctx.resource("origin_store", SharedOriginStore.create)
     fn = retry_failed if ctx.options.get("retry_failed_downloads") else download_shard
     return fn(
-        layout.shard_input_uri(root, snap, shard),
-        layout.images_tar_uri(root, snap, shard),
-        layout.images_parquet_uri(root, snap, shard),
+        _shard_input(ctx, shard),
+        ctx.uri("tar", layout.images_tar_uri(root, snap, shard)),
+        _images_parquet(ctx, shard),
         ctx.settings.download,
         blocklist,
         origin_store,
@@ -132,9 +141,7 @@ def _run_download(ctx: Context, shard: str) -> ShardStats:
 
 
 def _must_retry(ctx: Context, shard: str) -> bool:
-    return bool(ctx.options.get("retry_failed_downloads")) and has_retryable(
-        layout.images_parquet_uri(ctx.root, ctx.snapshot, shard)
-    )
+    return bool(ctx.options.get("retry_failed_downloads")) and has_retryable(_images_parquet(ctx, shard))
 
 
 SPEC = StageSpec(
@@ -142,12 +149,12 @@ SPEC = StageSpec(
     after=("extract",),
     reads=(),
     result_fields=DOWNLOAD_RESULT_FIELDS,
-    output=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),
+    output=_images_parquet,
     run_shard=_run_download,
     shards=regroup.download_shard_ids,
     plan=regroup.plan_download_shards,
     plan_name="shards",
-    input_uri=lambda ctx, shard: layout.shard_input_uri(ctx.root, ctx.snapshot, shard),
+    input_uri=_shard_input,
     external_inputs=lambda ctx, shard: "shard:" + regroup.shard_checksum(ctx, shard),
     section="download",
     must_run=_must_retry,

@@ -100,15 +100,14 @@ __all__ = [
 
 
 def eval_dir(ctx: Context, subset: str) -> str:
-    return storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset, "eval")
+    return layout.eval_dir(ctx.root, ctx.snapshot, subset)
 
 
 def _run_eval(ctx: Context, subset: str) -> ShardStats:
     from laion_tasks.models.clip import load_clip
-    from laion_tasks.stages.train import CHECKPOINT_NAME
 
     cfg = ctx.settings.eval
-    checkpoint = storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset, CHECKPOINT_NAME)
+    checkpoint = layout.checkpoint_uri(layout.model_dir(ctx.root, ctx.snapshot, subset))
     with storage.local_copy(checkpoint) as path:
         model = load_clip(ctx.settings.train.model, checkpoint=str(path), device=cfg.device)
     return evaluate_zeroshot(model, cfg.dataset or "", eval_dir(ctx, subset), cfg, cfg.classnames, cfg.templates)
@@ -146,7 +145,7 @@ SPEC = StageSpec(
     run_shard=_run_eval,
     shards=lambda ctx: _trained(ctx) if ctx.settings.eval.dataset else [],
     plan_name="subsets",
-    input_uri=lambda ctx, subset: storage.join(layout.models_dir(ctx.root, ctx.snapshot), subset),
+    input_uri=lambda ctx, subset: layout.model_dir(ctx.root, ctx.snapshot, subset),
     section="eval",
     after_batch=_eval_report,
 )

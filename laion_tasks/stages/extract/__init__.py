@@ -117,7 +117,10 @@ def list_wat_files(crawl_id: str, config: ExtractConfig, paths_uri: str | None =
 
 
 def _wat_uris(ctx: Context) -> dict[str, str]:
-    """wat id -> WAT URI, from the plan's manifest (in crawl order)."""
+    """wat id -> WAT URI, from the plan's manifest (in crawl order); ``laion extract WAT OUT``: that one file."""
+    named = ctx.uri("wat", "")
+    if named:
+        return {layout.wat_id(named): named}
 
     def load() -> dict[str, str]:
         uri = layout.wat_manifest_uri(ctx.root, ctx.snapshot)
@@ -125,6 +128,10 @@ def _wat_uris(ctx: Context) -> dict[str, str]:
         return {layout.wat_id(w): w for w in wats if w}
 
     return ctx.resource("wat_manifest", load)
+
+
+def _candidates(ctx: Context, wat: str) -> str:
+    return ctx.uri("candidates", layout.candidates_uri(ctx.root, ctx.snapshot, wat))
 
 
 def _plan_extract(ctx: Context) -> list[str]:
@@ -140,8 +147,8 @@ SPEC = StageSpec(
     reads=(),
     # max_wat_files, sample_* and cc_base_url choose the WAT files (the plan); each file's URI is its input identity
     result_fields=("extract.min_alt_length", "extract.max_alt_length", "extract.max_url_length", "extract.allowed_schemes"),
-    output=lambda ctx, wat: layout.candidates_uri(ctx.root, ctx.snapshot, wat),
-    run_shard=lambda ctx, wat: extract_wat(_wat_uris(ctx)[wat], layout.candidates_uri(ctx.root, ctx.snapshot, wat), ctx.settings.extract),
+    output=_candidates,
+    run_shard=lambda ctx, wat: extract_wat(_wat_uris(ctx)[wat], _candidates(ctx, wat), ctx.settings.extract),
     shards=lambda ctx: list(_wat_uris(ctx)),
     plan=_plan_extract,
     plan_name="wat",

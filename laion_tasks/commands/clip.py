@@ -1,8 +1,8 @@
-"""``laion clip-score`` (explicit URIs) and ``laion clip-score-shard`` (= ``laion run clip --shard ...``).
+"""``laion clip`` (one shard on named files) and ``laion clip-shard`` (= ``laion run clip --shard ...``).
 
-The shard-addressed form goes through the runner and records lineage itself, so a
-Kubernetes pod reports its results to the lineage database and object storage directly;
-nothing goes through XCom.
+Both are the clip stage's own run through the runner. The shard-addressed form records lineage
+itself, so a Kubernetes pod reports its results to the lineage database and object storage
+directly; nothing goes through XCom.
 """
 
 from __future__ import annotations
@@ -12,27 +12,38 @@ from typing import List, Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, require_snapshot, settings_from, snapshot_option
+from laion_tasks.commands._common import ConfigOption, ForceOption, echo_json, require_snapshot, settings_from, snapshot_option
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("clip-score")
-    def clip_score(
+    @app.command("clip")
+    def clip(
         images_parquet: str = typer.Option(..., "--images-parquet", help="Download shard parquet (all samples)."),
         tar: str = typer.Option(..., "--tar", help="Download shard WebDataset tar."),
         out_parquet: str = typer.Option(..., "--out-parquet", help="Output parquet (one row per input row)."),
         img_emb: str = typer.Option(..., "--img-emb", help="Output fp16 image embeddings (.npy)."),
         txt_emb: str = typer.Option(..., "--txt-emb", help="Output fp16 text embeddings (.npy)."),
+        snapshot: Optional[str] = snapshot_option(
+            required=False, help="Record the run in lineage under this snapshot (a re-run with the same files and knobs is skipped)."
+        ),
+        force: bool = ForceOption,
         config: Optional[Path] = ConfigOption,
     ) -> None:
         """Score one download shard with CLIP: similarity, kept/filtered status and fp16 embeddings."""
-        from laion_tasks.stages.clip.encode import score_with_settings
+        from laion_tasks import runner
 
         settings = settings_from(config)
-        echo_json(score_with_settings(settings, images_parquet, tar, out_parquet, img_emb, txt_emb).to_dict())
+        if snapshot is not None:
+            require_snapshot(settings, snapshot)
+        shard = images_parquet.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+        stats = runner.run_on_files(
+            settings, snapshot, "clip", shard, inputs={"images_parquet": images_parquet, "tar": tar},
+            outputs={"out_parquet": out_parquet, "img_emb": img_emb, "txt_emb": txt_emb}, force=force,
+        )  # fmt: skip
+        echo_json(stats)
 
-    @app.command("clip-score-shard")
-    def clip_score_shard_cmd(
+    @app.command("clip-shard")
+    def clip_shard(
         snapshot: str = snapshot_option(),
         shard: List[str] = typer.Option(..., "--shard", help="Shard id(s); repeat or separate with commas."),
         config: Optional[Path] = ConfigOption,
@@ -48,9 +59,4 @@ def register(app: typer.Typer) -> None:
         if not shard_ids:
             raise typer.BadParameter("no shard ids given", param_hint="--shard")
         require_snapshot(settings, snapshot)
-        ctx = runner.open_context(settings, snapshot, lineage=lineage)
-        try:
-            report = runner.run_batch(ctx, "clip", {"shards": shard_ids}, force=force)
-        finally:
-            ctx.close()
-        echo_json(report)
+        echo_json(runner.run(settings, snapshot, "clip", {"shards": shard_ids}, force=force, lineage=lineage))
