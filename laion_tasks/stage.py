@@ -12,7 +12,8 @@ stages, result-changing knobs, commit object, shard function); the generic runne
 Outcome names: ``kept`` / ``success`` for rows that go on; ``drop:<reason>`` for rows
 a filter removed; ``fail:<reason>`` for rows that could not be processed; ``bad:<reason>``
 for unreadable input records; ``skip:<reason>`` for rows a stage passes over without a
-verdict (a CLIP row with no image to score). Every input row lands in exactly one outcome.
+verdict (a CLIP row with no image to score); ``opted_out:<use>`` for rows whose publisher
+refuses that use (download: AI-use preferences). Every input row lands in exactly one outcome.
 Observations that are not about one input row (a tar member with no Parquet row, a
 malformed hash) are ``diagnostics``: recorded in lineage, never added to the outcomes,
 so outcome totals always equal the row count.
