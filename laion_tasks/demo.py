@@ -140,6 +140,19 @@ def demo_config(work: Path, base_url: str, storage_root: str, lineage_url: str, 
     return config
 
 
+def comparison_config(work: Path) -> dict[str, Any]:
+    """Issue 22: DataComp's rules as subsets beside LAION's, trained alike and compared zero-shot in the card.
+
+    The image rule's targets and the text rule's classes are the fixture world's eval classes (a toy world:
+    the figures say whether the machinery works, not which filter wins at scale)."""
+    from laion_tasks.fixtures.crawl import EVAL_CLASSES
+    from laion_tasks.stages.subset_rules import datacomp_subsets
+
+    subsets = datacomp_subsets(str(work / "crawl" / "eval"), list(EVAL_CLASSES), cluster_size=4)
+    return {"curate": {"subsets": subsets},
+            "train": {"compare_subsets": list(subsets), "samples_seen": 1024, "batch_size": 8}}
+
+
 def prepare(
     work: Path,
     storage_root: str | None = None,
@@ -319,7 +332,7 @@ def main() -> None:
             subprocess.run(["sh", str(stop)], check=False)
         shutil.rmtree(work)
     started = time.time()
-    env = prepare(work)
+    env = prepare(work, extra_config=comparison_config(work))
     password = secrets.token_urlsafe(9)
     stack = AirflowStack(
         work / "airflow",
