@@ -466,6 +466,11 @@ def test_tag_key_has_the_list_content_download_key_has_no_list(tmp_path: Path) -
         ({"index": {"hnsw_m": 16}}, {"index"}, {"curate", "train"}),
         ({"train": {"precision": "fp32"}}, {"train"}, {"curate", "index", "eval"}),
         ({"eval": {"precision": "amp"}}, {"eval"}, {"train"}),
+        ({"download": {"usage_pref_refuse": []}}, {"download"}, {"clip", "tag"}),
+        ({"download": {"usage_pref_reading": "drafts"}}, {"download"}, {"clip", "tag"}),
+        ({"curate": {"subsets": {"laion2B-en": {"where": "language = 'en' AND clip_kept", "intended_uses": [],
+                                                "description": "English pairs at clip.english.threshold"}}}},
+         {"curate"}, {"download", "clip", "tag", "dedup"}),
     ],
 )
 def test_knob_changes_the_key_of_these_stages(change: dict[str, Any], moves: set[str], stays: set[str]) -> None:
