@@ -35,7 +35,7 @@ from typing import Any, Iterable
 import duckdb
 
 from laion_tasks import layout, storage
-from laion_tasks.config import ClipConfig, CurateConfig, memory_bytes
+from laion_tasks.config import ClipConfig, CurateConfig
 from laion_tasks.net.usage_prefs import SQL_TYPE as USAGE_PREF_SQL_TYPE
 from laion_tasks.stage import StageError
 
@@ -179,16 +179,10 @@ class SnapshotDB:
 
 
 def connect_duckdb(config: CurateConfig, work_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB that spills to ``work_dir/spill``; it gets 3/4 of ``config.duckdb_memory_limit``,
-    so the process, with the Arrow batches it streams, stays within that budget."""
-    spill = work_dir / "spill"
-    spill.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(":memory:")
-    con.execute(f"SET memory_limit = '{memory_bytes(config.duckdb_memory_limit) * 3 // 4 // 2**20}MiB'")
-    con.execute(f"SET temp_directory = {_sql_str(str(spill))}")
-    if config.duckdb_threads:
-        con.execute(f"SET threads = {int(config.duckdb_threads)}")
-    return con
+    """The snapshot's DuckDB (:func:`laion_tasks.duck.connect`), spilling to ``work_dir/spill``."""
+    from laion_tasks import duck
+
+    return duck.connect(config.duckdb_memory_limit, work_dir / "spill", config.duckdb_threads)
 
 
 def _stage_s3_table(prefix: str, dest: Path, parallel: int = 8) -> int:

@@ -16,7 +16,11 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
 from urllib.parse import urlparse
 
 from laion_tasks.config import StorageConfig
@@ -322,3 +326,23 @@ def ensure_bucket(uri: str) -> None:
         s3_client().head_bucket(Bucket=bucket)
     except ClientError:
         s3_client().create_bucket(Bucket=bucket)
+
+
+def write_parquet(uri: str, table: "pa.Table", compression: str = "zstd") -> int:
+    """Write a table to ``uri`` atomically (the one Parquet writer of the stages); returns the bytes written."""
+    import pyarrow.parquet as pq
+
+    with atomic_local_path(uri, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression=compression)
+        return tmp.stat().st_size
+
+
+def write_npy(uri: str, array: "np.ndarray") -> int:
+    """Write an array to ``uri`` as .npy, atomically; returns the bytes written."""
+    import numpy as np
+
+    with atomic_local_path(uri, suffix=".npy") as tmp:
+        with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy" to the temp name
+            np.save(handle, array, allow_pickle=False)
+        return tmp.stat().st_size
+

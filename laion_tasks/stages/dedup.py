@@ -154,33 +154,14 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _write_parquet(uri: str, table: pa.Table) -> int:
-    with storage.atomic_local_path(uri, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-        return tmp.stat().st_size
-
-
-def _write_npy(uri: str, array: np.ndarray) -> int:
-    with storage.atomic_local_path(uri, suffix=".npy") as tmp:
-        with open(tmp, "wb") as handle:  # a file object: np.save would append ".npy" to the temp name
-            np.save(handle, array, allow_pickle=False)
-        return tmp.stat().st_size
-
-
 def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
 def _duckdb(memory_limit: str, spill: Path):  # type: ignore[no-untyped-def]
-    import duckdb
+    from laion_tasks import duck
 
-    con = duckdb.connect()
-    # duckdb 2 keeps an execute() result open until fetched: fetch every statement's result
-    # DuckDB gets 3/4 of the budget; the numpy and Arrow arrays of the step use the rest
-    con.execute(f"SET memory_limit='{memory_bytes(memory_limit) * 3 // 4 // 2**20}MiB'").fetchall()
-    con.execute(f"SET temp_directory='{spill}'").fetchall()
-    con.execute("SET preserve_insertion_order=false").fetchall()
-    return con
+    return duck.connect(memory_limit, spill, ordered=False)
 
 
 # ---------------------------------------------------------------- embeddings of a shard
@@ -542,13 +523,13 @@ def _write_run_vectors(prefix: str, vectors: list[_ShardVectors], config: DedupC
         del out
         written += tmp.stat().st_size
     sorted_probes = probes[order]
-    written += _write_npy(f"{prefix}.primary.npy", np.ascontiguousarray(sorted_probes[:, 0]))
+    written += storage.write_npy(f"{prefix}.primary.npy", np.ascontiguousarray(sorted_probes[:, 0]))
     rows = np.repeat(np.arange(len(order), dtype=np.int64), sorted_probes.shape[1] - 1)
     clusters = sorted_probes[:, 1:].astype(np.int64).ravel()
     keep = clusters != np.repeat(sorted_probes[:, 0], sorted_probes.shape[1] - 1)  # a repeated nearest adds nothing
     visit = np.stack([clusters[keep], rows[keep]], axis=1)
-    written += _write_npy(f"{prefix}.visit.npy", visit[np.argsort(visit[:, 0], kind="stable")])
-    written += _write_npy(f"{prefix}.rank.npy", rank[order])
+    written += storage.write_npy(f"{prefix}.visit.npy", visit[np.argsort(visit[:, 0], kind="stable")])
+    written += storage.write_npy(f"{prefix}.rank.npy", rank[order])
     return written
 
 
@@ -719,7 +700,7 @@ def dedup_near(bucket: int, work_dir: str, out_uri: str, config: DedupConfig, ru
                 decisions.append(pa.table({"rank": edge[:, 0], "dup": edge[:, 1]}, schema=DECISION_SCHEMA))
             stats.add("success", int(base.shape[0]))
     out = pa.concat_tables(decisions)
-    stats.bytes_written = _write_parquet(out_uri, out)
+    stats.bytes_written = storage.write_parquet(out_uri, out)
     stats.extra.update({"clusters": [lo, hi], "queries": queries, "pairs": pairs, "edges": out.num_rows})
     return stats.done()
 
@@ -1066,7 +1047,7 @@ def _run_bucket(ctx: Context, bucket: str) -> ShardStats:
     work = work_dir(ctx)
     if not ctx.settings.dedup.near_dup:
         out = decision_uri(work, int(bucket))
-        return ShardStats(output_uri=out, bytes_written=_write_parquet(out, DECISION_SCHEMA.empty_table())).done()
+        return ShardStats(output_uri=out, bytes_written=storage.write_parquet(out, DECISION_SCHEMA.empty_table())).done()
     return dedup_near(int(bucket), work, decision_uri(work, int(bucket)), ctx.settings.dedup, _current_runs(ctx))
 
 

@@ -256,7 +256,7 @@ def build_index(
     become the search metadata; without it every CLIP row with an embedding is indexed.
     Counts: ``kept`` (indexed), ``drop:no_embedding``, ``drop:not_in_subset``, ``fail:not_in_clip``.
     """
-    import duckdb
+    from laion_tasks import duck
     import faiss
 
     if len(embedding_uris) != len(clip_uris):
@@ -271,9 +271,7 @@ def build_index(
     ) as subset_paths, _local_copies(embedding_uris) as embedding_paths:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
-        con = duckdb.connect()
-        con.execute(f"SET temp_directory='{tmp / 'duckdb'}'")
-        con.execute(f"SET memory_limit='{config.duckdb_memory_limit}'")
+        con = duck.connect(config.duckdb_memory_limit, tmp / "duckdb")
         meta_path = tmp / METADATA_FILE
         n = _write_metadata(
             con, clip_paths, subset_paths if subset_uris is not None else None, meta_path, config.metadata_row_group_size, stats

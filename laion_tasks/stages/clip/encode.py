@@ -189,13 +189,6 @@ def _load_model(model_cfg: ClipModelConfig, config: ClipConfig) -> LoadedClip:
     return cached_clip(model_cfg.model, model_cfg.pretrained, model_cfg.checkpoint, config.device, config.seed)
 
 
-def _write_npy(uri: str, array: np.ndarray) -> tuple[int, str]:
-    with storage.atomic_local_path(uri, suffix=".npy") as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        return tmp.stat().st_size, storage.file_sha256(tmp)
-
-
 def clip_score_shard(
     images_parquet_uri: str,
     tar_uri: str,
@@ -299,8 +292,8 @@ def clip_score_shard(
         },
         schema=OUTPUT_SCHEMA,
     )
-    img_bytes, _ = _write_npy(img_emb_uri, img_emb)
-    txt_bytes, _ = _write_npy(txt_emb_uri, txt_emb)
+    img_bytes = storage.write_npy(img_emb_uri, img_emb)
+    txt_bytes = storage.write_npy(txt_emb_uri, txt_emb)
     with storage.atomic_local_path(out_parquet_uri, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
         parquet_bytes = tmp.stat().st_size

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, TagConfig
@@ -249,13 +248,6 @@ def _tag_table(
     )
 
 
-def _write_parquet(table: pa.Table, uri: str) -> int:
-    """Write atomically; returns the bytes written."""
-    with storage.atomic_local_path(uri, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-        return tmp.stat().st_size
-
-
 def tag_shard(
     images_parquet_uri: str,
     tar_uri: str,
@@ -290,7 +282,7 @@ def tag_shard(
         _embedding_heads(cols, emb, config, clip_config, watermark_done=models.watermark is not None)
         # The tags first, then the tar without the blocked samples: a re-run finds the same matches.
         table = _tag_table(rows, languages, nsfw_text, cols)
-        stats.bytes_written = _write_parquet(table, out_parquet_uri)
+        stats.bytes_written = storage.write_parquet(out_parquet_uri, table)
         removed = _rewrite_tar_without(tar_path, tar_uri, blocked_in_tar) if blocked_in_tar else 0
 
     for s in cols.status:
