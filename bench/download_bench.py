@@ -15,6 +15,9 @@ One command:  .venv/bin/python bench/download_bench.py [--urls 10000] [--web-url
   by the fastest correct path we know (Pillow with shrink-on-load, or OpenCV as img2dataset
   uses it with its reduced decode), written here independently of our pipeline.
 - A per-image CPU profile of the pieces of our image path.
+- Output quality (PSNR / SSIM against a full-decode LANCZOS reference) of both tools on each
+  input's 200 payloads: bench/download_quality.py.
+- CPU: the kernel's rusage of each client process and its reaped children (wait4).
 Records the run in bench/results/download.json (bench/README.md).
 """
 
@@ -161,32 +164,50 @@ def _proc_table() -> dict[int, tuple[int, float]]:
     return table
 
 
-def run_measured(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run ``cmd``; return (result, wall s, CPU s of its whole process tree, sampled from /proc every 0.1 s)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    cpu_by_pid: dict[int, float] = {}
+def run_measured(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[subprocess.CompletedProcess, float, float, float]:
+    """Run ``cmd``; return (result, wall s, CPU s, CPU s sampled).
+
+    CPU is the kernel's user+sys of the process and every descendant it waited for (``wait4`` rusage: the
+    download workers and img2dataset's pool are all reaped). As a cross-check, the tree's CPU is also sampled
+    from /proc every 0.1 s (it misses up to 0.1 s per process at exit); a descendant that was never reaped would
+    show as sampled > rusage, so the larger of the two is the figure.
+    """
     import threading
 
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     out: dict[str, str] = {}
-    reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        table = _proc_table()
-        tree = {proc.pid}
-        grew = True
-        while grew:
-            new = {pid for pid, (ppid, _) in table.items() if ppid in tree and pid not in tree}
-            tree |= new
-            grew = bool(new)
-        for pid in tree:
-            if pid in table:
-                cpu_by_pid[pid] = max(cpu_by_pid.get(pid, 0.0), table[pid][1])
-        time.sleep(0.1)
-    reader.join()
+    readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()), daemon=True)
+               for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    cpu_by_pid: dict[int, float] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            table = _proc_table()
+            tree, grew = {proc.pid}, True
+            while grew:
+                new = {pid for pid, (ppid, _) in table.items() if ppid in tree and pid not in tree}
+                tree |= new
+                grew = bool(new)
+            for pid in tree:
+                if pid in table:
+                    cpu_by_pid[pid] = max(cpu_by_pid.get(pid, 0.0), table[pid][1])
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    for thread in (*readers, sampler):
+        thread.start()
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    done.set()
+    for thread in (*readers, sampler):
+        thread.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
     result = subprocess.CompletedProcess(cmd, proc.returncode, out.get("stdout", ""), out.get("stderr", ""))
-    return result, wall, sum(cpu_by_pid.values())
+    rusage_cpu = usage.ru_utime + usage.ru_stime
+    sampled = sum(cpu_by_pid.values())
+    return result, wall, max(rusage_cpu, sampled), sampled
 
 
 # -- runs -----------------------------------------------------------------------------
@@ -200,13 +221,13 @@ def run_peer(exe: Path, url_list: Path, out: Path, n: int) -> dict:
         "--disallowed_header_directives", "[]", "--enable_wandb", "False", "--distributor", "multiprocessing",
     ]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc, wall, cpu = run_measured(cmd, env)
+    proc, wall, cpu, sampled = run_measured(cmd, env)
     if proc.returncode != 0:
         raise RuntimeError(f"img2dataset failed: {proc.stderr[-3000:]}")
     success = 0
     for stats in out.glob("*_stats.json"):
         success += json.loads(stats.read_text())["successes"]
-    return {"wall_s": wall, "cpu_s": cpu, "success": success}
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_sampled_s": sampled, "success": success}
 
 
 def run_ours(shard: Path, out: Path) -> dict:
@@ -227,11 +248,13 @@ def run_ours(shard: Path, out: Path) -> dict:
     }
     cmd = [sys.executable, "-m", "laion_tasks.cli", "download", str(shard), str(out / "000000.tar"),
            str(out / "000000.parquet")]
-    proc, wall, cpu = run_measured(cmd, env, cwd=out)
+    proc, wall, cpu, sampled = run_measured(cmd, env, cwd=out)
     if proc.returncode != 0:
         raise RuntimeError(f"laion download failed: {proc.stderr[-3000:]}")
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "cpu_s": cpu, "success": stats["counts"].get("success", 0), "counts": stats["counts"]}
+    text = proc.stdout.strip()
+    stats = json.loads(text[text.index("{"):]) if text.startswith("{") else json.loads(text.splitlines()[-1])
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_sampled_s": sampled, "success": stats["counts"].get("success", 0),
+            "counts": stats["counts"]}
 
 
 # -- the CPU bound: the fastest correct decode + resize + encode we know, no network, not our pipeline --------
@@ -243,24 +266,36 @@ def _target(width: int, height: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _shrink_on_load(img: "Image.Image") -> None:  # noqa: F821 - PIL is imported where it runs
+    """Our decode settings (read from image_ops): when shrinking a JPEG 1.5x or more, a DCT-scaled decode to at
+    least SHRINK_ON_LOAD_MARGIN x the target, with the fast IDCT."""
+    from laion_tasks.stages.image_ops import SHRINK_ON_LOAD_MARGIN
+
+    if img.format == "JPEG":
+        w, h = _target(*img.size)
+        if w * 3 <= img.width * 2 and h * 3 <= img.height * 2:
+            wanted = (round(w * SHRINK_ON_LOAD_MARGIN), round(h * SHRINK_ON_LOAD_MARGIN))
+            if img.draft("RGB", wanted) is not None:
+                img.decoderconfig = (img.decoderconfig[0], 1)
+
+
 def _bound_pillow(data: bytes) -> int:
-    """Pillow: DCT-scaled JPEG decode with the fast IDCT when shrinking 1.5x or more, EXIF rotation, alpha on
-    white, BOX resize, white border, JPEG q95."""
+    """Pillow at our settings: DCT-scaled JPEG decode (see _shrink_on_load), EXIF rotation, alpha on white,
+    our downscale filter, white border, JPEG q95."""
     import io
 
     from PIL import Image, ImageOps
 
+    from laion_tasks.stages.image_ops import DOWNSCALE_FILTER
+
     img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        w, h = _target(*img.size)
-        if w * 3 <= img.width * 2 and h * 3 <= img.height * 2 and img.draft("RGB", (w, h)) is not None:
-            img.decoderconfig = (img.decoderconfig[0], 1)
+    _shrink_on_load(img)
     img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
         img.paste(rgba, mask=rgba.getchannel("A"))
-    img = img.resize(_target(*img.size), Image.Resampling.BOX)
+    img = img.resize(_target(*img.size), DOWNSCALE_FILTER)
     canvas = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
     canvas.paste(img, ((SIZE - img.width) // 2, (SIZE - img.height) // 2))
     out = io.BytesIO()
@@ -269,8 +304,8 @@ def _bound_pillow(data: bytes) -> int:
 
 
 def _bound_opencv(data: bytes) -> int:
-    """OpenCV (what img2dataset uses), plus its reduced-size JPEG decode when that keeps the target size:
-    imdecode (EXIF applied), INTER_AREA resize, white border, JPEG q95."""
+    """OpenCV (what img2dataset uses), plus its reduced-size JPEG decode when that keeps our margin over the
+    target (SHRINK_ON_LOAD_MARGIN): imdecode (EXIF applied), INTER_AREA resize, white border, JPEG q95."""
     import cv2
     import numpy as np
 
@@ -284,7 +319,9 @@ def _bound_opencv(data: bytes) -> int:
     with Image.open(io.BytesIO(data)) as header:  # the size from the header only
         width, height, fmt = *header.size, header.format
     if fmt == "JPEG":
-        tw, th = _target(width, height)
+        from laion_tasks.stages.image_ops import SHRINK_ON_LOAD_MARGIN
+
+        tw, th = (round(v * SHRINK_ON_LOAD_MARGIN) for v in _target(width, height))
         for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                                 (2, cv2.IMREAD_REDUCED_COLOR_2)):
             if width // factor >= tw and height // factor >= th:
@@ -337,7 +374,7 @@ def profile_components(images: list[bytes]) -> dict[str, float]:
 
     from laion_tasks.stages.download import optout
     from laion_tasks.stages.download.shard import SampleTar
-    from laion_tasks.stages.image_ops import ImageOptions, process_image
+    from laion_tasks.stages.image_ops import DOWNSCALE_FILTER, ImageOptions, process_image
 
     opts = ImageOptions(image_size=SIZE, resize_mode="border", encode_quality=95)
 
@@ -354,22 +391,16 @@ def profile_components(images: list[bytes]) -> dict[str, float]:
     decoded = []
     for d in images:
         img = Image.open(io.BytesIO(d))
-        if img.format == "JPEG":
-            w, h = _target(*img.size)
-            if w * 3 <= img.width * 2 and h * 3 <= img.height * 2 and img.draft("RGB", (w, h)) is not None:
-                img.decoderconfig = (img.decoderconfig[0], 1)
+        _shrink_on_load(img)
         decoded.append(img.convert("RGB"))
-    small = [img.resize(_target(*img.size), Image.Resampling.BOX) for img in decoded]
+    small = [img.resize(_target(*img.size), DOWNSCALE_FILTER) for img in decoded]
 
     def encode(img: Image.Image) -> None:
         img.save(io.BytesIO(), "JPEG", quality=95)
 
     def decode(d: bytes) -> None:
         img = Image.open(io.BytesIO(d))
-        if img.format == "JPEG":
-            w, h = _target(*img.size)
-            if w * 3 <= img.width * 2 and h * 3 <= img.height * 2 and img.draft("RGB", (w, h)) is not None:
-                img.decoderconfig = (img.decoderconfig[0], 1)
+        _shrink_on_load(img)
         img.convert("RGB")
 
     with tempfile.TemporaryFile() as handle, SampleTar(handle) as sink:
@@ -379,7 +410,8 @@ def profile_components(images: list[bytes]) -> dict[str, float]:
         "sha256 of the body (once)": per_image(lambda d: hashlib.sha256(d).digest(), images),
         "embedded opt-out scan (XMP / C2PA)": per_image(lambda d: optout.embedded_opt_out(d, ["PROHIBITED"]), images),
         "decode (shrink-on-load) + to RGB": per_image(decode, images),
-        "resize (BOX)": per_image(lambda im: im.resize(_target(*im.size), Image.Resampling.BOX), decoded),
+        f"resize ({DOWNSCALE_FILTER.name})": per_image(lambda im: im.resize(_target(*im.size), DOWNSCALE_FILTER),
+                                                      decoded),
         "encode 256 px JPEG q95": per_image(encode, small),
         "process_image total (checks, EXIF, decode, resize, pad, encode)": per_image(
             lambda d: process_image(d, opts, sha256="0" * 64), images),
@@ -415,9 +447,10 @@ def run_input(name: str, images: list[bytes], n: int, rounds: int, exe: Path, wo
                           "ours": run_ours(shard, work / "ours")["cpu_s"]}
         url_list, shard = shard_of(n, "all")
         for r in range(rounds):
+            load = os.getloadavg()[0]
             peer = run_peer(exe, url_list, work / "peer", n)
             ours = run_ours(shard, work / "ours")
-            out["rounds"].append({"peer": peer, "ours": ours})
+            out["rounds"].append({"peer": peer, "ours": ours, "load_1min_at_start": load})
             print(f"{name} round {r}: img2dataset {peer['success']} ok in {peer['wall_s']:.1f}s "
                   f"({peer['success'] / peer['wall_s']:.0f}/s, {1000 * peer['cpu_s'] / max(1, peer['success']):.2f} "
                   f"ms CPU/img); laion-tasks {ours['success']} ok in {ours['wall_s']:.1f}s "
@@ -426,6 +459,12 @@ def run_input(name: str, images: list[bytes], n: int, rounds: int, exe: Path, wo
     out["bound"] = cpu_bound(images, n)
     print(f"{name}: CPU bound, 2 processes: {out['bound']}", flush=True)
     out["profile"] = profile_components(images)
+    # Output quality of the same 200 payloads, both tools at these settings (bench/download_quality.py).
+    from download_quality import measure
+
+    out["quality"] = measure(images)
+    print(f"{name}: PSNR ours {out['quality']['tools']['laion-tasks']['psnr_mean_db']:.2f} dB, img2dataset "
+          f"{out['quality']['tools']['img2dataset']['psnr_mean_db']:.2f} dB", flush=True)
     return out
 
 
@@ -472,7 +511,8 @@ def write_results(results: dict, args: argparse.Namespace, load_before: float, l
         for r in res["rounds"]:
             p, o = side(r["peer"], "peer"), side(r["ours"], "ours")
             rounds.append({"peer": p, "ours": o, "img_s_ratio": o["img_s"] / p["img_s"],
-                           "cpu_ratio": p["cpu_ms_per_img"] / o["cpu_ms_per_img"]})
+                           "cpu_ratio": p["cpu_ms_per_img"] / o["cpu_ms_per_img"],
+                           "load_1min_at_start": r["load_1min_at_start"]})
         bound = {k: {"img_s": v[0], "cpu_ms_per_img": v[1]} for k, v in res["bound"].items()}
         best_ours = max(r["ours"]["img_s"] for r in rounds)
         steady = min(r["ours"]["steady_cpu_ms_per_img"] for r in rounds)
@@ -483,19 +523,24 @@ def write_results(results: dict, args: argparse.Namespace, load_before: float, l
             "n": res["n"], "description": INPUTS[name], "rounds": rounds, "startup_cpu_s": startup, "bound": bound,
             "bound_share": {"wall": best_ours / max(b["img_s"] for b in bound.values()),
                             "cpu": min(b["cpu_ms_per_img"] for b in bound.values()) / steady},
-            "profile_ms": res["profile"], "profile_rest_ms": steady - accounted,
+            "profile_ms": res["profile"], "profile_rest_ms": steady - accounted, "quality": res["quality"],
         }
     setup = (
         f"Rounds alternate img2dataset / ours. Server: loopback, 2-process aiohttp/uvloop, payloads from memory, on "
         f"the same {cores} cores (both clients share the CPU with it; its CPU is counted for neither). Same URLs, "
-        "output size and encoding for both: 256 px border, JPEG q95 (the decode differs: ours uses libjpeg's DCT "
-        "scaling and fast IDCT, img2dataset decodes at full size). img2dataset: 2 processes x 64 threads, "
+        "output size and encoding for both: 256 px border, JPEG q95. The decode and filter differ: ours decodes a "
+        "JPEG shrunk 1.5x or more with libjpeg's DCT scaling to at least 1.5x the target and the fast IDCT, then "
+        "BICUBIC; img2dataset decodes at full size (OpenCV), then INTER_AREA; the output quality of both is measured "
+        "below. img2dataset: 2 processes x 64 threads, "
         "`--disallowed_header_directives '[]' --enable_wandb False`. laion-tasks: `laion download` on one shard, 2 "
         "worker processes, robots.txt, TDMRep, X-Robots-Tag and embedded opt-outs checked, SSRF guard on. Wall time of "
-        "each CLI process, start-up included. CPU: user+sys of the client's whole process tree (sampled from /proc "
-        "every 0.1 s). CPU share: CPU seconds / wall seconds / cores. Start-up CPU: the same command on one URL; "
+        "each CLI process, start-up included. CPU: user+sys of the client process and all its children (the "
+        "kernel's `wait4` rusage; every worker is reaped), cross-checked by sampling the process tree in /proc every "
+        "0.1 s (the larger is kept). The load average at the start of each round is in the round table. CPU share: CPU seconds / wall seconds / cores. Start-up CPU: the same command on one URL; "
         "steady CPU/img = (CPU - start-up CPU) / successes. CPU bound: decode + resize + encode of the same payloads, "
-        "2 processes, no network, measured after the rounds, best of 2 each."
+        "2 processes, no network, measured after the rounds, best of 2 each, at our decode settings (OpenCV with "
+        "its reduced decode kept to at least 1.5x the target). Output quality: `bench/download_quality.py` on the "
+        "input's 200 distinct payloads (method in the quality table's note)."
     )
     save_run("download", {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
