@@ -376,14 +376,17 @@ def render_download(record: dict, run: dict) -> Section:
         s.lines += [f"### Input `{name}`: {res['n']:,} URLs of {res.get('description', name)}", ""]
         header = ["round", "img2dataset ok", "img/s", "CPU ms/img", "steady CPU ms/img", "CPU share", "laion-tasks ok",
                   "img/s", "CPU ms/img", "steady CPU ms/img", "CPU share", "img/s ratio", "CPU/img ratio"]
+        loads = all("load_1min_at_start" in r for r in rounds)
+        header += ["load avg at start"] if loads else []
         body = []
         for i, r in enumerate(rounds):
             p, o = r["peer"], r["ours"]
             body.append([str(i), str(p["success"]), n0(p["img_s"]), f"{p['cpu_ms_per_img']:.2f}",
                          f"{p['steady_cpu_ms_per_img']:.2f}", pct(p["cpu_share"], 0), str(o["success"]), n0(o["img_s"]),
                          f"{o['cpu_ms_per_img']:.2f}", f"{o['steady_cpu_ms_per_img']:.2f}", pct(o["cpu_share"], 0),
-                         f"{r['img_s_ratio']:.2f}x", f"{r['cpu_ratio']:.2f}x"])
-        s.lines += table(header, body, ["---"] + ["---:"] * 12) + [""]
+                         f"{r['img_s_ratio']:.2f}x", f"{r['cpu_ratio']:.2f}x"]
+                        + ([f"{r['load_1min_at_start']:.1f}"] if loads else []))
+        s.lines += table(header, body, ["---"] + ["---:"] * (len(header) - 1)) + [""]
         best_p, best_o = _best(rounds, "peer", "img_s", max), _best(rounds, "ours", "img_s", max)
         cpu_p, cpu_o = _best(rounds, "peer", "cpu_ms_per_img", min), _best(rounds, "ours", "cpu_ms_per_img", min)
         steady_o = _best(rounds, "ours", "steady_cpu_ms_per_img", min)
@@ -446,13 +449,45 @@ def render_download(record: dict, run: dict) -> Section:
         if quality is None:
             s.lines += ["Output quality against a reference (PSNR / SSIM): not measured in this run, so equal output "
                         "quality of the two tools is not shown here.", ""]
+        else:
+            _download_quality(s, name, quality, when)
         other = unknown_figures(res, {"n", "description", "rounds", "startup_cpu_s", "bound", "bound_share",
                                       "profile_ms", "profile_rest_ms", "quality"})
-        if quality is not None:
-            other = unknown_figures({"quality": quality}, set()) + other
         if other and not run.get("tables"):
             s.lines += table(["other recorded figure", "value"], [[k, v] for k, v in other]) + [""]
     return s
+
+
+DOWNLOAD_PSNR = Target(">=", -0.5, "within 0.5 dB of img2dataset, or better")
+
+
+def _download_quality(s: Section, name: str, q: dict, when: str) -> None:
+    """The PSNR/SSIM table of one input (bench/download_quality.py) beside its speed, and its headline rows."""
+    tools, cpu = q["tools"], q.get("cpu_ms_per_img", {})
+    cpu_of = {"img2dataset": cpu.get("img2dataset Resizer"), "laion-tasks": cpu.get("laion-tasks process_image")}
+    label = {"img2dataset": "img2dataset 1.47.0 (its `Resizer`)", "laion-tasks": "**laion-tasks** (`process_image`)"}
+    body = [[label.get(t, t), f"{v['psnr_mean_db']:.2f}", f"{v['psnr_median_db']:.2f}", f"{v['psnr_p5_db']:.2f}",
+             f"{v['psnr_min_db']:.2f}", f"{v['ssim_mean']:.4f}", f"{v['ssim_min']:.4f}",
+             "" if cpu_of.get(t, cpu.get(t)) is None else f"{cpu_of.get(t, cpu.get(t)):.2f}"] for t, v in tools.items()]
+    ours_cfg = q.get("ours", {})
+    s.lines += [f"Output quality against a full-decode reference, input `{name}` ({q['n_images']} distinct payloads; "
+                f"ours: {ours_cfg.get('idct', '?')} IDCT, shrink-on-load to at least "
+                f"{ours_cfg.get('shrink_on_load_margin', '?')}x the target, {ours_cfg.get('downscale_filter', '?')} "
+                "downscale):", ""]
+    s.lines += table(["output", "PSNR mean dB", "median", "5th pct", "min", "SSIM mean", "SSIM min",
+                      "image-path CPU ms/img"], body, ["---"] + ["---:"] * 7) + [""]
+    ours, peer, gap = tools["laion-tasks"], tools["img2dataset"], q["psnr_gap_db"]
+    s.lines += [f"- **PSNR, laion-tasks - img2dataset: {gap:+.2f} dB** (mean of per-image differences; "
+                f"{q['images_more_than_0_5_db_below_peer']} of {q['n_images']} images more than 0.5 dB below "
+                f"img2dataset); SSIM {q['ssim_gap']:+.4f}. Target {DOWNLOAD_PSNR.text}: {verdict(gap, DOWNLOAD_PSNR)}. "
+                f"Same content size as img2dataset for {q['same_content_size']} of {q['n_images']} images (it "
+                "truncates the scaled side, we round; each is compared with the reference at its own size).", ""]
+    if q.get("method"):
+        s.lines += [q["method"], ""]
+    s.rows.append(Row("download", f"PSNR against a full-decode LANCZOS reference, input `{name}`",
+                      f"{ours['psnr_mean_db']:.2f} dB", f"{peer['psnr_mean_db']:.2f} dB (img2dataset)",
+                      f"{gap:+.2f} dB", DOWNLOAD_PSNR, gap,
+                      f"SSIM {ours['ssim_mean']:.4f} vs {peer['ssim_mean']:.4f}", when, shown=f"{gap:+.2f} dB"))
 
 
 def render_clip(record: dict, run: dict) -> Section:
