@@ -8,10 +8,10 @@ Speed: when the target is at least 1.5x smaller than a JPEG, the decoder is aske
 reduced-scale decode (``Image.draft``: libjpeg's DCT scaling, never below 1.5x the target) with
 its fast integer IDCT; downscaling then uses Pillow's antialiased BICUBIC, and upscaling LANCZOS.
 Why not less: measured against a full decode + LANCZOS reference (bench/download_quality.py), a
-BOX filter (Pillow's BOX weighs whole pixels, it is not OpenCV's INTER_AREA) and DCT scaling down
-to the target itself put our output about 3 dB PSNR below img2dataset's; this path is above it
-(bench/RESULTS.md). The fast IDCT costs under 0.1 dB there. The caller passes the sha256 it
-already computed, so the raw bytes are hashed once.
+BOX filter (Pillow's BOX weighs whole pixels, it is not OpenCV's INTER_AREA) with DCT scaling down
+to the target itself put our output 3 to 4 dB PSNR below img2dataset's; this path is above it
+(bench/RESULTS.md). The fast IDCT costs 0.2 to 0.4 dB there, inside the 0.5 dB we allow. The
+caller passes the sha256 it already computed, so the raw bytes are hashed once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center
 
 SHRINK_ON_LOAD_MARGIN = 1.5
 """A DCT-scaled JPEG decode keeps at least this many times the target's pixels per side, so the resize filter
-still has input to average (decoding straight to the target size costs about 1 dB PSNR on large images)."""
+still has input to filter (decoding straight to the target size cost 1.3 dB PSNR on the bench's web mix)."""
 DOWNSCALE_FILTER = Image.Resampling.BICUBIC
 UPSCALE_FILTER = Image.Resampling.LANCZOS
 
