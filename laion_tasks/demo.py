@@ -151,7 +151,7 @@ def comparison_config(work: Path) -> dict[str, Any]:
     subsets = datacomp_subsets(str(work / "crawl" / "eval"), list(EVAL_CLASSES), cluster_size=4)
     return {"curate": {"subsets": subsets},
             # the text rule keeps a handful of the toy crawl's samples: a batch must fit in the smallest subset
-            "train": {"compare_subsets": list(subsets), "samples_seen": 1024, "batch_size": 2}}
+            "train": {"compare_subsets": list(subsets), "samples_seen": 64, "batch_size": 2}}
 
 
 def prepare(
