@@ -1,5 +1,5 @@
 """AI-use preferences through the real downloader against loopback servers: each form the drafts give as an
-example (draft-ietf-aipref-attach-05 §1.2 and §3.4, draft-ietf-aipref-vocab-07 §5, contentsignals.org,
+example (draft-ietf-aipref-attach-05 §1.2 and §3.4, draft-ietf-aipref-vocab-07 §6, contentsignals.org,
 RSL 1.0's robots.txt guide) gives the outcome the text states, refusals at download are
 ``opted_out:<use>`` without the image being requested, and what is found is in ``usage_pref``."""
 
@@ -70,20 +70,20 @@ def values(row: dict[str, Any]) -> tuple[str | None, str | None, str | None] | N
     return None if pref is None else (pref["train_ai"], pref["ai_input"], pref["search"])
 
 
-# -- the statement format (draft-ietf-aipref-vocab-07 §5) and the robots.txt rule (attach-05 §3.2) --------
+# -- the statement format (draft-ietf-aipref-vocab-07 §6) and the robots.txt rule (attach-05 §3.2) --------
 @pytest.mark.parametrize(
     ("statement", "drafts", "strict"),
     [
-        ("train-ai=y, search=n", {"train-ai": "y", "search": "n"}, {"train-ai": "y", "search": "n"}),  # §5
-        # §5.5.1: duplicated keys, the last applies; a Boolean and a String are not Tokens: all unknown.
+        ("train-ai=y, search=n", {"train-ai": "y", "search": "n"}, {"train-ai": "y", "search": "n"}),  # §6
+        # §6.5.1: duplicated keys, the last applies; a Boolean and a String are not Tokens: all unknown.
         ('train-ai=y, train-ai, search=n, search="n"', {}, {"search": "n"}),  # strict: refusals only
-        ("train-ai;allow=n, train-ai=y", {"train-ai": "y"}, {"train-ai": "y"}),  # §5.5.2: parameters are ignored
-        ('train-ai;has;parameters="?";', {}, {}),  # §5.5.2: parameters, preference unknown
-        ("Train-AI=n", {}, {"train-ai": "n"}),  # §5.5.1: upper case does not parse (case sensitive)
+        ("train-ai;allow=n, train-ai=y", {"train-ai": "y"}, {"train-ai": "y"}),  # §6.5.2: parameters are ignored
+        ('train-ai;has;parameters="?";', {}, {}),  # §6.5.2: parameters, preference unknown
+        ("Train-AI=n", {}, {"train-ai": "n"}),  # §6.5.1: upper case does not parse (case sensitive)
         ("train-ai=no", {}, {"train-ai": "n"}),  # not the Token n
         ("train-genai=n, ai-use=n", {}, {"train-ai": "n", "ai-input": "n"}),  # vocab -02 / -03 labels
         ("bots=n, search=y", {"search": "y"}, {"train-ai": "n", "ai-input": "n", "search": "y"}),  # -03 parent
-        ("future-use=n, train-ai=y", {"train-ai": "y"}, {"train-ai": "y"}),  # §5.4: unknown labels are ignored
+        ("future-use=n, train-ai=y", {"train-ai": "y"}, {"train-ai": "y"}),  # §6.4: unknown labels are ignored
     ],
 )
 def test_content_usage_statements(statement: str, drafts: dict[str, str], strict: dict[str, str]) -> None:
@@ -162,7 +162,7 @@ def test_attach_draft_header_and_robots_examples(tmp_path: Path) -> None:
 
 
 def test_conflicts_resolve_to_the_most_restrictive(tmp_path: Path) -> None:
-    """attach-05 §3.1: identical paths combine by vocab-07 §6.1 (any n wins); the header and robots.txt combine
+    """attach-05 §3.1: identical paths combine by vocab-07 §5.1 (any n wins); the header and robots.txt combine
     the same way; the longest path decides between different paths."""
     robots = (b"User-agent: *\nAllow: /\nContent-Usage: /a/ train-ai=y\nContent-Usage: /a/ train-ai=n, search=y\n"
               b"Content-Usage: /b/ train-ai=y\nContent-Usage: /b/deeper/ train-ai=n\n")

@@ -4,19 +4,20 @@ Sources, and the text each follows (read September 2026; all are drafts or indus
 is an RFC yet):
 
 * **IETF AIPREF vocabulary**, draft-ietf-aipref-vocab-07 (19 August 2026; -08 of 14 September 2026 is
-  not yet reflected here). §5.1: the labels ``train-ai`` (AI Model Training, §4.1) and ``search``
-  (§4.2); §5.2: the values are the Tokens ``y`` / ``n``; §5.4: unknown labels and parameters are
-  ignored; §5.5: the statement is an RFC 9651 Dictionary (case sensitive; the last of duplicated keys
+  not yet reflected here). §6.1: the labels ``train-ai`` (AI Model Training, §4.1) and ``search``
+  (§4.2); §6.2: the values are the Tokens ``y`` / ``n``; §6.4: unknown labels and parameters are
+  ignored; §6.5: the statement is an RFC 9651 Dictionary (case sensitive; the last of duplicated keys
   applies; a value that is not the Token ``y`` or ``n`` is "unknown"; a Dictionary that does not parse
-  leaves every preference unknown); §6.1 "Combining Preferences": any disallow wins, else any allow,
+  leaves every preference unknown); §5.1 "Combining Preferences": any disallow wins, else any allow,
   else unknown (the most restrictive applies).
 * **IETF AIPREF attachment**, draft-ietf-aipref-attach-05 (19 August 2026). §2: the ``Content-Usage``
   HTTP response field (an RFC 9651 Dictionary about the content of that message). §3: the robots.txt
   rule ``Content-Usage: [path] statement`` inside a group (§3.2: the value ends at CR, LF or ``#``; a
   path starts with ``/`` and ends before the first SP or HTAB); §3.1: the rule with the longest
   matching path applies, matched as Allow/Disallow are (RFC 9309 §2.2.2; length in bytes of the encoded
-  path, an absent path being empty); rules with identical paths combine by the vocabulary's §6.1; only
-  crawlable paths have preferences. Example §3.4: ``Content-Usage: train-ai=n`` plus
+  path, an absent path being empty); rules with identical paths combine by the vocabulary's §5.1 (which
+  attach-05 still cites as "Section 7.1 of VOCAB", an older numbering); only crawlable paths have
+  preferences. Example §3.4: ``Content-Usage: train-ai=n`` plus
   ``Content-Usage: /ai-ok/ train-ai=y`` gives /test ``train-ai=n`` and /ai-ok/test ``train-ai=y``.
 * **Cloudflare Content Signals** (contentsignals.org policy text; draft-romm-aipref-contentsignals-00,
   §3-4): ``Content-Signal: search=yes, ai-input=yes, ai-train=no`` in a robots.txt group; ``yes``
@@ -39,9 +40,10 @@ Two readings (``download.usage_pref_reading``):
   rules written before any ``User-agent`` line, taken as meant for every agent.
 
 Our categories of use: ``train-ai``, ``ai-input`` (Content Signals' RAG / grounding input, AIPREF
--02's "AI Use") and ``search``. Robots.txt group selection is protego's (the group for our product
-token, else ``*``), and path matching is protego's Allow/Disallow matcher, so both agree with the
-crawl decision by construction.
+-02's "AI Use") and ``search``. protego (0.7) drops the directives it does not know (it only counts
+them), so the lines are read here, grouped as protego groups them; the group is protego's choice for our
+product token (else ``*``), and paths are matched by protego's Allow/Disallow matcher, so preferences
+and the crawl decision agree by construction.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ SQL_TYPE = "STRUCT(train_ai VARCHAR, ai_input VARCHAR, search VARCHAR, sources V
 CONTENT_USAGE = "Content-Usage"
 CONTENT_SIGNAL = "Content-Signal"
 AIPREF_LABELS: dict[str, tuple[str, ...]] = {"train-ai": ("train-ai",), "search": ("search",)}
-"""draft-ietf-aipref-vocab-07 §5.1, Table 1."""
+"""draft-ietf-aipref-vocab-07 §6.1, Table 1."""
 SIGNAL_LABELS: dict[str, tuple[str, ...]] = {"ai-train": ("train-ai",), "ai-input": ("ai-input",), "search": ("search",)}
 """contentsignals.org; draft-romm-aipref-contentsignals-00 §4, Table 1."""
 LEGACY_LABELS: dict[str, tuple[str, ...]] = {"ai-use": ("ai-input",), "train-genai": ("train-ai",)}
@@ -80,7 +82,7 @@ _SITE_WIDE_FIELDS = frozenset({"sitemap", "sitemaps", "site-map", "host"})
 
 
 def combine_values(values: Iterable[str | None]) -> str | None:
-    """draft-ietf-aipref-vocab-07 §6.1: any ``n`` gives ``n``, else any ``y`` gives ``y``, else unknown."""
+    """draft-ietf-aipref-vocab-07 §5.1: any ``n`` gives ``n``, else any ``y`` gives ``y``, else unknown."""
     seen = set(values)
     return "n" if "n" in seen else "y" if "y" in seen else None
 
@@ -90,13 +92,13 @@ def _merge(into: dict[str, str], use: str, value: str) -> None:
 
 
 def _aipref_dictionary(text: str) -> dict[str, str] | None:
-    """draft-ietf-aipref-vocab-07 §5.5 on an RFC 9651 Dictionary; None when it does not parse."""
+    """draft-ietf-aipref-vocab-07 §6.5 on an RFC 9651 Dictionary; None when it does not parse."""
     import http_sfv
 
     parsed = http_sfv.Dictionary()
     try:
         parsed.parse(text.encode("utf-8"))
-    except ValueError:  # §5.5: "If the parsing of the Dictionary fails, preferences are unknown."
+    except ValueError:  # §6.5.1: "If the parsing of the Dictionary fails, preferences are unknown."
         return None
     out: dict[str, str] = {}
     for key, member in parsed.items():
@@ -169,7 +171,7 @@ class UsagePref:
         return [use for use in uses if self.value(use) == "n"]
 
     def combine(self, other: "UsagePref | None") -> "UsagePref":
-        """Both statements, combined per draft-ietf-aipref-vocab-07 §6.1 (the most restrictive applies)."""
+        """Both statements, combined per draft-ietf-aipref-vocab-07 §5.1 (the most restrictive applies)."""
         if other is None:
             return self
         mine, theirs = dict(self.values), dict(other.values)
@@ -272,7 +274,7 @@ class RobotsUsage:
 
     def pref_for(self, url: str, agent: str | None, reading: Reading) -> UsagePref | None:
         """The preferences for ``url``: per field, the rules of ``agent``'s group(s) with the longest matching
-        path, combined (§3.1: identical paths combine by vocab §6.1); then both fields combined; plus the RSL
+        path, combined (§3.1: identical paths combine by vocab-07 §5.1); then both fields combined; plus the RSL
         license URLs. ``agent`` is the group protego chose for our token (its user-agent value), or None."""
         from protego._utils import _quote_path
 

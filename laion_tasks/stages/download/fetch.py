@@ -309,7 +309,7 @@ class Fetcher:
 
     async def _attempt(self, url: str) -> tuple[bytes, str, UsagePref | None]:
         """The body, the URL that served it, and the AI-use preferences of every hop's robots.txt and of the
-        response combined (most restrictive: draft-ietf-aipref-vocab-07 §6.1)."""
+        response combined (most restrictive: draft-ietf-aipref-vocab-07 §5.1)."""
         config = self.config
         seen = {url}
         current = url
