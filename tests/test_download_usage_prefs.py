@@ -181,7 +181,7 @@ def test_content_signals_examples(tmp_path: Path) -> None:
         cs_urls = serve(cs, CONTENT_SIGNALS_ROBOTS, ["/a.jpg"])
         cf_urls = serve(cf, b"User-Agent: *\nContent-Signal: search=yes, ai-train=no, ai-input=no\nAllow: /\n", ["/b.jpg"])
         hdr_urls = serve(hdr, None, ["/c.jpg"], {"Content-Signal": "ai-train=yes, search=yes, ai-input=no"})
-        rows, stats = run(tmp_path, cs_urls + cf_urls + hdr_urls)
+        rows, _ = run(tmp_path, cs_urls + cf_urls + hdr_urls)
         assert cs.seen("/a.jpg") == 0 and cf.seen("/b.jpg") == 0
         recorded, _ = run(tmp_path, cf_urls, config(usage_pref_refuse=[]), name="000001")
         inputs, input_stats = run(tmp_path, hdr_urls, config(usage_pref_refuse=["ai-input"]), name="000002")

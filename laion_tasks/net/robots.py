@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
@@ -62,7 +62,7 @@ class RobotsRules:
     """The status an unavailable robots.txt gives (``blocked_ssrf`` when the guard refused the host)."""
     expires_at: float = math.inf
     """When this answer must be asked again (a ``time.time()``)."""
-    usage: RobotsUsage = RobotsUsage()
+    usage: RobotsUsage = field(default_factory=RobotsUsage)
     """Its AI-use preference lines (``Content-Usage``, ``Content-Signal``, RSL ``License``): parsed with the
     rules, so the per-origin answer carries them (:mod:`laion_tasks.net.usage_prefs`)."""
 
