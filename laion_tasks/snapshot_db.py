@@ -115,6 +115,34 @@ TABLES: dict[str, dict[str, str]] = {
 }
 
 
+# Eligibility: who may enter a subset (curate) and represent a duplicate group (dedup's ranks).
+# (outcome, SQL condition that makes a sample fail this check), in pipeline order.
+BASE_CHECKS: list[tuple[str, str]] = [
+    ("drop:not_downloaded", "status IS DISTINCT FROM 'success'"),
+    ("drop:not_clip_scored", "similarity IS NULL"),
+    ("drop:clip_filtered", "NOT coalesce(clip_kept, false)"),
+    ("drop:hashlist_blocked", "coalesce(hashlist_blocked, false)"),
+]
+ELIGIBLE = "eligible"
+BASE_OUTCOMES = [name for name, _ in BASE_CHECKS] + [ELIGIBLE]
+
+
+def base_checks(config: CurateConfig) -> list[tuple[str, str]]:
+    """The checks in force: ``drop:clip_filtered`` only with ``curate.require_clip_kept``."""
+    return [(o, cond) for o, cond in BASE_CHECKS if o != "drop:clip_filtered" or config.require_clip_kept]
+
+
+def base_outcome_sql(config: CurateConfig) -> str:
+    """CASE expression giving each sample its first failing base check, else 'eligible'."""
+    whens = "\n".join(f"    WHEN {cond} THEN '{outcome}'" for outcome, cond in base_checks(config))
+    return f"CASE\n{whens}\n    ELSE '{ELIGIBLE}'\n  END"
+
+
+def eligible_sql(config: CurateConfig) -> str:
+    """Boolean SQL: the sample passes every base check."""
+    return " AND ".join(f"NOT coalesce({cond}, false)" for _, cond in base_checks(config))
+
+
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 

@@ -339,7 +339,7 @@ def test_every_field_a_stage_reads_is_in_its_key(pipeline: Pipeline, name: str) 
         ("tag", "result_fields", "tag.nsfw_*"),
         ("tag", "input_files", "tag.*_hashlist"),
         ("dedup_centroids", "result_fields", "dedup.memory_limit"),
-        ("curate", "result_fields", "curate.require_clip_kept"),
+        ("curate", "result_fields", "curate.rows_per_file"),
         ("index", "result_fields", "index.index_key"),
         ("eval", "result_fields", "eval.precision"),
     ],

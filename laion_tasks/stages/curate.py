@@ -50,6 +50,13 @@ import pyarrow.parquet as pq
 from laion_tasks import layout, storage
 from laion_tasks.config import ClipConfig, CurateConfig, SubsetConfig
 from laion_tasks.net.usage_prefs import ROW_FIELDS
+from laion_tasks.snapshot_db import (  # noqa: F401 - eligibility is defined with the samples view
+    BASE_OUTCOMES,
+    ELIGIBLE,
+    base_checks,
+    base_outcome_sql,
+    eligible_sql,
+)
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot, predicate_columns
 from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 from laion_tasks.wds import iter_samples
@@ -61,16 +68,6 @@ MANIFEST = "manifest.json"
 WDS_DIR = "webdataset"
 PART_RE = re.compile(r"^part-\d{5,}\.parquet$")
 TAR_RE = re.compile(r"^\d{5,}\.tar$")
-
-# (outcome, SQL condition that makes a sample fail this check), in pipeline order.
-_BASE_CHECKS: list[tuple[str, str]] = [
-    ("drop:not_downloaded", "status IS DISTINCT FROM 'success'"),
-    ("drop:not_clip_scored", "similarity IS NULL"),
-    ("drop:clip_filtered", "NOT coalesce(clip_kept, false)"),
-    ("drop:hashlist_blocked", "coalesce(hashlist_blocked, false)"),
-]
-ELIGIBLE = "eligible"
-BASE_OUTCOMES = [name for name, _ in _BASE_CHECKS] + [ELIGIBLE]
 
 HASH_DEFINITION = (
     "hash: signed 64-bit integer = the first 8 bytes (big-endian) of SHA-256 over the UTF-8 of URL || TEXT "
@@ -114,21 +111,6 @@ def laion_hash(url: str, text: str) -> int:
     """The ``hash`` column for one pair, as the SQL computes it (for tests and consumers)."""
     digest = hashlib.sha256((url + text).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def base_checks(config: CurateConfig) -> list[tuple[str, str]]:
-    return [(o, cond) for o, cond in _BASE_CHECKS if o != "drop:clip_filtered" or config.require_clip_kept]
-
-
-def base_outcome_sql(config: CurateConfig) -> str:
-    """CASE expression giving each sample its first failing base check, else 'eligible'."""
-    whens = "\n".join(f"    WHEN {cond} THEN '{outcome}'" for outcome, cond in base_checks(config))
-    return f"CASE\n{whens}\n    ELSE '{ELIGIBLE}'\n  END"
-
-
-def eligible_sql(config: CurateConfig) -> str:
-    """Boolean SQL: the sample passes every base check."""
-    return " AND ".join(f"NOT coalesce({cond}, false)" for _, cond in base_checks(config))
 
 
 @dataclass

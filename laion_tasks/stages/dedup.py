@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_tasks import layout, storage
-from laion_tasks.config import ClipConfig, DedupConfig, memory_bytes
+from laion_tasks.config import ClipConfig, CurateConfig, DedupConfig, memory_bytes
 from laion_tasks.stage import Context, ShardStats, StageError, StageSpec
 
 log = logging.getLogger(__name__)
@@ -361,9 +361,11 @@ def dedup_centroids(inputs: list[ShardInput], out_uri: str, config: DedupConfig)
 # ---------------------------------------------------------------- 2. partition
 
 
-def _shard_rows_sql(images: set[str], clip: set[str] | None, tags: set[str] | None, clip_config: ClipConfig) -> str:
-    """One shard's rows in key order, with eligibility and the two exact-dedup digests."""
-    from laion_tasks.snapshot_db import clip_kept_sql
+def _shard_rows_sql(
+    images: set[str], clip: set[str] | None, tags: set[str] | None, clip_config: ClipConfig, curate: CurateConfig
+) -> str:
+    """One shard's rows in key order, with eligibility (curate's own definition) and the two exact-dedup digests."""
+    from laion_tasks.snapshot_db import clip_kept_sql, eligible_sql
 
     def col(present: set[str] | None, table: str, name: str, typ: str) -> str:
         return f"CAST({table}.{name} AS {typ})" if present and name in present else f"NULL::{typ}"
@@ -377,15 +379,18 @@ def _shard_rows_sql(images: set[str], clip: set[str] | None, tags: set[str] | No
     joins = ("LEFT JOIN c ON c.key = i.key " if clip is not None else "") + (
         "LEFT JOIN t ON t.key = i.key " if tags is not None else "")
     return f"""
-        SELECT i.key, {col(images, 'i', 'uid', 'VARCHAR')} AS uid, i.pos,
-               coalesce({status} = 'success', false) AND coalesce({kept}, false) AND NOT ({blocked}) AS eligible,
-               CASE WHEN {url} IS NOT NULL THEN md5_number_upper({url} || chr(0) || coalesce({caption}, '')) END AS ua1,
-               CASE WHEN {url} IS NOT NULL THEN md5_number_lower({url} || chr(0) || coalesce({caption}, '')) END AS ua2,
-               TRY_CAST('0x' || substr({sha}, 1, 16) AS UBIGINT) AS sh1,
-               TRY_CAST('0x' || substr({sha}, 17, 16) AS UBIGINT) AS sh2,
-               {'c.pos' if clip is not None else 'NULL::BIGINT'} AS clip_pos
-        FROM i {joins}
-        ORDER BY i.key
+        SELECT key, uid, pos, coalesce({eligible_sql(curate)}, false) AS eligible, ua1, ua2, sh1, sh2, clip_pos
+        FROM (
+          SELECT i.key, {col(images, 'i', 'uid', 'VARCHAR')} AS uid, i.pos,
+                 {status} AS status, {col(clip, 'c', 'similarity', 'DOUBLE')} AS similarity, {kept} AS clip_kept,
+                 {blocked} AS hashlist_blocked,
+                 CASE WHEN {url} IS NOT NULL THEN md5_number_upper({url} || chr(0) || coalesce({caption}, '')) END AS ua1,
+                 CASE WHEN {url} IS NOT NULL THEN md5_number_lower({url} || chr(0) || coalesce({caption}, '')) END AS ua2,
+                 TRY_CAST('0x' || substr({sha}, 1, 16) AS UBIGINT) AS sh1,
+                 TRY_CAST('0x' || substr({sha}, 17, 16) AS UBIGINT) AS sh2,
+                 {'c.pos' if clip is not None else 'NULL::BIGINT'} AS clip_pos
+          FROM i {joins})
+        ORDER BY key
     """
 
 
@@ -420,8 +425,12 @@ def dedup_partition(
     config: DedupConfig,
     clip: ClipConfig,
     centroids: str | None = None,
+    curate: CurateConfig | None = None,
 ) -> ShardStats:
-    """Rank, digest and cluster one run of shards (see module doc, step 2)."""
+    """Rank, digest and cluster one run of shards (see module doc, step 2).
+
+    ``curate`` defines eligibility (the rank's ineligible bit), as curate does (default: CurateConfig())."""
+    curate = curate or CurateConfig()
     prefix = run_prefix(work_dir, run, [s.shard for s in inputs])
     stats = ShardStats(output_uri=f"{prefix}.rows.parquet")
     tree = Centroids.load(centroids) if centroids and config.near_dup else None
@@ -445,7 +454,7 @@ def dedup_partition(
                     tags_table = _read_with_pos(shard.tags, "tags parquet")
                     tags_cols = set(tags_table.column_names)
                     con.register("t", tags_table)
-                table = con.sql(_shard_rows_sql(set(images.column_names), clip_cols, tags_cols, clip)).to_arrow_table()
+                table = con.sql(_shard_rows_sql(set(images.column_names), clip_cols, tags_cols, clip, curate)).to_arrow_table()
                 n = table.num_rows
                 eligible = table.column("eligible").to_numpy(zero_copy_only=False).astype(bool)
                 rank = (base + position + np.arange(n, dtype=np.int64)) | (
@@ -960,7 +969,7 @@ def dedup_all(
 # representatives, written per shard under dedup/). Near and resolve read only the runs of
 # the current plan, so run files of an older grouping are ignored.
 
-ELIGIBILITY_FIELDS = ("clip.*.threshold",)
+ELIGIBILITY_FIELDS = ("clip.*.threshold", "curate.require_clip_kept")
 """Which rows may represent a duplicate group (downloaded, CLIP-kept, not hash-list blocked):
 decided when a run is partitioned (the rank's ineligible bit), so a threshold change re-partitions."""
 
@@ -1032,7 +1041,8 @@ def _run_partition(ctx: Context, shard: str) -> ShardStats:
     centroids = centroids_uri(work_dir(ctx)) if config.near_dup else None
     run_stats = ctx.resource(
         f"dedup_run:{run}:{','.join(shards)}",
-        lambda: dedup_partition(_inputs(ctx, shards), run, work_dir(ctx), config, ctx.settings.clip, centroids),
+        lambda: dedup_partition(_inputs(ctx, shards), run, work_dir(ctx), config, ctx.settings.clip, centroids,
+                                ctx.settings.curate),
     )
     stats = ShardStats(output_uri=run_stats.output_uri)
     with storage.local_copy(layout.images_parquet_uri(ctx.root, ctx.snapshot, shard)) as path:
