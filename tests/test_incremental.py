@@ -3,7 +3,8 @@
 Each scenario changes one thing (a knob, a deleted output, a recovered host, a grown
 crawl), runs the DAG once, and asserts from lineage which stages re-ran, on which
 shards, and that the funnel and every subset still count each candidate exactly once.
-The tests share one crawl and run in file order; each builds on the previous state.
+The scenarios share one crawl and each builds on the state the ones before it left; a test runs
+the scenarios it depends on first (``reach``), so it passes alone and in any order.
 
 Scenarios 3 (CLIP thresholds applied in curate) and 7 (dedup keeps an eligible copy)
 test issue 12, items 4 and 5.
@@ -215,13 +216,13 @@ def moved_shards(before: list[str], after: list[str], before_tasks: int, after_t
     return {s for s in after if old.get(s) != new[s]}
 
 
-def test_first_run_accounts_for_every_candidate(crawl: Crawl) -> None:
+def scenario_first_run_accounts_for_every_candidate(crawl: Crawl) -> None:
     assert_each_candidate_once(crawl)
     for url in crawl.retry_urls | {crawl.dup_url}:
         assert all(r["status"].startswith("http_5") for r in crawl.rows_by_url(url)[:1]), url
 
 
-def test_1_tag_prompt_reruns_tag_and_dependents(crawl: Crawl) -> None:
+def scenario_1_tag_prompt_reruns_tag_and_dependents(crawl: Crawl) -> None:
     settings = crawl.settings
     sims = sorted(
         s for shard in crawl.shards()
@@ -249,7 +250,7 @@ def test_1_tag_prompt_reruns_tag_and_dependents(crawl: Crawl) -> None:
     assert_each_candidate_once(crawl)
 
 
-def test_3_clip_threshold_reruns_curate_not_scoring(crawl: Crawl) -> None:
+def scenario_3_clip_threshold_reruns_curate_not_scoring(crawl: Crawl) -> None:
     ran, threshold = crawl.state["threshold_run"], crawl.state["threshold"]
     assert not ran["clip"], "a threshold is applied to the stored similarity, no shard is re-scored"
     assert ran["curate"] == set(SUBSETS)
@@ -259,7 +260,7 @@ def test_3_clip_threshold_reruns_curate_not_scoring(crawl: Crawl) -> None:
     assert len(crawl.subset_rows("laion2B-en")) < crawl.state["before"]["laion2B-en"]
 
 
-def test_2_execution_knobs_rerun_nothing_6_deleted_output_reruns_its_shard(crawl: Crawl) -> None:
+def scenario_2_execution_knobs_rerun_nothing_6_deleted_output_reruns_its_shard(crawl: Crawl) -> None:
     crawl.configure({"clip": {"batch_size": 7, "num_workers": 1}, "download": {"processes": 2, "max_concurrency": 3}})
     ctx = runner.open_context(crawl.settings, SNAP)
     for stage in list(runner.STAGE_MODULES)[:9]:
@@ -278,7 +279,7 @@ def test_2_execution_knobs_rerun_nothing_6_deleted_output_reruns_its_shard(crawl
     assert_each_candidate_once(crawl)
 
 
-def test_4_retried_downloads_reach_the_subsets(crawl: Crawl) -> None:
+def scenario_4_retried_downloads_reach_the_subsets(crawl: Crawl) -> None:
     funnel_before = {r.outcome: r.count for r in crawl.lineage().funnel(SNAP) if r.stage == "download"}
     crawl.serve_unavailable({crawl.dup_url})  # the host is back for these URLs
     retried = {r["shard"] for url in crawl.retry_urls | {crawl.dup_url} for r in crawl.rows_by_url(url)}
@@ -305,7 +306,7 @@ def test_4_retried_downloads_reach_the_subsets(crawl: Crawl) -> None:
             assert url in en, url
 
 
-def test_5_more_wat_files_extract_only_the_new_one(crawl: Crawl) -> None:
+def scenario_5_more_wat_files_extract_only_the_new_one(crawl: Crawl) -> None:
     old_plan = storage.read_text(layout.shards_manifest_uri(crawl.root, SNAP))
     old_shards = set(crawl.shards())
     old_wats = set(runner.spec("extract").shards(runner.Context(crawl.settings, SNAP)))
@@ -333,7 +334,7 @@ def test_5_more_wat_files_extract_only_the_new_one(crawl: Crawl) -> None:
     assert rows[0]["status"] != "success" and rows[-1]["status"] == "success", rows
 
 
-def test_7_duplicate_pair_keeps_the_downloaded_copy(crawl: Crawl) -> None:
+def scenario_7_duplicate_pair_keeps_the_downloaded_copy(crawl: Crawl) -> None:
     last = sorted(crawl.rows_by_url(crawl.dup_url), key=lambda r: (r["key"], r["shard"]))[-1]
     assert last["dedup"]["dup_reason"] is None, "the downloaded copy represents the pair, not the failed one"
     kept = [r for r in crawl.subset_rows("laion2B-en") if r["URL"] == crawl.dup_url]
@@ -341,7 +342,7 @@ def test_7_duplicate_pair_keeps_the_downloaded_copy(crawl: Crawl) -> None:
     assert len(kept) == (1 if qualifies else 0), (qualifies, kept)
 
 
-def test_8_fewer_mapped_tasks_regroup_dedup_runs_without_losing_a_shard(crawl: Crawl) -> None:
+def scenario_8_fewer_mapped_tasks_regroup_dedup_runs_without_losing_a_shard(crawl: Crawl) -> None:
     """Issue 18: a changed max_mapped_tasks moves shards into other dedup runs; each moved shard is
     partitioned again and no downloaded row is left out of dedup (verify checks the verdicts)."""
     before = crawl.settings.orchestration.max_mapped_tasks
@@ -355,3 +356,50 @@ def test_8_fewer_mapped_tasks_regroup_dedup_runs_without_losing_a_shard(crawl: C
     assert_each_candidate_once(crawl)
     work = Path(storage.local_path(storage.join(layout.snapshot_root(crawl.root, SNAP), "dedup_work", "runs")))
     assert len(list(work.glob("*.rows.parquet"))) == 2, "the old grouping's run files are removed"
+
+
+# Each scenario builds on the state the ones before it left (one crawl, changed step by step). A test
+# runs the scenarios it depends on first when they have not run, so any one test, alone or in any
+# order, checks the same thing as the whole file in order.
+SCENARIOS = [scenario_first_run_accounts_for_every_candidate, scenario_1_tag_prompt_reruns_tag_and_dependents, scenario_3_clip_threshold_reruns_curate_not_scoring, scenario_2_execution_knobs_rerun_nothing_6_deleted_output_reruns_its_shard, scenario_4_retried_downloads_reach_the_subsets, scenario_5_more_wat_files_extract_only_the_new_one, scenario_7_duplicate_pair_keeps_the_downloaded_copy, scenario_8_fewer_mapped_tasks_regroup_dedup_runs_without_losing_a_shard]
+
+
+def reach(crawl: Crawl, scenario) -> None:  # type: ignore[no-untyped-def]
+    """Run every scenario up to and including ``scenario`` that has not run on this crawl yet."""
+    done = crawl.state.setdefault("scenarios_done", [])
+    for step in SCENARIOS[: SCENARIOS.index(scenario) + 1]:
+        if step.__name__ not in done:
+            step(crawl)
+            done.append(step.__name__)
+
+
+def test_first_run_accounts_for_every_candidate(crawl: Crawl) -> None:
+    reach(crawl, scenario_first_run_accounts_for_every_candidate)
+
+
+def test_1_tag_prompt_reruns_tag_and_dependents(crawl: Crawl) -> None:
+    reach(crawl, scenario_1_tag_prompt_reruns_tag_and_dependents)
+
+
+def test_3_clip_threshold_reruns_curate_not_scoring(crawl: Crawl) -> None:
+    reach(crawl, scenario_3_clip_threshold_reruns_curate_not_scoring)
+
+
+def test_2_execution_knobs_rerun_nothing_6_deleted_output_reruns_its_shard(crawl: Crawl) -> None:
+    reach(crawl, scenario_2_execution_knobs_rerun_nothing_6_deleted_output_reruns_its_shard)
+
+
+def test_4_retried_downloads_reach_the_subsets(crawl: Crawl) -> None:
+    reach(crawl, scenario_4_retried_downloads_reach_the_subsets)
+
+
+def test_5_more_wat_files_extract_only_the_new_one(crawl: Crawl) -> None:
+    reach(crawl, scenario_5_more_wat_files_extract_only_the_new_one)
+
+
+def test_7_duplicate_pair_keeps_the_downloaded_copy(crawl: Crawl) -> None:
+    reach(crawl, scenario_7_duplicate_pair_keeps_the_downloaded_copy)
+
+
+def test_8_fewer_mapped_tasks_regroup_dedup_runs_without_losing_a_shard(crawl: Crawl) -> None:
+    reach(crawl, scenario_8_fewer_mapped_tasks_regroup_dedup_runs_without_losing_a_shard)
