@@ -3,8 +3,9 @@
 Each stage declares itself once, in its own module, as a :class:`StageSpec`: its name,
 the upstream stages it reads, the config fields that change its results, the object
 that commits its output and the function that runs it on one shard. This module does
-the rest for all of them, and the DAG tasks, ``laion run``, the GPU pods and the tests
-are thin doors onto it.
+the rest for all of them, and the DAG tasks, every ``laion`` stage command, the GPU pods
+and the tests are thin doors onto it: a command on files it names passes them as context
+options (``Context.uri``), and only this module builds a :class:`StageRun`.
 
 Skip key: a shard is reused when its current done run in lineage has the same
 (stage, shard, digest of the result fields, digest of the exact upstream outputs read)
