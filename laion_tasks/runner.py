@@ -206,10 +206,14 @@ def _upstream_identity(ctx: Context, stage: StageSpec, shard: str, current: dict
 
 def _named_identity(ctx: Context, uri: str) -> str:
     """An input file named on the command line: its content (sha256, S3 ETag). Not read for an http(s)
-    URI (a crawl's published WAT file: its URI is its identity), nor without lineage (no key is compared)."""
+    URI (a crawl's published WAT file: its URI is its identity), nor without lineage (no key is compared).
+    A file that cannot be read is keyed as such: the stage then fails on it, and lineage records why."""
     if ctx.lineage is None or storage.is_http(uri):
         return "-"
-    return file_identity(ctx, uri)
+    try:
+        return file_identity(ctx, uri)
+    except StageError:
+        return "unreadable"
 
 
 def inputs_digest(ctx: Context, stage: StageSpec, shard: str, current: dict[str, list[dict[str, Any]]] | None = None) -> str:
@@ -367,8 +371,11 @@ def run_on_files(
     """One shard of a stage on files named on the command line (``laion extract WAT OUT``): the stage's own
     run, its files passed as context options (``Context.uri``), its inputs keyed by content; recorded in
     lineage under ``snapshot`` when one is given. Returns the shard's stats, or ``{"skipped": True}``."""
-    report = run(settings, snapshot or UNRECORDED, name, {"shards": [shard]}, force=force, details=True,
-                 lineage=snapshot is not None, inputs=inputs, outputs=outputs, **options)
+    try:
+        report = run(settings, snapshot or UNRECORDED, name, {"shards": [shard]}, force=force, details=True,
+                     lineage=snapshot is not None, inputs=inputs, outputs=outputs, **options)
+    except BatchError as exc:  # the one shard: its error alone
+        raise StageError(f"{name}: {' '.join(exc.failures.values())}") from exc
     return dict(report["shards"][shard])
 
 

@@ -111,6 +111,20 @@ def test_download_blocks_hash_listed_urls_and_images_and_records_its_run(tmp_pat
     assert laion(tmp_path, "download", shard, str(tar), str(parquet), "--snapshot", CRAWL, env=env) == {"skipped": True}
 
 
+def test_a_failed_named_file_run_is_one_error_line_and_recorded_failed(tmp_path: Path) -> None:
+    write_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAION_")} | {"LAION_CONFIG": str(tmp_path / "laion.yaml")}
+    missing = tmp_path / "none.warc.wat.gz"
+    result = subprocess.run([LAION, "extract", str(missing), str(tmp_path / "o.parquet"), "--snapshot", CRAWL],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0], result.stderr
+    assert errors[0].startswith(f"error: extract: {layout.wat_id(str(missing))} ({missing}): ") and "FileNotFoundError" in errors[0]
+    [run] = runs(tmp_path, "extract")
+    assert run["status"] == "failed" and str(missing) in run["error"]
+
+
 def stage_run_calls(path: Path) -> list[int]:
     """Lines of ``path`` that call ``StageRun(...)`` (by name or as an attribute)."""
     lines = []
