@@ -90,7 +90,7 @@ def test_dedup_across_shards_and_buckets(tmp_path, two_shards, buckets):
         "0000010004": ("0000000003", "url_alt"),
         "0000010006": ("0000010005", "url_alt"),
     }
-    # near-dups meet through their 3 nearest k-means clusters (near_dup_probes), even with one cluster per vector
+    # near-dups meet through their near_dup_probes nearest k-means clusters, even with one cluster per vector
     expected["0000010002"] = ("0000000002", "near_embedding")
     removed = {k: (r["dup_of_key"], r["dup_reason"]) for k, r in v.items() if r["dup_reason"]}
     assert removed == expected
