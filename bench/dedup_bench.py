@@ -327,8 +327,19 @@ def child(args: argparse.Namespace) -> None:
         peer.dedup_all({k: tuple(v) for k, v in shards.items()}, str(work), str(out), peer.DedupConfig())
     seconds = time.perf_counter() - t0
     own = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"seconds": seconds, "cpu_seconds_self": own.ru_utime + own.ru_stime, "steps": steps,
+    print(json.dumps({"seconds": seconds, "cpu_seconds_self": own.ru_utime + own.ru_stime, "code": _code_id(), "steps": steps,
                       "steps_cpu": steps_cpu, "vmhwm_kb": _status_kb("VmHWM"), "anon_peak_kb": anon.stop()}))
+
+
+def _code_id() -> str:
+    """The commit and a digest of the dedup sources this run imported (the tree is shared and may move on)."""
+    from laion_tasks.stages import dedup
+
+    source = Path(dedup.__file__)
+    files = sorted(source.parent.glob("*.py")) if source.name == "__init__.py" else [source]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"{head.stdout.strip() or '?'}, dedup sources {digest}"
 
 
 def _duckdb(data: Path):  # type: ignore[no-untyped-def]
