@@ -13,7 +13,8 @@ from PIL import Image
 
 from curate_fixtures import expected_base_outcome, make_snapshot
 from laion_tasks import layout, storage
-from laion_tasks.card import _sample_rows, write_dataset_card
+from laion_tasks.card import write_dataset_card
+from laion_tasks.card.facts import _sample_rows
 from laion_tasks.config import CurateConfig
 from laion_tasks.lineage import Lineage
 from laion_tasks.runner import StageRun, run_stage

@@ -1,4 +1,4 @@
-"""Dataset card: Markdown + PNG charts per snapshot (``card/``) and per subset (``subsets/<name>/``).
+"""Dataset card (its facts in :mod:`.facts`, its charts in :mod:`.charts`, its Markdown here): Markdown + PNG charts per snapshot (``card/``) and per subset (``subsets/<name>/``).
 
 Every number is an aggregate computed by DuckDB over the snapshot's Parquet (histograms
 are ``GROUP BY`` bucket queries), so a card never loads a snapshot into memory. The
@@ -14,286 +14,42 @@ The thumbnail grids never show hash-list-blocked samples, samples flagged unsafe
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import warnings
-from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from laion_tasks import layout, storage
-from laion_tasks.config import ClipConfig, CurateConfig, Settings, SubsetConfig
-from laion_tasks.lineage import FunnelRow, Lineage
+from laion_tasks.config import ClipConfig, CurateConfig, Settings
+from laion_tasks.lineage import Lineage
 from laion_tasks.snapshot_db import SAMPLES_VIEW, SnapshotDB, open_snapshot
 from laion_tasks.stage import ShardStats
-from laion_tasks.wds import iter_samples
 from laion_tasks.stages.subset_rules import describe as describe_rules
 from laion_tasks.stages.curate import (
     ELIGIBLE,
     HASH_DEFINITION,
     LAION_COLUMNS,
-    SubsetCounts,
-    base_outcome_sql,
     count_subsets,
     eligible_sql,
     read_manifest,
 )
 
-log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# Unknown is not safe: a null score (tag never ran, or could not score the image) keeps it off the card.
-SAFE_FOR_CARD = (
-    "NOT coalesce(hashlist_blocked, false) AND nsfw_text IS NOT NULL AND NOT nsfw_text "
-    "AND punsafe IS NOT NULL AND punsafe < 0.5"
+from laion_tasks.card.charts import _funnel_chart, _grid_chart, _shares_chart, _similarity_chart, _size_chart
+from laion_tasks.card.facts import (
+    BASE_LABELS,
+    SubsetInfo,
+    _lineage_sections,
+    _passed,
+    _rows,
+    _sample_rows,
+    _shares,
+    _similarity_hist,
+    _size_hist,
+    _status_counts,
+    _subset_info,
+    _thumbnails,
 )
-PASS_OUTCOMES = ("kept", "success")
-BASE_LABELS = {
-    "drop:not_downloaded": "download failed",
-    "drop:not_clip_scored": "not CLIP-scored (no image, decode error, empty caption)",
-    "drop:clip_filtered": "below the CLIP similarity threshold",
-    "drop:hashlist_blocked": "on a URL / image hash list",
-    "drop:duplicate": "duplicate of another sample",
-}
 
-
-@dataclass
-class SubsetInfo:
-    name: str
-    where: str
-    description: str
-    state: str
-    """ok | unavailable | not written (counts computed now, no files yet)."""
-    reason: str | None
-    rows: int
-    outcomes: dict[str, int]
-    files: list[dict[str, Any]] = field(default_factory=list)
-    webdataset: dict[str, Any] | None = None
-    note: str | None = None
-    rules: dict[str, Any] = field(default_factory=dict)
-    """What the subset's DataComp rules decided (threshold and model, clusters hit, classes)."""
-
-
-# -- queries ---------------------------------------------------------------------
-
-
-def _rows(db: SnapshotDB, sql: str) -> list[tuple[Any, ...]]:
-    return db.con.execute(sql).fetchall()
-
-
-def _similarity_hist(db: SnapshotDB, where: str = "true") -> list[tuple[float, bool, int]]:
-    """(bucket start, kept by CLIP, count) in 0.01 buckets."""
-    return [
-        (b / 100.0, bool(k), int(n))
-        for b, k, n in _rows(
-            db,
-            f"SELECT floor(similarity * 100)::INTEGER AS b, coalesce(clip_kept, false) AS k, count(*) "
-            f"FROM {SAMPLES_VIEW} WHERE similarity IS NOT NULL AND ({where}) GROUP BY ALL ORDER BY b, k",
-        )
-    ]
-
-
-def _size_hist(db: SnapshotDB, column: str) -> list[tuple[int, int]]:
-    """(log2 bucket, count) of an original image dimension over downloaded samples."""
-    return [
-        (int(b), int(n))
-        for b, n in _rows(
-            db,
-            f"SELECT floor(log2(greatest({column}, 1)))::INTEGER AS b, count(*) FROM {SAMPLES_VIEW} "
-            f"WHERE status = 'success' AND {column} IS NOT NULL GROUP BY b ORDER BY b",
-        )
-    ]
-
-
-def _shares(db: SnapshotDB, column: str, limit: int = 15) -> list[tuple[str, int]]:
-    rows = _rows(
-        db,
-        f"SELECT coalesce({column}, '(none)') AS v, count(*) AS n FROM {SAMPLES_VIEW} "
-        f"WHERE similarity IS NOT NULL GROUP BY v ORDER BY n DESC, v",
-    )
-    top = [(str(v), int(n)) for v, n in rows[:limit]]
-    rest = sum(int(n) for _, n in rows[limit:])
-    return top + ([("other", rest)] if rest else [])
-
-
-def _status_counts(db: SnapshotDB) -> list[tuple[str, int]]:
-    return [(str(s), int(n)) for s, n in _rows(db, f"SELECT coalesce(status, '(none)'), count(*) FROM {SAMPLES_VIEW} GROUP BY 1 ORDER BY 2 DESC, 1")]
-
-
-def _sample_rows(db: SnapshotDB, where: str, limit: int, config: CurateConfig) -> list[dict[str, Any]]:
-    """A deterministic spread of samples (ordered by md5 of the key), safe to publish."""
-    rows = _rows(
-        db,
-        f"SELECT shard, key, caption, similarity, base_outcome FROM "
-        f"(SELECT *, {base_outcome_sql(config)} AS base_outcome FROM {SAMPLES_VIEW}) "
-        f"WHERE status = 'success' AND {SAFE_FOR_CARD} AND ({where}) ORDER BY md5(key) LIMIT {int(limit)}",
-    )
-    return [dict(zip(("shard", "key", "caption", "similarity", "outcome"), r)) for r in rows]
-
-
-def _thumbnails(db: SnapshotDB, samples: list[dict[str, Any]], size: int = 128) -> dict[str, Any]:
-    """Decode the chosen samples' images from their download tars (streamed, one pass per shard)."""
-    from PIL import Image
-
-    by_shard: dict[str, set[str]] = defaultdict(set)
-    for s in samples:
-        by_shard[s["shard"]].add(s["key"])
-    out: dict[str, Any] = {}
-    for shard, keys in sorted(by_shard.items()):
-        uri = layout.images_tar_uri(db.root, db.snapshot, shard)
-        try:
-            with storage.open_read(uri) as handle:
-                for key, members in iter_samples(handle, keys):
-                    for info, data in members:
-                        if info.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
-                            try:
-                                img = Image.open(io.BytesIO(data))
-                                img = img.convert("RGB")
-                                img.thumbnail((size, size))
-                                out[key] = img
-                            except Exception as exc:  # noqa: BLE001 - a bad image just has no thumbnail
-                                log.warning("card: %s in %s does not decode: %s", info.name, uri, exc)
-                            break
-        except Exception as exc:  # noqa: BLE001 - the card still renders without these thumbnails
-            log.warning("card: cannot read %s for thumbnails: %s", uri, exc)
-    return out
-
-
-# -- charts -----------------------------------------------------------------------
-
-
-def _figure(width: float, height: float):  # type: ignore[no-untyped-def]
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100)
-
-
-def _save(fig: Any, uri: str) -> None:
-    with storage.atomic_local_path(uri, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
-
-
-def _funnel_chart(steps: list[tuple[str, int]], uri: str, title: str) -> None:
-    fig = _figure(8, 0.45 * len(steps) + 1.2)
-    ax = fig.subplots()
-    labels = [s for s, _ in steps][::-1]
-    values = [n for _, n in steps][::-1]
-    ax.barh(range(len(values)), values, color="#4477aa")
-    ax.set_yticks(range(len(values)), labels, fontsize=8)
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:,}", va="center", fontsize=8)
-    ax.set_xlabel("samples")
-    positive = [v for v in values if v > 0]
-    if positive and max(positive) / min(positive) > 1000:
-        ax.set_xscale("log")  # a real crawl spans billions of links down to thousands of high-res images
-        ax.set_xlabel("samples (log scale)")
-    ax.set_title(title, fontsize=10)
-    ax.margins(x=0.15)
-    _save(fig, uri)
-
-
-def _similarity_chart(hist: list[tuple[float, bool, int]], uri: str, title: str) -> None:
-    fig = _figure(7, 3.5)
-    ax = fig.subplots()
-    kept = defaultdict(int)
-    dropped = defaultdict(int)
-    for b, k, n in hist:
-        (kept if k else dropped)[b] += n
-    xs = sorted(set(kept) | set(dropped))
-    ax.bar(xs, [dropped[x] for x in xs], width=0.01, align="edge", color="#cc6677", label="filtered by CLIP")
-    ax.bar(xs, [kept[x] for x in xs], width=0.01, align="edge", bottom=[dropped[x] for x in xs], color="#117733", label="kept by CLIP")
-    ax.set_xlabel("CLIP image-text cosine similarity")
-    ax.set_ylabel("samples")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    _save(fig, uri)
-
-
-def _size_chart(widths: list[tuple[int, int]], heights: list[tuple[int, int]], uri: str) -> None:
-    fig = _figure(8, 3.2)
-    axes = fig.subplots(1, 2)
-    for ax, hist, name in ((axes[0], widths, "original width"), (axes[1], heights, "original height")):
-        ax.bar([b for b, _ in hist], [n for _, n in hist], color="#4477aa")
-        ax.set_xticks([b for b, _ in hist], [f"{2**b}" for b, _ in hist], fontsize=7, rotation=45)
-        ax.set_xlabel(f"{name} (px, power-of-two buckets)")
-        ax.set_ylabel("downloaded images")
-    _save(fig, uri)
-
-
-def _shares_chart(langs: list[tuple[str, int]], groups: list[tuple[str, int]], uri: str) -> None:
-    fig = _figure(8, 3.5)
-    axes = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
-    axes[0].bar(range(len(langs)), [n for _, n in langs], color="#4477aa")
-    axes[0].set_xticks(range(len(langs)), [v for v, _ in langs], fontsize=7, rotation=45)
-    axes[0].set_title("language (CLIP-scored samples)", fontsize=9)
-    axes[1].bar(range(len(groups)), [n for _, n in groups], color="#ddaa33")
-    axes[1].set_xticks(range(len(groups)), [v for v, _ in groups], fontsize=7)
-    axes[1].set_title("language group", fontsize=9)
-    _save(fig, uri)
-
-
-def _grid_chart(samples: list[dict[str, Any]], thumbs: dict[str, Any], uri: str, title: str) -> int:
-    shown = [s for s in samples if s["key"] in thumbs]
-    cols = 4
-    rows = max(1, math.ceil(len(shown) / cols))
-    fig = _figure(cols * 2.0, rows * 2.3 + 0.4)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, s in zip(axes.flat, shown):
-        ax.imshow(thumbs[s["key"]])
-        sim = "-" if s["similarity"] is None else f"{s['similarity']:.2f}"
-        caption = (s["caption"] or "").replace("\n", " ")
-        label = f"sim {sim} {s['outcome'].replace('drop:', '')}\n{caption[:30]}"
-        ax.set_title(label, fontsize=6, parse_math=False)
-    if not shown:
-        axes[0][0].text(0.5, 0.5, "no samples to show", ha="center", va="center", transform=axes[0][0].transAxes)
-    fig.suptitle(title, fontsize=10)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # glyphs missing from the default font (CJK captions)
-        _save(fig, uri)
-    return len(shown)
-
-
-# -- subsets ----------------------------------------------------------------------
-
-
-def _subset_info(
-    name: str,
-    subset: SubsetConfig | None,
-    stats: ShardStats | None,
-    manifest: dict[str, Any] | None,
-    counts: SubsetCounts,
-) -> SubsetInfo:
-    where = subset.where if subset else (manifest or {}).get("where", "")
-    description = subset.description if subset else (manifest or {}).get("description", "")
-    computed = counts.outcomes(name) if subset else {}
-    if manifest is not None:
-        info = SubsetInfo(
-            name, where, description, manifest["status"], manifest.get("reason"), int(manifest.get("rows", 0)),
-            dict(manifest.get("counts", {})), manifest.get("parquet", []), manifest.get("webdataset"),
-        )
-    elif stats is not None:
-        extra = stats.extra or {}
-        info = SubsetInfo(
-            name, where, description, str(extra.get("status", "ok")), extra.get("reason"),
-            int(stats.counts.get("kept", 0)), dict(stats.counts),
-        )
-    else:
-        state = "unavailable" if name in counts.unavailable else "not written"
-        info = SubsetInfo(
-            name, where, description, state, counts.unavailable.get(name), computed.get("kept", 0), computed
-        )
-    info.rules = (manifest or {}).get("rules") or counts.rules.get(name, {})
-    if stats is not None and manifest is not None and dict(stats.counts) != info.outcomes:
-        info.note = f"the run's counts {dict(stats.counts)} differ from the manifest {info.outcomes}"
-    if subset is not None and info.outcomes and computed and info.outcomes != computed:
-        info.note = (
-            f"the data changed since this subset was written: it holds {info.rows} rows, "
-            f"the predicate now matches {computed.get('kept', 0)}; re-run `laion curate`"
-        )
-    return info
+log = logging.getLogger(__name__)
 
 
 def _outcome_table(outcomes: Mapping[str, int]) -> list[str]:
@@ -359,17 +115,6 @@ def _write_subset_card(db: SnapshotDB, info: SubsetInfo, config: CurateConfig) -
 
 
 # -- the card -------------------------------------------------------------------
-
-
-def _lineage_sections(rows: list[FunnelRow]) -> dict[str, dict[str, int]]:
-    stages: dict[str, dict[str, int]] = {}
-    for r in rows:
-        stages.setdefault(r.stage, {})[r.outcome] = r.count
-    return stages
-
-
-def _passed(outcomes: Mapping[str, int]) -> int:
-    return sum(v for k, v in outcomes.items() if k in PASS_OUTCOMES)
 
 
 def write_dataset_card(
