@@ -51,3 +51,17 @@ def test_config_reference_is_current() -> None:
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md"
     assert doc.read_text() == render(), "run: .venv/bin/python -m laion_tasks.config_reference > docs/CONFIG.md"
+
+
+def test_rerun_table_is_current() -> None:
+    """docs/RERUN.md is generated from the stage declarations, so it cannot drift from the skip keys."""
+    from laion_tasks.rerun_table import dependents, render
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "RERUN.md"
+    assert doc.read_text() == render(), "run: .venv/bin/python -m laion_tasks.rerun_table > docs/RERUN.md"
+    from laion_tasks import runner
+    from laion_tasks.stage import STAGE_MODULES
+
+    specs = [runner.spec(n) for n in STAGE_MODULES]
+    # a tag prompt re-runs tag and what reads it, never download or clip
+    assert dependents(specs, {"tag"}) == ["tag", "dedup_partition", "dedup_bucket", "dedup", "curate", "index", "train", "eval"]
