@@ -48,7 +48,8 @@ def bench_tag(samples: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from laion_tasks.config import ClipConfig, TagConfig
+    from laion_tasks.config import ClipConfig, HashListsConfig, TagConfig
+    from laion_tasks.hashlists import HashLists
     from laion_tasks.stages.tag import tag_shard
     from tests.tag_fixtures import TINY_CLIP, make_image, make_shard
 
@@ -60,14 +61,15 @@ def bench_tag(samples: int) -> dict:
         for name, width in (("url", 32), ("img", 64), ("pdq", 64)):
             (work / f"{name}.txt").write_text("".join(hashlib.sha256(f"{name}{i}".encode()).hexdigest()[:width] + "\n"
                                                       for i in range(10_000)))
-        config = TagConfig(url_hashlist=str(work / "url.txt"), image_hashlist=str(work / "img.txt"),
-                           pdq_hashlist=str(work / "pdq.txt"))
+        config = TagConfig()
+        lists = HashLists.from_config(HashListsConfig(url=str(work / "url.txt"), image=str(work / "img.txt"),
+                                                      pdq=str(work / "pdq.txt")))
         clip = ClipConfig.model_validate(TINY_CLIP)
         # warm: model load, lid model, faiss index build are per-process setup
         warm = make_shard(work / "warm", n=20)
-        tag_shard(warm.images_parquet, warm.tar, warm.clip_parquet, warm.img_emb, warm.out, config, clip)
+        tag_shard(warm.images_parquet, warm.tar, warm.clip_parquet, warm.img_emb, warm.out, config, clip, lists)
         start_cpu, start = time.process_time(), time.perf_counter()
-        stats = tag_shard(shard.images_parquet, shard.tar, shard.clip_parquet, shard.img_emb, shard.out, config, clip)
+        stats = tag_shard(shard.images_parquet, shard.tar, shard.clip_parquet, shard.img_emb, shard.out, config, clip, lists)
         cpu, wall = time.process_time() - start_cpu, time.perf_counter() - start
         return {"samples": samples, "images": int(stats.counts["success"]), "cpu_s": cpu, "wall_s": wall,
                 "counts": dict(stats.counts)}

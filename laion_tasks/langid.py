@@ -24,9 +24,7 @@ LanguageGroup = Literal["en", "multi", "nolang"]
 Method = Literal["hybrid", "fasttext", "lingua"]
 
 LANGID_FIELDS = (
-    "tag.langid_method", "tag.langid_model_path", "tag.langid_accept_confidence", "tag.langid_lingua_accuracy",
-    "tag.langid_lingua_max_chars", "tag.langid_lingua_languages", "tag.langid_refine_confusable",
-    "tag.language_threshold",
+    "langid.*",
 )
 """The language-ID knobs, stated once: they route each pair to the English or the multilingual
 CLIP model, so they are result fields of every stage that uses the language (clip, tag)."""
@@ -54,7 +52,7 @@ for _family in _FAMILIES:
 
 @dataclass(frozen=True)
 class LangIdOptions:
-    """The language-ID knobs (``tag.langid_*`` and ``tag.language_threshold`` in the config)."""
+    """The language-ID knobs (the ``langid`` section of the config)."""
 
     method: Method = "hybrid"
     model_path: str | None = None
@@ -90,7 +88,7 @@ def _load(model_path: str | None) -> object:
 
     path = Path(model_path) if model_path else bundled_model_path()
     if not path.exists():
-        raise FileNotFoundError(f"language-ID model {path} does not exist (tag.langid_model_path)")
+        raise FileNotFoundError(f"language-ID model {path} does not exist (langid.model_path)")
     return fasttext.load_model(str(path))
 
 

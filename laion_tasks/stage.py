@@ -253,10 +253,10 @@ field a stage reads is a result field, an input file, a result field upstream, o
 
 UNKEYED_READS: dict[str, dict[str, str]] = {
     "download": {
-        "tag.*_hashlist": "the tag stage re-checks every row against the current lists (their content is in tag's "
+        "hashlists.*": "the tag stage re-checks every row against the current lists (their content is in tag's "
         "key: URL, original sha256, stored bytes, PDQ), blocks it and strips its bytes, so a list that grows "
         "re-runs tag and downloads nothing again",
-        "tag.pdq_max_distance": "as the hash lists: tag re-checks the PDQ hash of every stored image",
+        "hashlists.pdq_max_distance": "as the hash lists: tag re-checks the PDQ hash of every stored image",
     },
     "dedup_partition": {
         "dedup.memory_limit": "DuckDB's budget here: it spills to disk rather than change a result",

@@ -86,7 +86,7 @@ def test_download_blocks_hash_listed_urls_and_images_and_records_its_run(tmp_pat
         listed_url = srv.url("/listed.jpg")
         (tmp_path / "urls.txt").write_text(f"md5:{hashlib.md5(listed_url.encode()).hexdigest()}\n")
         (tmp_path / "images.txt").write_text(f"sha256:{hashlib.sha256(listed_image).hexdigest()}\n")
-        write_config(tmp_path, f"tag:\n  url_hashlist: {tmp_path / 'urls.txt'}\n  image_hashlist: {tmp_path / 'images.txt'}\n")
+        write_config(tmp_path, f"hashlists:\n  url: {tmp_path / 'urls.txt'}\n  image: {tmp_path / 'images.txt'}\n")
         env = {"LAION_DOWNLOAD__ALLOW_PRIVATE_NETWORKS": "true", "LAION_DOWNLOAD__RETRIES": "0", "LAION_DOWNLOAD__PROCESSES": "1"}
         (tmp_path / "cand").mkdir()
         urls = [listed_url, srv.url("/redirect-to-listed"), srv.url("/listed-image.jpg"), srv.url("/clean.jpg")]

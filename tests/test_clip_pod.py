@@ -62,7 +62,7 @@ def deployment_settings():  # type: ignore[no-untyped-def]
                 "num_workers": 12,
                 "english": {"model": "ViT-B-32", "pretrained": None, "checkpoint": "s3://w/vitb32.pt", "threshold": 0.3},
             },
-            "tag": {"language_threshold": 0.6},
+            "langid": {"threshold": 0.6},
         },
     )
 
@@ -117,7 +117,7 @@ def test_pod_env_rebuilds_the_same_clip_settings_and_digest(gpu_pod) -> None:  #
     assert inside.storage.root == settings.storage.root
     assert inside.storage.s3_endpoint_url == settings.storage.s3_endpoint_url
     assert inside.lineage.url == settings.lineage.url
-    assert inside.tag.language_threshold == 0.6
+    assert inside.langid.threshold == 0.6
 
 
 def test_templated_shard_ids_and_overrides(gpu_pod) -> None:  # type: ignore[no-untyped-def]
@@ -180,7 +180,7 @@ def test_clip_digest_follows_language_routing() -> None:
         return SPEC.config_digest(Settings.model_validate(data), "000000")
 
     base = digest({})
-    assert digest({"tag": {"language_threshold": 0.7}}) != base
+    assert digest({"langid": {"threshold": 0.7}}) != base
     assert digest({"clip": {"english": {"model": "ViT-L-14"}}}) != base
     assert digest({"clip": {"device": "cuda"}}) != base and digest({"clip": {"precision": "fp32"}}) != base
     for same in ({"tag": {"nudenet": True}}, {"clip": {"batch_size": 8, "num_workers": 2, "k8s_memory": "1Gi"}},

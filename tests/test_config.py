@@ -65,3 +65,17 @@ def test_rerun_table_is_current() -> None:
     specs = [runner.spec(n) for n in STAGE_MODULES]
     # a tag prompt re-runs tag and what reads it, never download or clip
     assert dependents(specs, {"tag"}) == ["tag", "dedup_partition", "dedup_bucket", "dedup", "curate", "index", "train", "eval"]
+
+
+@pytest.mark.parametrize("old, new", [("tag: {langid_method: fasttext}", "langid.method"),
+                                      ("tag: {language_threshold: 0.5}", "langid.threshold"),
+                                      ("tag: {url_hashlist: /l.txt}", "hashlists.url")])
+def test_a_moved_key_names_its_new_place(tmp_path: Path, old: str, new: str) -> None:
+    """Knobs live with their owner (langid, hashlists); an old config fails in one line naming the new key."""
+    from laion_tasks.config import ConfigError, load_settings
+
+    path = tmp_path / "old.yaml"
+    path.write_text(old + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, environ={})
+    assert f"moved to {new}" in str(err.value) and str(path) in str(err.value)

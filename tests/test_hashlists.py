@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from laion_tasks.config import TagConfig
+from laion_tasks.config import HashListsConfig
 from laion_tasks.hashlists import HashListError, HashLists, parse_hashlist, pdq_hash
 from tests.tag_fixtures import jpeg_bytes, make_image
 
@@ -20,7 +20,7 @@ def write(tmp_path, name: str, text: str) -> str:
 
 
 def test_no_lists_configured_gives_none():
-    assert HashLists.from_config(TagConfig()) is None
+    assert HashLists.from_config(HashListsConfig()) is None
 
 
 def test_list_format_prefixes_comments_and_inferred_algorithms(tmp_path):
@@ -52,7 +52,7 @@ def test_url_hashes_are_of_the_exact_utf8_string(tmp_path):
     listed = "https://bad.example/ä/img.jpg"
     other = "https://bad.example/ä/img2.jpg"
     text = f"{hashlib.md5(listed.encode('utf-8')).hexdigest()}\nsha256:{hashlib.sha256(other.encode()).hexdigest()}\n"
-    lists = HashLists.from_config(TagConfig(url_hashlist=write(tmp_path, "urls.txt", text)))
+    lists = HashLists.from_config(HashListsConfig(url=write(tmp_path, "urls.txt", text)))
     assert lists is not None
     assert lists.url_blocked(listed)
     assert lists.url_blocked(other)
@@ -67,7 +67,7 @@ def test_url_hashes_are_of_the_exact_utf8_string(tmp_path):
 def test_image_bytes_hashes(tmp_path, algo):
     data = jpeg_bytes(make_image(1))
     lists = HashLists.from_config(
-        TagConfig(image_hashlist=write(tmp_path, "img.txt", f"{algo}:{hashlib.new(algo, data).hexdigest()}\n"))
+        HashListsConfig(image=write(tmp_path, "img.txt", f"{algo}:{hashlib.new(algo, data).hexdigest()}\n"))
     )
     assert lists is not None
     assert lists.image_blocked(data)
@@ -79,7 +79,7 @@ def test_pdq_matches_re_encoded_and_resized_copies_but_not_other_images(tmp_path
     original = make_image(7, size=256)
     digest, quality = pdq_hash(original)
     assert len(digest) == 32 and quality > 0
-    lists = HashLists.from_config(TagConfig(pdq_hashlist=write(tmp_path, "pdq.txt", f"pdq:{digest.hex()}\n")))
+    lists = HashLists.from_config(HashListsConfig(pdq=write(tmp_path, "pdq.txt", f"pdq:{digest.hex()}\n")))
     assert lists is not None
     recompressed = Image.open(io.BytesIO(jpeg_bytes(original.resize((180, 180)), quality=60)))
     assert lists.pdq_blocked(original)
@@ -115,7 +115,7 @@ def test_image_blocked_reuses_a_given_sha256(tmp_path):
     """The download stage hashes each body once and hands the digest over; the answer is the same."""
     data = b"some image bytes"
     lists = HashLists.from_config(
-        TagConfig(image_hashlist=write(tmp_path, "img.txt", f"sha256:{hashlib.sha256(data).hexdigest()}\n"))
+        HashListsConfig(image=write(tmp_path, "img.txt", f"sha256:{hashlib.sha256(data).hexdigest()}\n"))
     )
     assert lists is not None
     assert lists.image_blocked(data, sha256=hashlib.sha256(data).digest())

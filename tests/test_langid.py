@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from laion_tasks.config import Settings, TagConfig
+from laion_tasks.config import LangIdConfig, Settings
 from laion_tasks.langid import LANGID_FIELDS, Detection, LangIdOptions, detect_languages, language_group
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "langid" / "lingua-py" / "language-testdata"
@@ -60,15 +60,14 @@ def test_config_builds_the_options_and_every_knob_reaches_the_clip_digest() -> N
     def clip_config_digest(settings: Settings) -> str:
         return SPEC.config_digest(settings, "000000")
 
-    options = TagConfig(langid_lingua_accuracy="high", language_threshold=0.6).langid()
+    options = LangIdConfig(lingua_accuracy="high", threshold=0.6).options()
     assert options.lingua_accuracy == "high" and options.threshold == 0.6 and options.method == "hybrid"
-    assert {f"tag.{name}" for name in TagConfig.model_fields if name.startswith("langid_")} <= set(LANGID_FIELDS)
+    assert LANGID_FIELDS == ("langid.*",)
     base = clip_config_digest(Settings())
-    for name, value in (("langid_method", "fasttext"), ("langid_accept_confidence", 0.5),
-                        ("langid_lingua_accuracy", "high"), ("langid_lingua_max_chars", 0),
-                        ("langid_refine_confusable", False), ("langid_lingua_languages", "all")):
-        assert f"tag.{name}" in LANGID_FIELDS
-        assert clip_config_digest(Settings.model_validate({"tag": {name: value}})) != base, name
+    for name, value in (("method", "fasttext"), ("accept_confidence", 0.5), ("lingua_accuracy", "high"),
+                        ("lingua_max_chars", 0), ("refine_confusable", False), ("lingua_languages", "all"),
+                        ("threshold", 0.6), ("model_path", "/m/lid.176.bin")):
+        assert clip_config_digest(Settings.model_validate({"langid": {name: value}})) != base, name
 
 
 @pytest.mark.skipif(not TESTDATA.exists(), reason="../shared/data/langid (lingua test data) is not present")

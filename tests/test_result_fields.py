@@ -298,8 +298,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         extra={
             "extract": {"max_wat_files": 2},
             "download": {"shard_size": 25, "processes": 2},
-            "tag": {"url_hashlist": str(lists["url"]), "image_hashlist": str(lists["image"]),
-                    "pdq_hashlist": str(lists["pdq"])},
+            "hashlists": {"url": str(lists["url"]), "image": str(lists["image"]), "pdq": str(lists["pdq"])},
             "dedup": {"buckets": 2, "cluster_size": 10},
             "index": {"subsets": ["laion2B-en"], "index_key": "IVF2,Flat"},  # a few vectors: two lists
         },
@@ -337,7 +336,7 @@ def test_every_field_a_stage_reads_is_in_its_key(pipeline: Pipeline, name: str) 
         ("clip", "result_fields", "clip.precision"),
         ("clip", "result_fields", "clip.use_multilingual"),
         ("tag", "result_fields", "tag.nsfw_*"),
-        ("tag", "input_files", "tag.*_hashlist"),
+        ("tag", "input_files", "hashlists.url"),
         ("dedup_centroids", "result_fields", "dedup.memory_limit"),
         ("curate", "result_fields", "curate.rows_per_file"),
         ("index", "result_fields", "index.index_key"),
@@ -432,7 +431,7 @@ def test_tag_key_has_the_list_content_download_key_has_no_list(tmp_path: Path) -
     listed.write_text(_md5("http://example.org/a.jpg") + "\n")
     settings = Settings.model_validate({
         "storage": {"root": str(tmp_path / "data")}, "lineage": {"url": f"sqlite:///{tmp_path / 'l.db'}"},
-        "tag": {"url_hashlist": str(listed)}})
+        "hashlists": {"url": str(listed)}})
 
     def digests() -> tuple[str, str]:
         ctx = runner.open_context(settings, "S")  # one context per DAG task: a new one sees the new content
@@ -445,10 +444,10 @@ def test_tag_key_has_the_list_content_download_key_has_no_list(tmp_path: Path) -
     assert tag_after != tag_before and download_after == download_before
     moved = tmp_path / "moved.txt"
     moved.write_bytes(listed.read_bytes())
-    settings = settings.model_copy(update={"tag": settings.tag.model_copy(update={"url_hashlist": str(moved)})})
+    settings = settings.model_copy(update={"hashlists": settings.hashlists.model_copy(update={"url": str(moved)})})
     assert digests()[0] == tag_after, "the same list under another path is the same input"
     assert runner.spec("tag").config_digest(settings, "000000") == runner.spec("tag").config_digest(
-        settings.model_copy(update={"tag": settings.tag.model_copy(update={"url_hashlist": None})}), "000000"
+        settings.model_copy(update={"hashlists": settings.hashlists.model_copy(update={"url": None})}), "000000"
     ), "the path is not a result field"
 
 

@@ -54,9 +54,9 @@ def test_tag_prompt_changes_tag_not_download() -> None:
 
 
 def test_pod_env_carries_the_stage_knobs() -> None:
-    settings = Settings.model_validate({"tag": {"language_threshold": 0.7, "langid_model_path": "/m/lid.176.bin"}})
+    settings = Settings.model_validate({"langid": {"threshold": 0.7, "model_path": "/m/lid.176.bin"}})
     env = runner.stage_env(settings, runner.spec("clip"))
-    assert "LAION_CLIP" in env and "LAION_TAG__LANGUAGE_THRESHOLD" in env
+    assert "LAION_CLIP" in env and "LAION_LANGID__THRESHOLD" in env
     inside = load_settings(environ=env)
     clip = runner.spec("clip")
     assert clip.knobs(inside, "000000") == clip.knobs(settings, "000000")

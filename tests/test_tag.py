@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from laion_tasks.config import ClipConfig, TagConfig
-from laion_tasks.hashlists import pdq_hash
+from laion_tasks.config import ClipConfig, HashListsConfig, TagConfig
+from laion_tasks.hashlists import HashLists, pdq_hash
 from laion_tasks.stage import StageError
 from laion_tasks.stages.tag import OUTPUT_SCHEMA, keyword_pattern, tag_shard
 from tests.tag_fixtures import TINY_CLIP, jpeg_bytes, make_image, make_shard
@@ -22,9 +22,10 @@ from tests.tag_fixtures import TINY_CLIP, jpeg_bytes, make_image, make_shard
 CLIP = ClipConfig.model_validate(TINY_CLIP)
 
 
-def run(shard, **tag_kwargs):
+def run(shard, hashlists: dict | None = None, **tag_kwargs):
+    lists = HashLists.from_config(HashListsConfig(**hashlists)) if hashlists else None
     stats = tag_shard(shard.images_parquet, shard.tar, shard.clip_parquet, shard.img_emb, shard.out,
-                      TagConfig(**tag_kwargs), CLIP)
+                      TagConfig(**tag_kwargs), CLIP, lists)
     return stats, pq.read_table(shard.out).to_pylist()
 
 
@@ -97,8 +98,8 @@ def test_hash_listed_images_are_never_written(tmp_path):
     (lists / "pdq.txt").write_text(pdq_hash(Image.open(variant))[0].hex() + "\n")
     blocked_bytes = [shard.image_bytes[k] for k in (by_sha, by_url, by_pdq)]
 
-    stats, rows = run(shard, image_hashlist=str(lists / "img.txt"), url_hashlist=str(lists / "url.txt"),
-                      pdq_hashlist=str(lists / "pdq.txt"))
+    stats, rows = run(shard, hashlists={"image": str(lists / "img.txt"), "url": str(lists / "url.txt"),
+                                        "pdq": str(lists / "pdq.txt")})
     status = {r["key"]: r["tag_status"] for r in rows}
     assert {k for k, s in status.items() if s == "blocked_hashlist"} == {by_sha, by_url, by_pdq}
     assert all(r["hashlist_blocked"] == (r["key"] in {by_sha, by_url, by_pdq}) for r in rows)
@@ -171,7 +172,7 @@ def test_tag_on_s3(tmp_path, s3_root):
     (tmp_path / "img.txt").write_text(hashlib.sha256(shard.image_bytes[shard.keys[0]]).hexdigest() + "\n")
     out = storage.join(s3_root, "tags", "000000.parquet")
     stats = tag_shard(uris["images_parquet"], uris["tar"], uris["clip_parquet"], uris["img_emb"], out,
-                      TagConfig(image_hashlist=str(tmp_path / "img.txt")), CLIP)
+                      TagConfig(), CLIP, HashLists.from_config(HashListsConfig(image=str(tmp_path / "img.txt"))))
     assert stats.counts == {"drop:blocked_hashlist": 1, "success": 2, "skip:no_image": 1}
     local_tar = tmp_path / "back.tar"
     local_tar.write_bytes(storage.read_bytes(uris["tar"]))

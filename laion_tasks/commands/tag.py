@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         from laion_tasks.langid import detect_languages, language_group
 
         settings = settings_from(config)
-        options = settings.tag.langid()
+        options = settings.langid.options()
         detections = detect_languages(texts, options)
         echo_json(
             [

@@ -314,8 +314,7 @@ def clip_score_shard(
 
 def score_with_settings(settings: Settings, images_parquet: str, tar: str, out_parquet: str, img_emb: str, txt_emb: str) -> ShardStats:
     """The CLIP stage with its knobs taken from the settings (the runner and ``laion clip-score``)."""
-    lang = settings.tag
     return clip_score_shard(
         images_parquet, tar, out_parquet, img_emb, txt_emb, settings.clip,
-        langid=lang.langid(),
+        langid=settings.langid.options(),
     )

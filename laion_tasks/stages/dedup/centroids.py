@@ -58,7 +58,7 @@ class Centroids:
                        z["rotation"].astype(np.float32), z["mean"].astype(np.float32))
 
     def assign(self, x: np.ndarray, probes: int, top_probes: int | None = None) -> np.ndarray:
-        """(n, probes) leaf ids, nearest first, for normalised fp32 vectors.
+        """(n, probes) leaf ids, nearest first, for normalised fp32 vectors (always ``probes`` columns).
 
         The ``top_probes`` (default ``2 * probes``) nearest top cells are searched for their
         ``probes`` nearest leaves each; the best ``probes`` of those are kept.
@@ -67,6 +67,7 @@ class Centroids:
 
         x = _normalise(x - self.mean)
         n = x.shape[0]
+        wanted = max(1, probes)
         probes = max(1, min(probes, self.n_leaves))
         top_k = max(1, min(top_probes or 2 * probes, self.top.shape[0]))
         _, cells = faiss.knn(x, self.top, top_k, metric=faiss.METRIC_INNER_PRODUCT)
@@ -91,6 +92,8 @@ class Centroids:
         # fewer distinct leaves than probes (tiny data): repeat the nearest, it adds no work
         missing = best < 0
         best[missing] = np.broadcast_to(best[:, :1], best.shape)[missing]
+        if wanted > probes:  # fewer leaves than probes (tiny data): the nearest again, it adds no work
+            best = np.concatenate([best, np.repeat(best[:, :1], wanted - probes, axis=1)], axis=1)
         return best.astype(np.int32)
 
 

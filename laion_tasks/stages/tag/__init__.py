@@ -25,8 +25,7 @@ Scores:
 * ``nudenet_unsafe``: NudeNet's highest exposed-body detection score (``tag.nudenet``).
 * ``nsfw_text``: an alt-text keyword hit (whole words, case-insensitive).
 * ``language*``: copied from the clip stage's parquet, so language ID runs once per sample (the clip
-  stage routes each pair by it, and its lineage digest covers every ``tag.langid_*`` knob and
-  ``tag.language_threshold``, so a knob change re-runs clip and then tag).
+  stage routes each pair by it, and its lineage digest covers every ``langid.*`` knob, so a knob change re-runs clip and then tag).
 """
 
 from __future__ import annotations
@@ -256,16 +255,15 @@ def tag_shard(
     out_parquet_uri: str,
     config: TagConfig,
     clip_config: ClipConfig,
-    loaded_hashlists: HashLists | None = None,
+    hashlists: HashLists | None = None,
 ) -> ShardStats:
     """Tag every sample of one shard; write ``out_parquet_uri``; strip hash-list matches from the tar.
 
-    ``loaded_hashlists``: the lists already loaded for a batch of shards (else loaded from ``config``).
+    ``hashlists``: the operator's lists, loaded once for a batch (:func:`laion_tasks.hashlists.hashlists_for`); None: no lists.
     """
     stats = ShardStats(output_uri=out_parquet_uri)
     rows = _read_download_rows(images_parquet_uri)
     cols = _Columns(rows.n)
-    hashlists = loaded_hashlists or HashLists.from_config(config)
     matches_before = Counter(hashlists.matches) if hashlists else Counter()
     sticky = _previously_blocked(out_parquet_uri)
 
@@ -337,7 +335,7 @@ SPEC = StageSpec(
         "tag.clean_prompts",
         "tag.aesthetic_weights",
         "tag.nudenet",
-        "tag.pdq_max_distance",
+        "hashlists.pdq_max_distance",
         # No language-ID knobs: the language is copied from the clip parquet (language ID runs once), so a
         # change of them re-runs clip, and tag follows through clip's run.
         # the CLIP model whose text tower embeds the zero-shot prompts (not device or batch sizes)
@@ -353,6 +351,6 @@ SPEC = StageSpec(
     input_uri=lambda ctx, shard: layout.images_parquet_uri(ctx.root, ctx.snapshot, shard),
     section="tag",
     # the hash lists by content, not path: a list edited in place re-runs tag (not download)
-    input_files=("tag.*_hashlist",),
+    input_files=("hashlists.url", "hashlists.image", "hashlists.pdq"),
 )
 
