@@ -96,3 +96,13 @@ def test_four_set_section_says_not_met_where_cld3_leads(tmp_path: Path) -> None:
     assert "nchlt` hybrid 55.0% vs CLD3 71.0%: **not met**" in text
     assert "xh 40% vs 70%" in text and "tn 90%" not in text  # tn is left out: CLD3 cannot output it
     assert "Tuning rule: r; it picks: a." in text
+
+
+def test_tuning_rule_keeps_the_defaults_unless_a_fast_candidate_gains_enough() -> None:
+    def cand(name: str, acc: float, rate: float) -> dict:
+        return {"candidate": name, "dev_acc_common": acc, "alt_rate": rate}
+
+    shipped = cand("shipped defaults", 0.8759, 27_000)
+    assert bench.pick([shipped, cand("noise", 0.8763, 29_000), cand("slow", 0.89, 16_000)]) == "shipped defaults"
+    assert bench.pick([shipped, cand("better", 0.8775, 25_000), cand("slow", 0.89, 16_000)]) == "better"
+    assert bench.pick([cand("shipped defaults", 0.87, 15_000), cand("fast", 0.86, 30_000)]) == "shipped defaults"
