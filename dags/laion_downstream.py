@@ -115,7 +115,7 @@ def make_train_eval_dag(snapshot: str):  # type: ignore[no-untyped-def]
 
             pods = [
                 train_pod_operator("train" if s == SETTINGS.train.subset else f"train_{s.replace('.', '_')}", SETTINGS,
-                                   snapshot, s, pool=SETTINGS.clip.gpu_pool)
+                                   snapshot, s, pool=SETTINGS.pods.train.pool)
                 for s in trained_subsets(SETTINGS.train)
             ]
             checkpoint = checkpoint_uri(snapshot)

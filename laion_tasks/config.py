@@ -206,30 +206,6 @@ class ClipConfig(Section):
     """Seed for randomly initialised (tiny, test) models."""
     execution: Literal["in_process", "kubernetes"] = "in_process"
     """in_process (embedded default) or kubernetes (one GPU pod per shard batch)."""
-    k8s_image: str = "ghcr.io/laion-tasks/laion-tasks:latest"
-    """Container image of the CLIP pods (the project's Dockerfile)."""
-    k8s_namespace: str = "default"
-    """Namespace of the CLIP pods."""
-    k8s_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
-    """Node selector of the CLIP pods."""
-    k8s_tolerations: list[dict[str, str]] = [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-    ]
-    """Tolerations of the CLIP pods (GPU node taints)."""
-    k8s_cpu: str = "8"
-    """CPU request of a CLIP pod (decode workers)."""
-    k8s_memory: str = "32Gi"
-    """Memory request and limit of a CLIP pod."""
-    k8s_gpus: int = 1
-    """``nvidia.com/gpu`` per CLIP pod."""
-    k8s_deferrable: bool = True
-    """Run the pod operator deferrably (frees worker slots while pods run)."""
-    k8s_env_secret: str | None = "laion-credentials"
-    """Kubernetes Secret the pod's credentials come from: key LAION_LINEAGE__URL (required), plus any others (AWS keys) as env vars."""
-    k8s_shm_size: str = "8Gi"
-    """In-memory /dev/shm for DataLoader workers (the container default of 64 MiB stalls them)."""
-    gpu_pool: str = "gpu"
-    """Airflow pool that caps concurrent GPU pods."""
 
 
 class LangIdConfig(Section):
@@ -505,8 +481,6 @@ class TrainConfig(Section):
     """DataLoader workers per GPU."""
     gpus: int = 1
     """GPUs per training job (torchrun workers when > 1)."""
-    k8s_image: str = "ghcr.io/laion-tasks/laion-tasks:latest"
-    """Container image of the training pod."""
     warmup: int = 10
     """LR warmup steps (open_clip's default 10000 would keep a small demo run at lr ~ 0)."""
     precision: str = "auto"
@@ -524,22 +498,42 @@ class TrainConfig(Section):
     samples_seen: int | None = Field(None, ge=1)
     """Samples each subset trains on (over all epochs; a small subset is repeated), so compared subsets see the
     same number; None: one pass over each subset per epoch."""
-    k8s_namespace: str = "default"
-    """Namespace of the training pod."""
-    k8s_cpu: str = "8"
-    """CPU request of the training pod."""
-    k8s_memory: str = "64Gi"
-    """Memory request and limit of the training pod."""
-    k8s_shm_size: str = "16Gi"
-    """/dev/shm for DataLoader workers in the training pod."""
-    k8s_env_secret: str | None = "laion-credentials"
-    """Kubernetes Secret the training pod's credentials come from: key LAION_LINEAGE__URL (required), plus any others (AWS keys)."""
-    k8s_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
-    """Node selector of the training pod."""
-    k8s_tolerations: list[dict[str, str]] = [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-    ]
-    """Tolerations of the training pod."""
+
+
+class PodConfig(Section):
+    """One stage's Kubernetes pod (placement and resources: execution only, never in a skip key)."""
+
+    image: str = "ghcr.io/laion-tasks/laion-tasks:latest"
+    """Container image (the project's Dockerfile)."""
+    namespace: str = "default"
+    """Namespace of the pods."""
+    node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    """Node selector (GPU nodes)."""
+    tolerations: list[dict[str, str]] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    """Tolerations (GPU node taints)."""
+    cpu: str = "8"
+    """CPU request (decode workers may burst above it)."""
+    memory: str = "32Gi"
+    """Memory request and limit."""
+    gpus: int = 1
+    """``nvidia.com/gpu`` per pod (train: ``train.gpus`` when that is larger, one torchrun worker each)."""
+    shm_size: str = "8Gi"
+    """In-memory /dev/shm for DataLoader workers (the container default of 64 MiB stalls them)."""
+    env_secret: str | None = "laion-credentials"
+    """Kubernetes Secret with the pod's credentials: key LAION_LINEAGE__URL (required), plus any others (AWS keys)."""
+    deferrable: bool = True
+    """Run the operator deferrably (frees worker slots while pods run)."""
+    pool: str = "gpu"
+    """Airflow pool that caps the stage's concurrent pods."""
+    startup_timeout_s: int = 600
+    """How long a pod may take to be scheduled and pull its image."""
+
+
+class PodsConfig(Section):
+    """The GPU stages' pods (``clip.execution: kubernetes``, and the train DAG's pod)."""
+
+    clip: PodConfig = PodConfig()
+    train: PodConfig = PodConfig(memory="64Gi", shm_size="16Gi", startup_timeout_s=900)
 
 
 class OrchestrationConfig(Section):
@@ -578,6 +572,7 @@ class Settings(Section):
     serve: ServeConfig = ServeConfig()
     eval: EvalConfig = EvalConfig()
     train: TrainConfig = TrainConfig()
+    pods: PodsConfig = PodsConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
     def digest(self, *sections: str) -> str:
@@ -730,6 +725,10 @@ MOVED_KEYS: dict[str, str] = {
     "tag.image_hashlist": "hashlists.image",
     "tag.pdq_hashlist": "hashlists.pdq",
     "tag.pdq_max_distance": "hashlists.pdq_max_distance",
+    **{f"{stage}.k8s_{k}": f"pods.{stage}.{k}" for stage in ("clip", "train") for k in (
+        "image", "namespace", "node_selector", "tolerations", "cpu", "memory", "gpus", "shm_size", "env_secret",
+        "deferrable")},
+    "clip.gpu_pool": "pods.clip.pool",
 }
 """Keys that moved to the section of what they are (an old config fails naming the new key)."""
 

@@ -236,8 +236,6 @@ EXECUTION_ONLY: dict[str, str] = {
     "clip.compile": "torch.compile of the same graph: float rounding at most",
     "clip.execution": "in this process or in a pod: the same code on the same inputs. The device and precision are "
     "keyed as configured: with `auto` a CPU and a GPU run share a key, so name them to key the hardware",
-    "clip.k8s_*": "pod placement and resources",
-    "clip.gpu_pool": "Airflow pool of the GPU pods",
     "tag.image_batch_size": "images decoded and scored together",
     "curate.duckdb_*": "DuckDB's memory, spill directory and threads: it spills to disk rather than change a result",
     "index.duckdb_memory_limit": "DuckDB spills beyond it",
@@ -245,7 +243,7 @@ EXECUTION_ONLY: dict[str, str] = {
     "eval.batch_size": "images per forward pass: float rounding at most",
     "eval.decode_threads": "decode threads: images are scored in dataset order",
     "train.shard_access": "copy the shards first or stream them: the same bytes",
-    "train.k8s_*": "pod placement and resources",
+    "pods.*": "where a GPU stage's pods run and with what resources (the pod runs the same code on the same inputs)",
 }
 """Config fields that change how fast or where a stage runs, never what it writes, with the reason.
 Never result fields (``tests/test_runner.py``); ``tests/test_result_fields.py`` checks that every

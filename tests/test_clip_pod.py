@@ -49,20 +49,22 @@ def deployment_settings():  # type: ignore[no-untyped-def]
             "lineage": {"url": f"postgresql+psycopg2://laion:{PASSWORD}@pg.data:5432/lineage"},
             "clip": {
                 "execution": "kubernetes",
-                "k8s_image": "registry.example/laion-tasks:1.2.3",
-                "k8s_namespace": "laion",
-                "k8s_node_selector": {"gpu-type": "h100"},
-                "k8s_tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
-                "k8s_gpus": 2,
-                "k8s_cpu": "16",
-                "k8s_memory": "64Gi",
-                "k8s_env_secret": "laion-credentials",
-                "gpu_pool": "h100-pool",
                 "batch_size": 1024,
                 "num_workers": 12,
                 "english": {"model": "ViT-B-32", "pretrained": None, "checkpoint": "s3://w/vitb32.pt", "threshold": 0.3},
             },
             "langid": {"threshold": 0.6},
+            "pods": {"clip": {
+                "image": "registry.example/laion-tasks:1.2.3",
+                "namespace": "laion",
+                "node_selector": {"gpu-type": "h100"},
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}],
+                "gpus": 2,
+                "cpu": "16",
+                "memory": "64Gi",
+                "env_secret": "laion-credentials",
+                "pool": "h100-pool",
+            }},
         },
     )
 
@@ -164,8 +166,8 @@ def test_pod_honours_the_runs_params(gpu_pod) -> None:  # type: ignore[no-untype
 
 
 def test_pod_without_a_secret_is_refused(gpu_pod) -> None:  # type: ignore[no-untyped-def]
-    settings = load_settings(environ={}, overrides={"clip": {"k8s_env_secret": None}})
-    with pytest.raises(ValueError, match="k8s_env_secret"):
+    settings = load_settings(environ={}, overrides={"pods": {"clip": {"env_secret": None}}})
+    with pytest.raises(ValueError, match="pods.clip.env_secret"):
         gpu_pod.clip_pod_operator("clip_batch", settings, "CC-MAIN-2024-10", ["000001"])
 
 
@@ -183,6 +185,6 @@ def test_clip_digest_follows_language_routing() -> None:
     assert digest({"langid": {"threshold": 0.7}}) != base
     assert digest({"clip": {"english": {"model": "ViT-L-14"}}}) != base
     assert digest({"clip": {"device": "cuda"}}) != base and digest({"clip": {"precision": "fp32"}}) != base
-    for same in ({"tag": {"nudenet": True}}, {"clip": {"batch_size": 8, "num_workers": 2, "k8s_memory": "1Gi"}},
+    for same in ({"tag": {"nudenet": True}}, {"clip": {"batch_size": 8, "num_workers": 2}}, {"pods": {"clip": {"memory": "1Gi"}}},
                  {"clip": {"english": {"threshold": 0.3}}}):
         assert digest(same) == base, same

@@ -114,7 +114,7 @@ def test_card_is_rendered_escaped_and_paths_are_confined(client: TestClient) -> 
     assert client.get(f"/files/{SNAP}/card/funnel.png").headers["content-type"] == "image/png"
     assert client.get(f"/files/{SNAP}/card/../../l.db").status_code in (400, 404)
     assert client.get(f"/files/{SNAP}/card/%2E%2E/%2E%2E/l.db").status_code == 400
-    assert client.get(f"/files/%2E%2E/card/README.md").status_code in (400, 404)
+    assert client.get("/files/%2E%2E/card/README.md").status_code in (400, 404)
     assert client.get(f"/files/{SNAP}/images/x.tar").status_code == 400
     assert client.get("/api/funnel/CC-MAIN-1999-01").status_code == 404
     assert client.get(f"/api/shards/{SNAP}", params={"status": "bogus"}).status_code == 422

@@ -148,8 +148,9 @@ def test_train_pod_spec_renders_without_a_cluster(tmp_path_factory: pytest.TempP
         overrides={
             "storage": {"root": "s3://laion/runs", "s3_endpoint_url": "http://minio:9000"},
             "lineage": {"url": "postgresql+psycopg2://laion:train-pw-123@pg:5432/lineage"},
-            "train": {"gpus": 8, "k8s_image": "registry.example/laion-tasks:1", "k8s_namespace": "train",
-                      "k8s_env_secret": "laion-credentials", "epochs": 32},
+            "train": {"gpus": 8, "epochs": 32},
+            "pods": {"train": {"image": "registry.example/laion-tasks:1", "namespace": "train",
+                               "env_secret": "laion-credentials"}},
         },
     )  # fmt: skip
     op = train_pod_operator("train_subset", settings, "S", "laion400m", pool="gpu-train")

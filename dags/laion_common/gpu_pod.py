@@ -1,4 +1,5 @@
-"""The CLIP stage as a KubernetesPodOperator on a GPU node.
+"""GPU stages as KubernetesPodOperators: one pod builder for every stage with a ``pods.<stage>`` section
+(the CLIP stage here, training in ``train_pod``).
 
 The pod runs the same runner (``laion run clip``) on the same storage URIs as the
 in-process path, and records lineage itself. Its configuration comes from the clip
@@ -9,7 +10,7 @@ the stage's module, torch included: only DAG files in ``kubernetes`` mode do.)
 
 Credentials never go into ``env_vars`` (a templated field the UI shows): the lineage URL
 (``LAION_LINEAGE__URL``, required, by ``secretKeyRef``) and the S3 keys (by ``envFrom``)
-come from the Kubernetes Secret named by ``k8s_env_secret``. The run's Params reach the pod
+come from the Kubernetes Secret named by ``pods.<stage>.env_secret``. The run's Params reach the pod
 as they reach the CPU tasks: ``storage_root`` through a template rendered per run, ``force``
 through the pod's arguments.
 """
@@ -73,7 +74,7 @@ def secret_env(secret: str | None, owner: str) -> tuple[list[k8s.V1EnvVar], list
     AWS_SECRET_ACCESS_KEY, ...) by ``envFrom``. Only the Secret's name is in the spec."""
     if not secret:
         raise ValueError(
-            f"{owner}.k8s_env_secret is not set: a pod takes its lineage URL ({LINEAGE_SECRET_KEY}) and S3 keys "
+            f"pods.{owner}.env_secret is not set: a pod takes its lineage URL ({LINEAGE_SECRET_KEY}) and S3 keys "
             "from a Kubernetes Secret, never from the DAG's env"
         )
     ref = k8s.V1SecretKeySelector(name=secret, key=LINEAGE_SECRET_KEY)
@@ -95,9 +96,34 @@ def gpu_resources(cpu: str, memory: str, gpus: int) -> k8s.V1ResourceRequirement
     )
 
 
+def pod_options(task_id: str, settings: Settings, stage: str, gpus: int | None = None) -> dict[str, Any]:
+    """Everything about a stage's pod except its arguments, from ``pods.<stage>``: the one pod builder."""
+    cfg = getattr(settings.pods, stage)
+    env, env_from = pod_env_vars(base_pod_env(settings, stage), cfg.env_secret, stage)
+    return dict(
+        task_id=task_id,
+        image=cfg.image,
+        namespace=cfg.namespace,
+        cmds=["laion"],
+        env_vars=env,
+        env_from=env_from,
+        container_resources=gpu_resources(cfg.cpu, cfg.memory, max(cfg.gpus, gpus or 0)),
+        node_selector=dict(cfg.node_selector),
+        tolerations=[k8s.V1Toleration(**t) for t in cfg.tolerations],
+        volumes=[k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=cfg.shm_size))],
+        volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        labels={"app": "laion-tasks", "stage": stage},
+        deferrable=cfg.deferrable,
+        pool=cfg.pool,
+        get_logs=True,
+        do_xcom_push=False,
+        on_finish_action="delete_pod",
+        startup_timeout_seconds=cfg.startup_timeout_s,
+    )
+
+
 def clip_pod_resources(settings: Settings) -> k8s.V1ResourceRequirements:
-    cfg = settings.clip
-    return gpu_resources(cfg.k8s_cpu, cfg.k8s_memory, cfg.k8s_gpus)
+    return pod_options("clip", settings, "clip")["container_resources"]
 
 
 def clip_pod_operator(
@@ -141,30 +167,4 @@ def clip_pod_partial(task_id: str, settings: Settings, **kwargs):  # type: ignor
 
 def clip_pod_options(task_id: str, settings: Settings) -> dict:
     """Everything about the CLIP pod except its arguments (which shards)."""
-    cfg = settings.clip
-    volumes = [
-        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=cfg.k8s_shm_size))
-    ]
-    mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
-    env, env_from = pod_env_vars(pod_env(settings), cfg.k8s_env_secret, "clip")
-    options = dict(
-        task_id=task_id,
-        image=cfg.k8s_image,
-        namespace=cfg.k8s_namespace,
-        cmds=["laion"],
-        env_vars=env,
-        env_from=env_from,
-        container_resources=clip_pod_resources(settings),
-        node_selector=dict(cfg.k8s_node_selector),
-        tolerations=[k8s.V1Toleration(**t) for t in cfg.k8s_tolerations],
-        volumes=volumes,
-        volume_mounts=mounts,
-        labels={"app": "laion-tasks", "stage": "clip"},
-        deferrable=cfg.k8s_deferrable,
-        pool=cfg.gpu_pool,
-        get_logs=True,
-        do_xcom_push=False,
-        on_finish_action="delete_pod",
-        startup_timeout_seconds=600,
-    )
-    return options
+    return pod_options(task_id, settings, "clip")
