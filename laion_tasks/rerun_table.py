@@ -12,6 +12,26 @@ import sys
 from laion_tasks.stage import EXECUTION_ONLY, STAGE_MODULES, StageSpec
 
 
+EVENTS = (
+    ("`extract.max_wat_files` / `sample_wat_files` grows",
+     "extract of the new WAT files only; their candidates go to new download shards (existing shards keep their "
+     "content); those shards through download, clip, tag; the dedup runs whose shards changed are partitioned "
+     "again; then dedup buckets, resolve, curate"),
+    ("a WAT file or candidates file changes or disappears",
+     "the download plan is recut; each download shard whose content changed (its checksum is in the skip key) "
+     "and its dependents"),
+    ("a hash list edited in place or replaced (keyed by content: sha256, or the S3 ETag)",
+     "tag of every shard, which re-checks every row against the current lists, then its dependents; never a "
+     "re-download"),
+    ("`orchestration.max_mapped_tasks` changes", "dedup_partition of the shards whose dedup run changed, then dedup"),
+    ("`retry_failed_downloads` (a run Param)",
+     "download of the shards with retryable failures, then their clip, tag and dedup partition; dedup, curate"),
+    ("a deleted output (a file, or every file of an output directory / S3 prefix)",
+     "that shard of that stage, then its dependents"),
+)
+"""What re-runs on a change that is not a config knob (the skip key's inputs half)."""
+
+
 def _specs() -> list[StageSpec]:
     from laion_tasks import runner
 
@@ -64,6 +84,8 @@ def render() -> str:
     for knob in sorted(knobs):
         keyed = [s.name for s in specs if s.name in knobs[knob]]
         lines.append(f"| `{knob}` | {_cell(keyed)} | {_cell(dependents(specs, knobs[knob]))} |")
+    lines += ["", "## Events that are not knobs", "", "| event | re-runs |", "|---|---|"]
+    lines += [f"| {event} | {effect} |" for event, effect in EVENTS]
     lines += ["", "## Re-run nothing", "", "Execution-only knobs (with why, in `laion_tasks/stage.py`):", ""]
     lines += [f"- `{knob}`" for knob in sorted(EXECUTION_ONLY)]
     return "\n".join(lines) + "\n"
