@@ -44,6 +44,19 @@ def settings_from(config: Optional[Path]) -> Settings:
     return settings
 
 
+def settings_for_files(config: Optional[Path], snapshot: str | None, *, may_start: bool = False) -> Settings:
+    """Settings of a one-shard command on named files; the snapshot, when given, must be known (it records there)."""
+    settings = settings_from(config)
+    if snapshot is not None:
+        require_snapshot(settings, snapshot, may_start=may_start)
+    return settings
+
+
+def shard_of(uri: str) -> str:
+    """The shard id a named Parquet file stands for (its file name)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
 def lineage_from(settings: Settings, enabled: bool = True) -> Lineage | None:
     return Lineage(settings.lineage.url) if enabled else None
 

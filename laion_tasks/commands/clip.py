@@ -12,7 +12,16 @@ from typing import List, Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, ForceOption, echo_json, require_snapshot, settings_from, snapshot_option
+from laion_tasks.commands._common import (
+    ConfigOption,
+    ForceOption,
+    echo_json,
+    require_snapshot,
+    settings_for_files,
+    settings_from,
+    shard_of,
+    snapshot_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,10 +41,8 @@ def register(app: typer.Typer) -> None:
         """Score one download shard with CLIP: similarity, kept/filtered status and fp16 embeddings."""
         from laion_tasks import runner
 
-        settings = settings_from(config)
-        if snapshot is not None:
-            require_snapshot(settings, snapshot)
-        shard = images_parquet.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+        settings = settings_for_files(config, snapshot)
+        shard = shard_of(images_parquet)
         stats = runner.run_on_files(
             settings, snapshot, "clip", shard, inputs={"images_parquet": images_parquet, "tar": tar},
             outputs={"out_parquet": out_parquet, "img_emb": img_emb, "txt_emb": txt_emb}, force=force,

@@ -7,7 +7,14 @@ from typing import Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, ForceOption, echo_json, require_snapshot, settings_from, snapshot_option
+from laion_tasks.commands._common import (
+    ConfigOption,
+    ForceOption,
+    echo_json,
+    require_snapshot,
+    settings_from,
+    snapshot_option,
+)
 
 
 def dedup_steps() -> list[str]:

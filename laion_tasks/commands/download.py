@@ -16,8 +16,9 @@ from laion_tasks.commands._common import (
     ConfigOption,
     ForceOption,
     echo_json,
-    require_snapshot,
+    settings_for_files,
     settings_from,
+    shard_of,
     snapshot_option,
 )
 
@@ -66,10 +67,8 @@ def register(app: typer.Typer) -> None:
         """Download the images of one shard (hash lists and opt-outs honoured); prints the counts by status as JSON."""
         from laion_tasks import runner
 
-        settings = settings_from(config)
-        if snapshot is not None:
-            require_snapshot(settings, snapshot)
-        shard = shard_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+        settings = settings_for_files(config, snapshot)
+        shard = shard_of(shard_uri)
         stats = runner.run_on_files(
             settings, snapshot, "download", shard, inputs={"shard": shard_uri},
             outputs={"tar": tar_uri, "parquet": parquet_uri}, force=force, retry_failed_downloads=retry_failed,

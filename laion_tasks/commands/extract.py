@@ -7,7 +7,14 @@ from typing import Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, ForceOption, echo_json, require_snapshot, settings_from, snapshot_option
+from laion_tasks.commands._common import (
+    ConfigOption,
+    ForceOption,
+    echo_json,
+    settings_for_files,
+    settings_from,
+    snapshot_option,
+)
 
 RECORD_HELP = "Record the run in lineage under this snapshot (a re-run with the same file and knobs is skipped)."
 
@@ -24,9 +31,7 @@ def register(app: typer.Typer) -> None:
         """Extract (image URL, alt text) candidates of one WAT file; prints the shard stats as JSON."""
         from laion_tasks import layout, runner
 
-        settings = settings_from(config)
-        if snapshot is not None:
-            require_snapshot(settings, snapshot, may_start=True)
+        settings = settings_for_files(config, snapshot, may_start=True)
         stats = runner.run_on_files(settings, snapshot, "extract", layout.wat_id(wat_uri), inputs={"wat": wat_uri},
                                     outputs={"candidates": output_uri}, force=force)
         echo_json(stats)

@@ -19,7 +19,14 @@ from typing import Any, List, Optional
 
 import typer
 
-from laion_tasks.commands._common import CliError, ConfigOption, echo_json, require_snapshot, settings_from, snapshot_option
+from laion_tasks.commands._common import (
+    CliError,
+    ConfigOption,
+    echo_json,
+    require_snapshot,
+    settings_from,
+    snapshot_option,
+)
 from laion_tasks.stage import Context
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,13 @@ from typing import List, Optional
 
 import typer
 
-from laion_tasks.commands._common import ConfigOption, echo_json, require_snapshot, settings_from, snapshot_option
+from laion_tasks.commands._common import (
+    ConfigOption,
+    echo_json,
+    require_snapshot,
+    settings_from,
+    snapshot_option,
+)
 
 
 def register(app: typer.Typer) -> None:
