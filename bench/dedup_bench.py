@@ -68,9 +68,10 @@ DIM = 512
 TOPICS = 10_000
 CHUNK = 65_536
 BAND_EDGE = 0.972
-FP16_TOLERANCE = 1e-3
-"""A drop this far below the threshold is a chain (A~C of a chain is >= 0.005 below), not fp16 rounding (<= ~1e-4)."""
 """Upper edge of the band just above the threshold that the planted-only ground truth never had."""
+FP16_TOLERANCE = 1e-3
+"""A drop this far below the threshold is a chain (A~C of a chain is >= 0.005 below), not the rounding of the fp16
+vectors the near step stores (a few 1e-4)."""
 
 
 # ---------------------------------------------------------------- data
