@@ -225,6 +225,7 @@ def test_login_trigger_form_run_and_laion_views(deployment: tuple[AirflowStack, 
 
     stack, env = deployment
     password = stack.users[USER]
+    stack.wait_dag(DAG)  # the dag-processor may still be parsing it
     params = stack.api("GET", f"dags/{DAG}/details")["params"]
     assert {"wat_paths_uri", "storage_root", "force"} <= set(params)
     stack.unpause(INDEX_DAG)  # the curate tasks' asset events start it; its index backs the search view

@@ -147,8 +147,12 @@ def build_snapshot_graph(snapshot: Any, settings: Settings, static_snapshot: str
     from laion_tasks import runner
     from laion_tasks.stage import STAGE_MODULES
 
-    specs = [runner.spec(name) for name in STAGE_MODULES]
-    specs = [s for s in specs if not s.downstream]
+    specs = []
+    for name in STAGE_MODULES:  # pipeline order; the downstream stages come last (their modules import torch)
+        stage = runner.spec(name)
+        if stage.downstream:
+            break
+        specs.append(stage)
     tasks: dict[str, Any] = {}
     plans: dict[str, Any] = {}
     for stage in specs:
