@@ -105,3 +105,16 @@ def test_nudenet_second_opinion(tmp_path):
               ClipConfig.model_validate(TINY_CLIP))
     rows = pq.read_table(shard.out).to_pylist()
     assert rows[0]["nudenet_unsafe"] is not None and rows[1]["nudenet_unsafe"] is None
+
+
+@pytest.mark.skipif(not heads.nudenet_available(), reason="nudenet is not installed")
+def test_punsafe_from_nudenet(tmp_path):
+    """tag.nsfw_method=nudenet: punsafe is NudeNet's score (the demo's world CLIP never read NSFW words)."""
+    shard = make_shard(tmp_path, n=3, failed=(1,))
+    stats = tag_shard(shard.images_parquet, shard.tar, shard.clip_parquet, shard.img_emb, shard.out,
+                      TagConfig(nsfw_method="nudenet"), ClipConfig.model_validate(TINY_CLIP))
+    rows = pq.read_table(shard.out).to_pylist()
+    tagged = [r for r in rows if r["tag_status"] == "tagged"]
+    assert len(tagged) == 2 and stats.extra["nsfw_method"] == "nudenet"
+    assert all(r["nsfw_method"] == "nudenet" and r["punsafe"] == r["nudenet_unsafe"] for r in tagged)
+    assert rows[1]["punsafe"] is None

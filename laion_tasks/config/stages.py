@@ -173,6 +173,10 @@ class TagConfig(Section):
     """Zero-shot no-watermark prompts (negative class)."""
     nudenet: bool = False
     """Also run NudeNet's ONNX detector on the images (second opinion, CPU)."""
+    nsfw_method: Literal["auto", "nudenet"] = "auto"
+    """Where ``punsafe`` comes from: auto = the NSFW head when ``nsfw_weights`` is set, else CLIP zero-shot with the
+    prompts; nudenet = NudeNet's detector score (it runs, CPU), for a CLIP whose text tower never read NSFW words,
+    such as the demo's world model."""
     nsfw_keywords: list[str] = ["porn", "xxx", "nude", "naked", "nsfw", "sex"]
     """Whole-word alt-text keywords that set ``nsfw_text``."""
     image_batch_size: int = 64

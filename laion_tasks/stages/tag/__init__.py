@@ -22,7 +22,8 @@ Scores:
   ``tag.watermark_weights`` is set, else zero-shot on the embedding.
 * ``aesthetic_score``: the improved aesthetic predictor when ``tag.aesthetic_weights`` is set;
   null otherwise (``stats.extra['aesthetic_available'] = False``).
-* ``nudenet_unsafe``: NudeNet's highest exposed-body detection score (``tag.nudenet``).
+* ``nudenet_unsafe``: NudeNet's highest exposed-body detection score (``tag.nudenet``); with
+  ``tag.nsfw_method: nudenet`` it is also ``punsafe`` (``nsfw_method='nudenet'``).
 * ``nsfw_text``: an alt-text keyword hit (whole words, case-insensitive).
 * ``language*``: copied from the clip stage's parquet, so language ID runs once per sample (the clip
   stage routes each pair by it, and its lineage digest covers every ``langid.*`` knob, so a knob change re-runs clip and then tag).
@@ -97,12 +98,14 @@ class _ImageModels:
     def load(cls, config: TagConfig, clip_config: ClipConfig) -> _ImageModels:
         device = _device(clip_config)
         watermark = _watermark_model(config.watermark_weights, device) if config.watermark_weights else None
-        if config.nudenet:
+        nudenet = config.nudenet or config.nsfw_method == "nudenet"
+        if nudenet:
             from laion_tasks.models.heads import nudenet_available
 
             if not nudenet_available():
-                raise StageError("tag.nudenet is on but the 'nudenet' package is not installed (pip install nudenet)")
-        return cls(watermark, config.nudenet, device, config.image_batch_size)
+                raise StageError("tag.nudenet or tag.nsfw_method=nudenet is on but the 'nudenet' package is not "
+                                 "installed (pip install nudenet)")
+        return cls(watermark, nudenet, device, config.image_batch_size)
 
     @property
     def wanted(self) -> bool:
@@ -208,7 +211,10 @@ def _embedding_heads(
     from laion_tasks.models.heads import score_embeddings
 
     x = emb[scored]
-    if config.nsfw_weights:
+    if config.nsfw_method == "nudenet":
+        cols.punsafe[scored] = cols.nudenet[scored]
+        method = "nudenet"
+    elif config.nsfw_weights:
         cols.punsafe[scored] = score_embeddings(_nsfw_head(config.nsfw_weights), x)
         method = "laion_detector"
     else:
@@ -222,6 +228,13 @@ def _embedding_heads(
             cols.watermark_method[i] = "zero_shot"
     if config.aesthetic_weights:
         cols.aesthetic[scored] = score_embeddings(_aesthetic_head(config.aesthetic_weights), x)
+
+
+def _nsfw_method(config: TagConfig) -> str:
+    """The ``nsfw_method`` value ``punsafe`` is computed with under this config."""
+    if config.nsfw_method == "nudenet":
+        return "nudenet"
+    return "laion_detector" if config.nsfw_weights else "zero_shot"
 
 
 def _tag_table(
@@ -288,7 +301,7 @@ def tag_shard(
     stats.extra.update(
         {
             "aesthetic_available": bool(config.aesthetic_weights),
-            "nsfw_method": "laion_detector" if config.nsfw_weights else "zero_shot",
+            "nsfw_method": _nsfw_method(config),
             "watermark_method": "laion_detector" if config.watermark_weights else "zero_shot",
             "hashlist_matches": dict(Counter(hashlists.matches) - matches_before) if hashlists else {},
             "blocked_removed_from_tar": len(blocked_in_tar),
