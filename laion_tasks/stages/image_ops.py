@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -135,7 +136,10 @@ def process_image(data: bytes, opts: ImageOptions, inspect: Inspect | None = Non
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        result.status, result.error_message = "not_an_image", f"cannot identify image: {str(exc)[:200]}"
+        # Pillow names the BytesIO object ("<_io.BytesIO object at 0x7f...>"): an address would make a re-run's
+        # output differ from the first run's.
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the downloaded bytes", str(exc))
+        result.status, result.error_message = "not_an_image", f"cannot identify image: {reason[:200]}"
         return result
     except Image.DecompressionBombError as exc:  # over twice Pillow's own limit
         result.status, result.error_message = "decompression_bomb", str(exc)[:300]
