@@ -3,13 +3,18 @@
 1. Builds a small crawl in Common Crawl's layout (WAT files + wat.paths.gz + images)
    and serves it from a loopback HTTP server: extract reads the WATs over HTTP and
    download fetches the images, as in production.
-2. Writes a config (tiny seeded CLIP models, SQLite lineage, local storage) and starts
-   Airflow's api-server, scheduler, dag-processor and triggerer (LocalExecutor, SQLite) with
+2. Trains (or takes from its cache) the world model, a tiny CLIP trained here on a separate
+   training set of the crawl's world (:mod:`laion_tasks.fixtures.world`), and writes a config
+   that scores with it as with real weights (``clip.*.checkpoint``), with the thresholds its
+   calibration measured; SQLite lineage, local storage. Starts Airflow's api-server, scheduler,
+   dag-processor and triggerer (LocalExecutor, SQLite) with
    :class:`~laion_tasks.airflow_local.AirflowStack`.
 3. Triggers the snapshot DAG through the REST API (as the UI's Trigger form does); its
    curate tasks' Asset events start the index and train -> eval DAGs.
-4. Prints the funnel from lineage, the subsets, the Airflow UI with its login and the
-   lineage and search views, and leaves it all running with one command to stop it.
+4. Prints the funnel from lineage, the subsets, how the run compares with the truth the crawl
+   planted (CLIP filter precision and recall, a search, zero-shot accuracy, near-duplicates,
+   watermarks), the Airflow UI with its login and the lineage and search views, and leaves it
+   all running with one command to stop it.
 
 This module never imports Airflow: it drives the ``airflow`` CLI and REST API.
 The e2e test uses :func:`run_snapshot_dag` (``airflow dags test``, one process); the
@@ -29,11 +34,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from laion_tasks.airflow_local import AirflowStack
+
+if TYPE_CHECKING:
+    from laion_tasks.fixtures.world import WorldModel
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CRAWL = "CC-MAIN-2000-01"
@@ -67,6 +75,9 @@ class DemoEnv:
     base_url: str
     server: subprocess.Popen[bytes]
     settings: dict[str, Any]
+    crawl_dir: Path
+    truth_path: Path
+    """The fixture crawl's truth sidecar (what each link really is); the pipeline never reads it."""
 
     def stop(self) -> None:
         self.server.terminate()
@@ -76,8 +87,9 @@ class DemoEnv:
             self.server.kill()
 
 
-def demo_subsets() -> dict[str, Any]:
-    """LAION's default subsets with the CLIP similarity bounds set to 0.0 (see demo_config)."""
+def demo_subsets(similarity: float = 0.0) -> dict[str, Any]:
+    """LAION's default subsets with their fixed CLIP similarity bound (LAION-400M's 0.3, for ViT-B/32)
+    replaced by ``similarity``: the world model's calibrated English threshold, or 0.0 for random models."""
     import re
 
     from laion_tasks.config import CurateConfig
@@ -85,13 +97,65 @@ def demo_subsets() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, subset in CurateConfig().subsets.items():
         data = subset.model_dump()
-        data["where"] = re.sub(r"similarity >= 0\.\d+", "similarity >= 0.0", data["where"])
+        data["where"] = re.sub(r"similarity >= 0\.\d+", f"similarity >= {similarity}", data["where"])
+        if data["where"] != subset.where:
+            data["description"] = re.sub(r"CLIP ViT-B/32 >= 0\.\d+", f"CLIP >= {similarity} (demo world model)", data["description"])
         out[name] = data
     out["laion2B-en"]["write_images"] = True  # a trainable WebDataset subset for `laion train`
     return out
 
 
-def demo_config(work: Path, base_url: str, storage_root: str, lineage_url: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def world_config(world: WorldModel) -> dict[str, Any]:
+    """Score with the world model, as with real weights, at the thresholds its calibration measured.
+
+    The calibration (``world.json`` beside the checkpoint) scored held-out world pictures the way the
+    pipeline does: per language route, captions of the picture against captions that name another
+    colour or shape (the CLIP thresholds), and each picture against a resized, re-encoded copy and
+    against a distinct picture of the same colour and shape (the near-duplicate threshold, below
+    every copy it could and above every distinct picture). :func:`config_header` states the figures.
+    """
+    checkpoint = {"model": world.model, "pretrained": None, "checkpoint": str(world.checkpoint)}
+    near_dup = world.threshold("near_dup")
+    english = world.threshold("clip_english")
+    return {
+        "clip": {
+            "english": {**checkpoint, "threshold": english},
+            "multilingual": {**checkpoint, "threshold": world.threshold("clip_multilingual")},
+        },
+        "dedup": {"near_dup_threshold": near_dup},
+        # search results merge near-duplicates at the same cosine as dedup: distinct pictures of one
+        # description are kept apart, re-uploads are not shown twice
+        "serve": {"dedup_threshold": near_dup},
+        # the world model's text tower never read an NSFW word: punsafe comes from NudeNet's detector
+        "tag": {"nsfw_method": "nudenet"},
+        "curate": {"subsets": demo_subsets(english)},
+    }
+
+
+def config_header(world: WorldModel | None) -> str:
+    """The YAML comment that says where the demo's thresholds come from, with the measured figures."""
+    if world is None:
+        return ("# Random tiny CLIP models (no meaning): CLIP thresholds 0.0 and a near-duplicate threshold of 0.999,\n"
+                "# because random embeddings are near-parallel. The demo and the e2e tests use the world model.\n")
+    lines = [f"# Scores with the demo world model {world.directory} (laion_tasks/fixtures/world.py),",
+             "# thresholds from its calibration on held-out world pictures:"]
+    for name, what in (("clip_english", "clip.english.threshold"), ("clip_multilingual", "clip.multilingual.threshold")):
+        c = world.calibration[name]
+        lines.append(f"#   {what} {c['threshold']}: keeps {c['positives_kept']:.0%} of {c['positives']} matched pairs and "
+                     f"{c['negatives_kept']:.0%} of {c['negatives']} pairs whose caption names another colour or shape")
+    c = world.calibration["near_dup"]
+    lines.append(f"#   dedup.near_dup_threshold and serve.dedup_threshold {c['threshold']}: "
+                 f"{c['positives_kept']:.0%} of {c['positives']} resized + re-encoded copies are at or above it "
+                 f"(lowest {c['positives_min']}), {c['negatives_kept']:.0%} of {c['negatives']} distinct pictures of the "
+                 f"same colour and shape (highest {c['negatives_max']})")
+    return "\n".join(lines) + "\n"
+
+
+def demo_config(
+    work: Path, base_url: str, storage_root: str, lineage_url: str, extra: dict[str, Any] | None = None,
+    world: WorldModel | None = None,
+) -> dict[str, Any]:
+    """The demo's config: the world model's when given, else the random tiny models (tests that need no meaning)."""
     tiny = {"model": "laion-tiny-clip", "pretrained": None, "threshold": 0.0}
     config: dict[str, Any] = {
         "storage": {"root": storage_root},
@@ -133,9 +197,11 @@ def demo_config(work: Path, base_url: str, storage_root: str, lineage_url: str, 
             "collinfo_url": f"{base_url}collinfo.json",
         },
     }
-    if extra:
-        from laion_tasks.config import deep_merge
+    from laion_tasks.config import deep_merge
 
+    if world is not None:
+        config = deep_merge(config, world_config(world))
+    if extra:
         config = deep_merge(config, extra)
     return config
 
@@ -163,8 +229,12 @@ def prepare(
     n_wat: int = 3,
     pages_per_wat: int = 8,
     cross_wat_duplicates: bool = False,
+    world: WorldModel | None = None,
 ) -> DemoEnv:
-    """Fixture crawl + loopback server + config + Airflow home; nothing is run yet."""
+    """Fixture crawl + loopback server + config + Airflow home; nothing is run yet.
+
+    ``world``: score with the world model (:func:`laion_tasks.fixtures.world.ensure_world_model`);
+    None keeps the seeded random tiny models, for tests that need no meaning."""
     from laion_tasks.fixtures.crawl import build_fixture_crawl
 
     work = work.resolve()
@@ -172,7 +242,7 @@ def prepare(
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/"
     crawl_dir = work / "crawl"
-    build_fixture_crawl(
+    crawl = build_fixture_crawl(
         crawl_dir, base_url, DEMO_CRAWL, n_wat=n_wat, pages_per_wat=pages_per_wat, cross_wat_duplicates=cross_wat_duplicates
     )
     server = subprocess.Popen(
@@ -184,9 +254,9 @@ def prepare(
     wait_for_http(base_url + "robots.txt")
     storage_root = storage_root or str(work / "data")
     lineage_url = lineage_url or f"sqlite:///{work / 'data' / 'lineage.db'}"
-    config = demo_config(work, base_url, storage_root, lineage_url, extra_config)
+    config = demo_config(work, base_url, storage_root, lineage_url, extra_config, world)
     config_path = work / "laion.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path.write_text(config_header(world) + yaml.safe_dump(config, sort_keys=False))
     airflow_home = work / "airflow"
     airflow_home.mkdir(exist_ok=True)
     env = dict(os.environ)
@@ -205,7 +275,7 @@ def prepare(
             "no_proxy": "*",
         }
     )
-    return DemoEnv(work, config_path, env, base_url, server, config)
+    return DemoEnv(work, config_path, env, base_url, server, config, crawl_dir, crawl.truth_path)
 
 
 def airflow(env: DemoEnv, *args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
@@ -284,6 +354,21 @@ def print_report(env: DemoEnv) -> None:
         print(f"\nDataset card: {card}")
 
 
+def print_world_report(env: DemoEnv) -> None:
+    """How the run compares with what the fixture crawl planted (the figures tests/world_checks.py bars)."""
+    from laion_tasks import storage
+    from laion_tasks.config import load_settings
+    from laion_tasks.fixtures.world_report import measure
+
+    settings = load_settings(env.config_path, environ={})
+    storage.configure(settings.storage)
+    english = settings.clip.english
+    report = measure(settings, DEMO_CRAWL, env.truth_path, env.crawl_dir, english.model, english.checkpoint)
+    print(f"\nAgainst the truth the fixture crawl planted ({env.truth_path}):")
+    for line in report.lines():
+        print(f"  {line}")
+
+
 DEMO_USER = "laion"
 SNAPSHOT_DAG = "laion_snapshot_" + DEMO_CRAWL.replace("-", "_")
 ASSET_DAGS = tuple(f"laion_{kind}_{DEMO_CRAWL.replace('-', '_')}" for kind in ("index", "train_eval"))
@@ -333,7 +418,12 @@ def main() -> None:
             subprocess.run(["sh", str(stop)], check=False)
         shutil.rmtree(work)
     started = time.time()
-    env = prepare(work, extra_config=comparison_config(work))
+    from laion_tasks.fixtures.world import ensure_world_model, world_root
+
+    print(f"World model: the demo's CLIP, trained here once and cached under {world_root()}...", flush=True)
+    world = ensure_world_model(echo=lambda line: print(f"  {line}", flush=True))
+    print(f"  {world.checkpoint} ({time.time() - started:.0f}s)", flush=True)
+    env = prepare(work, extra_config=comparison_config(work), world=world)
     password = secrets.token_urlsafe(9)
     stack = AirflowStack(
         work / "airflow",
@@ -349,6 +439,7 @@ def main() -> None:
         run_on_scheduler(env, stack)
         print(f"All runs finished in {time.time() - started:.0f}s")
         print_report(env)
+        print_world_report(env)
         running = True
         url = stack.base_url
         print(f"\nAirflow UI: {url}/  (user {DEMO_USER!r}, password {password!r})")
