@@ -51,6 +51,13 @@ from laion_tasks.card.facts import (
 
 log = logging.getLogger(__name__)
 
+NSFW_METHODS = {
+    "laion_detector": "LAION's CLIP-based NSFW detector head",
+    "zero_shot": "CLIP zero-shot with the tag.nsfw_prompts / tag.safe_prompts",
+    "nudenet": "NudeNet's ONNX detector (exposed-body classes)",
+}
+"""What each ``nsfw_method`` value means, for the card's reader."""
+
 
 def _outcome_table(outcomes: Mapping[str, int]) -> list[str]:
     total = sum(outcomes.values())
@@ -189,6 +196,10 @@ def write_dataset_card(
         langs, groups = _shares(db, "language"), _shares(db, "language_group")
         _shares_chart(langs, groups, storage.join(out_dir, "languages.png"))
 
+        safety_sources = [(str(m), int(c)) for m, c in _rows(
+            db, f"SELECT coalesce(nsfw_method, 'unrecorded'), count(*) FROM {SAMPLES_VIEW} WHERE punsafe IS NOT NULL "
+            "GROUP BY 1 ORDER BY 2 DESC, 1")]
+
         n = config.card_sample_images
         kept = _sample_rows(db, eligible_sql(config), n, config)
         dropped = _sample_rows(db, f"base_outcome <> '{ELIGIBLE}'", n, config)
@@ -246,6 +257,9 @@ def write_dataset_card(
         "",
         f"{n_kept} kept and {n_dropped} dropped samples, chosen by the MD5 of their key. Hash-list hits, samples "
         "flagged unsafe (punsafe >= 0.5, unsafe caption) and samples without a safety score are never shown.",
+        "",
+        "punsafe comes from: " + (", ".join(f"{NSFW_METHODS.get(m, m)} (`{m}`, {c:,} samples)" for m, c in safety_sources)
+                                  or "no sample has a safety score") + ".",
         "",
         "![kept](samples_kept.png)",
         "",
