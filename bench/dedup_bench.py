@@ -295,8 +295,13 @@ def child(args: argparse.Namespace) -> None:
     steps_cpu: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    steps_sys: dict[str, float] = {}
+    sys_mark = [resource.getrusage(resource.RUSAGE_SELF).ru_stime]
+
     def step(name: str, t: float, c: float) -> None:
         steps[name], steps_cpu[name] = time.perf_counter() - t, time.process_time() - c
+        now_sys = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+        steps_sys[name], sys_mark[0] = now_sys - sys_mark[0], now_sys  # kernel time: page faults of the memory maps
 
     if args.child == "ours":
         from laion_tasks.config import ClipConfig, DedupConfig
@@ -329,7 +334,7 @@ def child(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     own = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"seconds": seconds, "cpu_seconds_self": own.ru_utime + own.ru_stime, "code": _code_id(), "steps": steps,
-                      "steps_cpu": steps_cpu, "vmhwm_kb": _status_kb("VmHWM"), "anon_peak_kb": anon.stop()}))
+                      "steps_cpu": steps_cpu, "steps_sys": steps_sys, "vmhwm_kb": _status_kb("VmHWM"), "anon_peak_kb": anon.stop()}))
 
 
 def _code_id() -> str:
@@ -521,6 +526,7 @@ def run_child(name: str, data: Path, args: argparse.Namespace, probes: int,
         raise RuntimeError(f"{name} failed:\n{stderr[-4000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["cpu_sys_seconds"] = after.ru_stime - before.ru_stime
     result["load"] = f"{load:.1f} before, {os.getloadavg()[0]:.1f} after"
     result["concurrent_brute_force"] = meanwhile is not None
     return result
@@ -563,6 +569,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "dedup.json"),
                     help="the JSON record (bench/README.md); give sizes run in parallel their own and --merge them")
     ap.add_argument("--label", default="latest", help="the run's label in the record (another label keeps the latest)")
+    ap.add_argument("--truth-alongside", action="store_true",
+                    help="run a new size's brute force while its first child runs (faster; the child shares the cores)")
     ap.add_argument("--reuse", action="store_true", help="reuse data already generated under --workdir")
     ap.add_argument("--keep", action="store_true", help="keep the generated data after the size")
     ap.add_argument("--generate-only", action="store_true", help="only generate the data (implies --keep)")
@@ -605,10 +613,12 @@ def main() -> None:
                 (data / "truth.json").write_text(json.dumps(truth))
                 print(f"brute force: {truth}", flush=True)
 
-            # a new size's brute force runs here while the child runs (it needs no verdicts), so a big size
-            # takes the longer of the two instead of their sum
-            have_truth = (data / "truth.json").exists()
-            ours = run_child("ours", data, args, args.probes, meanwhile=None if have_truth else ground_truth)
+            # the brute force needs no verdicts: --truth-alongside runs it while the child runs (a big size then
+            # takes the longer of the two, not their sum), at the price of sharing the cores with the measured run
+            alongside = args.truth_alongside and not (data / "truth.json").exists()
+            if not alongside and not (data / "truth.json").exists():
+                ground_truth()
+            ours = run_child("ours", data, args, args.probes, meanwhile=ground_truth if alongside else None)
             ours.update(evaluate_run(data, "ours", args))
             entry = {"rows": rows, "ours": {**ours, **json.loads((data / "truth.json").read_text())}}
             print(json.dumps(entry), flush=True)
@@ -713,8 +723,9 @@ def _notes(results: list[dict], alternates: list[dict], args: argparse.Namespace
     elif one:
         notes.append("**16M**: not run in this record (cost per row at 16M <= 1.3x 1M: not measured).")
     notes.append("CPU time, not wall time, is the cost: the machine has 2 cores shared with other jobs (load average "
-                 "per run in `load`), which stretch wall seconds several-fold but leave CPU time roughly unchanged; "
-                 "CPU time still varies by ~10% between repeats under such load.")
+                 "per run in `load`), which stretch wall seconds several-fold; CPU time moves with the load too, "
+                 "though far less, so compare sizes run back to back. `cpu_sys_seconds` and `steps_sys` are the "
+                 "kernel's share (page faults of the memory-mapped vectors, which stop fitting the page cache at 16M).")
     return notes
 
 
@@ -741,8 +752,9 @@ def record(results: list[dict], alternates: list[dict], args: argparse.Namespace
         f"`buckets={args.buckets}`, `memory_limit={args.memory_limit}`, threshold {args.threshold}. Peer: the previous "
         "bucketed dedup (64 buckets, 2 probes). Each run is one child process with one thread (OMP_NUM_THREADS=1). "
         "**CPU time** is user + system of that process and its children (`getrusage(RUSAGE_CHILDREN)`): the 2-core "
-        "machine is shared and loaded by other work, so wall seconds (recorded too) depend on the load, CPU time "
-        "hardly.\n\n"
+        "machine is shared and loaded by other work, which stretches wall seconds (recorded too) several-fold and CPU "
+        "time less but measurably (shared caches and memory bandwidth; each run records its `load`), so sizes are "
+        "compared from runs made back to back.\n\n"
         f"**Ground truth by brute force**: {args.queries:,} rows drawn at random per size; for each, every row of the "
         f"size at cosine >= {args.threshold}, by exact inner-product search (FAISS `IndexFlatIP` range search over "
         "blocks of the memory-mapped shards, fp32). Pairs of byte-identical rows (exact copies, which the sha256 step "
@@ -753,8 +765,7 @@ def record(results: list[dict], alternates: list[dict], args: argparse.Namespace
         "duplicates: a drop whose representative's stored vector is below the threshold (exact fp32 cosine) is a false "
         "positive. *No-chain violations*: drops whose representative is below the threshold by more than the fp16 "
         f"rounding of the stored vectors ({FP16_TOLERANCE}; a chain's ends are >= 0.005 below), plus drops whose "
-        "representative is not itself kept. A size's brute force runs in the bench process while that size's first "
-        "child runs (`concurrent_brute_force`), as other jobs' load does.")
+        "representative is not itself kept.")
     table_rows, checks = [], []
     for e in results:
         m = e["ours"]
@@ -808,7 +819,7 @@ def record(results: list[dict], alternates: list[dict], args: argparse.Namespace
                        "columns": ["rows", "near_dup_probes", "CPU µs/row", "near recall", f"[{args.threshold}, "
                                    f"{BAND_EDGE}) recall", "planted recall", "precision", "CPU s per step"],
                        "rows": alt_rows,
-                       "note": "CPU time of the run's process (user + system), so the machine's load hardly changes it."})
+                       "note": "CPU time of the run's process (user + system)."})
     notes = _notes(results, alternates, args)
     run = {"label": args.label, "date": now(), "command": " ".join([".venv/bin/python bench/dedup_bench.py", *sys.argv[1:]]),
            "machine": machine_info(load_before), "setup": setup, "settings": settings, "results": results,
