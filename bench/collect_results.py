@@ -831,8 +831,8 @@ def render_dedup(record: dict, run: dict) -> Section:
             other += [[f"{e['rows']:,}", impl, k, v] for k, v in unknown_figures(m, known)]
         other += [[f"{e['rows']:,}", "", k, v] for k, v in unknown_figures(e, {"rows", "ours", "peer"})]
     s.lines += [
-        "Cost per row is taken from CPU time (user + system of the run's process), which the machine's load does "
-        "not change; wall seconds depend on it.",
+        "Cost per row is taken from CPU time (user + system of the run's process), which the machine's load changes "
+        "far less than wall seconds, though not by nothing.",
         "",
         *table(["rows", "impl", "wall s", "CPU s", "rows per CPU-s", f"CPU µs/row (x at {rows_label(base['rows'])})",
                 "wall steps (s)", "peak RSS: anon / VmHWM (GiB)", "recall: exact copies", "recall: near copies",
