@@ -140,14 +140,16 @@ def crawl(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     state.configure({})
     per_wat = _candidates(work)
     pairs = Counter((r["url"], r["alt"]) for rows in per_wat.values() for r in rows)
+    paths = Counter(r["url"].split("?", 1)[0] for rows in per_wat.values() for r in rows)  # what the server 503s
     # scenario 7: the URL+alt pair that spans WAT files 1 and 2 (its first copy is in an old shard)
     spanning = {(r["url"], r["alt"]) for r in per_wat[1]} & {(r["url"], r["alt"]) for r in per_wat[2]}
     assert spanning, "the fixture crawl links a duplicate across WAT files"
     state.dup_url = sorted(spanning)[0][0]
-    # scenario 4: English captions, unique, good images, all in the first WAT file
+    # scenario 4: English captions, good images, all in the first WAT file, each the only link to its path
+    # (the crawl re-captions some pictures under a ?ref= URL, which the server would 503 too)
     state.retry_urls = {
         url for url, alt in sorted(pairs)
-        if pairs[(url, alt)] == 1 and (alt or "").startswith("a photo of a") and _good_image(work, url)
+        if paths[url.split("?", 1)[0]] == 1 and (alt or "").startswith("a photo of a") and _good_image(work, url)
         and url in {r["url"] for r in per_wat[0]} and url != state.dup_url
     }
     state.retry_urls = set(sorted(state.retry_urls)[:3])
@@ -266,7 +268,9 @@ def scenario_2_execution_knobs_rerun_nothing_6_deleted_output_reruns_its_shard(c
     for stage in list(runner.STAGE_MODULES)[:9]:
         assert runner.pending(ctx, stage) == [], stage
 
-    crawl.configure({"clip": {"english": {"threshold": 0.0}, "multilingual": {"threshold": 0.0}}})
+    # from here on every scored pair passes the CLIP filter (cosine >= -1), so which copy of a duplicate
+    # group represents it (scenarios 4 and 7) does not depend on the random tiny model's scores
+    crawl.configure({"clip": {"english": {"threshold": -1.0}, "multilingual": {"threshold": -1.0}}})
     victim = crawl.shards()[0]
     storage.delete(layout.clip_parquet_uri(crawl.root, SNAP, victim))
     ran = crawl.run_dag()
@@ -290,7 +294,8 @@ def scenario_4_retried_downloads_reach_the_subsets(crawl: Crawl) -> None:
     assert ran["curate"] == set(SUBSETS)
     candidates = assert_each_candidate_once(crawl)
     funnel_after = {r.outcome: r.count for r in crawl.lineage().funnel(SNAP) if r.stage == "download"}
-    assert funnel_after["success"] == funnel_before["success"] + len(crawl.retry_urls)
+    statuses = {url: [r["status"] for r in crawl.rows_by_url(url)] for url in crawl.retry_urls}
+    assert funnel_after["success"] == funnel_before["success"] + len(crawl.retry_urls), (funnel_before, funnel_after, statuses)
     assert sum(funnel_after.values()) == candidates, "a retried shard is counted once"
     en = {r["URL"] for r in crawl.subset_rows("laion2B-en")}
     for url in crawl.retry_urls:
@@ -299,7 +304,7 @@ def scenario_4_retried_downloads_reach_the_subsets(crawl: Crawl) -> None:
         assert row["clip"]["similarity"] is not None and row["clip"]["has_embedding"], row  # scored
         assert row["tags"] is not None and row["tags"]["tag_status"] is not None, row  # tagged
         assert row["dedup"] is not None, row  # deduplicated
-        qualifies = row["clip"]["language"] == "en" and row["clip"]["similarity"] >= 0.0
+        qualifies = row["clip"]["language"] == "en"  # every scored pair passes the filter (scenario 6)
         if not qualifies:
             assert url not in en, url
         elif row["dedup"]["dup_reason"] is None:  # a snapshot-wide representative that qualifies
@@ -335,10 +340,12 @@ def scenario_5_more_wat_files_extract_only_the_new_one(crawl: Crawl) -> None:
 
 
 def scenario_7_duplicate_pair_keeps_the_downloaded_copy(crawl: Crawl) -> None:
-    last = sorted(crawl.rows_by_url(crawl.dup_url), key=lambda r: (r["key"], r["shard"]))[-1]
-    assert last["dedup"]["dup_reason"] is None, "the downloaded copy represents the pair, not the failed one"
+    rows = sorted(crawl.rows_by_url(crawl.dup_url), key=lambda r: (r["key"], r["shard"]))
+    last = rows[-1]
+    assert last["dedup"]["dup_reason"] is None, ("the downloaded copy represents the pair, not the failed one",
+                                                 [(r["shard"], r["key"], r["status"], r["dedup"]) for r in rows])
     kept = [r for r in crawl.subset_rows("laion2B-en") if r["URL"] == crawl.dup_url]
-    qualifies = last["clip"]["language"] == "en" and last["clip"]["similarity"] >= 0.0
+    qualifies = last["clip"]["language"] == "en"  # every scored pair passes the filter (scenario 6)
     assert len(kept) == (1 if qualifies else 0), (qualifies, kept)
 
 
