@@ -21,7 +21,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup system-deps
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)

@@ -143,6 +143,15 @@ def postgres() -> Iterator[PostgresServer]:
     server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def world_model():  # type: ignore[no-untyped-def]
+    """The demo world's CLIP (laion_tasks/fixtures/world.py): trained once per generator + training digest,
+    cached under $LAION_WORLD_DIR or ~/.cache/laion-tasks/world, so a session (and the demo) reuse it."""
+    from laion_tasks.fixtures.world import ensure_world_model
+
+    return ensure_world_model()
+
+
 _db_counter = iter(range(10_000))
 
 

@@ -6,12 +6,18 @@ SimpleAuthManager and one user with a password, not all-admins. The browser:
 
 - is refused with a wrong password, then logs in through Airflow's login page;
 - opens the snapshot DAG's Trigger form: every Param is shown with its description;
-- triggers a run from the form (pointing it at the fixture crawl) and sees it succeed;
+- triggers a run from the form (pointing it at the fixture crawl) and sees it succeed; the
+  asset-triggered index and train -> eval DAGs follow, every candidate is accounted for, and the
+  outputs agree with the truth the fixture crawl planted (tests/world_checks.py);
 - opens "LAION lineage" and "LAION search" from Airflow's Browse menu, the snapshot's
   page with its funnel and shard status, the dataset card with its charts and sample grid,
-  and a search over the index the asset-triggered index DAG built.
+  and a search over the index the asset-triggered index DAG built. Scored with the demo's world
+  model, the search shows what was asked for: the results' pictures are checked against the truth
+  the fixture crawl planted.
 
-Without a session the plugin routes answer 401/403. Screenshots: tests/artifacts/airflow_*.png.
+Without a session the plugin routes answer 401/403. Last, ``airflow backfill create`` of the monthly
+ingest over two months succeeds and skips the done shards. This is the LocalExecutor deployment test
+(tests/test_deployment.py runs the CeleryExecutor one). Screenshots: tests/artifacts/airflow_*.png.
 """
 
 from __future__ import annotations
@@ -19,23 +25,33 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import unquote
 
 import httpx
 import pytest
 
-from laion_tasks import demo
+from laion_tasks import demo, storage
 from laion_tasks.airflow_local import AirflowStack
+from laion_tasks.config import load_settings
+from laion_tasks.fixtures.crawl import Truth
+from laion_tasks.fixtures.world_report import SEARCH_K, SEARCH_QUERY
+from laion_tasks.lineage import Lineage
+from tests.airflow_checks import (
+    assert_after_snapshot_run,
+    assert_monthly_backfill_skips_done_shards,
+    asset_dags,
+)
 from tests.browser import chromium, require_browser, screenshot
+from tests.world_checks import MIN_SEARCH_PRECISION, assert_world_checks
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = demo.DEMO_CRAWL
 DAG = "laion_snapshot_" + SNAPSHOT.replace("-", "_")
-INDEX_DAG = "laion_index_" + SNAPSHOT.replace("-", "_")
 USER = "alice"
 RUN_TIMEOUT_S = 900
 PLUGIN_ROUTES = (
@@ -72,12 +88,12 @@ return seen;
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, postgres) -> Iterator[tuple[AirflowStack, demo.DemoEnv]]:  # type: ignore[no-untyped-def]
+def deployment(tmp_path_factory: pytest.TempPathFactory, postgres, world_model) -> Iterator[tuple[AirflowStack, demo.DemoEnv]]:  # type: ignore[no-untyped-def]
     require_browser()
     work = tmp_path_factory.mktemp("airflow-browser")
     tag = secrets.token_hex(3)
     lineage_url = postgres.create_database(f"browser_lineage_{tag}")
-    env = demo.prepare(work / "demo", lineage_url=lineage_url, n_wat=2, pages_per_wat=6)
+    env = demo.prepare(work / "demo", lineage_url=lineage_url, n_wat=2, pages_per_wat=6, world=world_model)
     try:
         stack = AirflowStack(
             work / "airflow",
@@ -112,7 +128,10 @@ def test_plugin_routes_refuse_requests_without_a_session(deployment: tuple[Airfl
 
 
 def _wait(driver: Any, condition: Callable[[Any], Any], timeout: float = 60, message: str = "") -> Any:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
     # React re-renders replace elements under our feet: look again rather than fail
@@ -228,7 +247,11 @@ def test_login_trigger_form_run_and_laion_views(deployment: tuple[AirflowStack, 
     stack.wait_dag(DAG)  # the dag-processor may still be parsing it
     params = stack.api("GET", f"dags/{DAG}/details")["params"]
     assert {"wat_paths_uri", "storage_root", "force"} <= set(params)
-    stack.unpause(INDEX_DAG)  # the curate tasks' asset events start it; its index backs the search view
+    for dag_id in asset_dags(SNAPSHOT):  # the curate tasks' asset events start them; the index backs the search view
+        stack.unpause(dag_id)
+    settings = load_settings(env.config_path, environ={})
+    storage.configure(settings.storage)
+    lineage = Lineage(settings.lineage.url)
     wat_paths = f"{env.base_url}crawl-data/{SNAPSHOT}/wat.paths.gz"
 
     with chromium(1400, 1000) as driver:
@@ -261,7 +284,9 @@ def test_login_trigger_form_run_and_laion_views(deployment: tuple[AirflowStack, 
         assert run["conf"]["wat_paths_uri"] == wat_paths and run["run_type"] == "manual"
 
         state = stack.wait_run(DAG, run_id, RUN_TIMEOUT_S)
-        assert state == "success", stack.task_states(DAG, run_id)
+        assert state == "success", stack.failure_report(DAG, run_id)
+        assert_after_snapshot_run(stack, settings, lineage, SNAPSHOT)
+        assert_world_checks(settings, SNAPSHOT, env.truth_path, env.crawl_dir)
         driver.get(f"{stack.base_url}/dags/{DAG}/runs/{run_id}")
         _wait(driver, lambda d: "success" in d.find_element(By.TAG_NAME, "body").text.lower(), message="run shown as success")
         time.sleep(1)
@@ -299,17 +324,19 @@ def test_login_trigger_form_run_and_laion_views(deployment: tuple[AirflowStack, 
         screenshot(driver, "airflow_card_samples.png")
 
         # LAION search from the Browse menu, over the index the asset-triggered index DAG built
-        index_runs = _wait(driver, lambda d: stack.runs(INDEX_DAG), RUN_TIMEOUT_S, "asset-triggered index run")
-        assert index_runs[0]["run_type"] == "asset_triggered"
-        assert stack.wait_run(INDEX_DAG, index_runs[0]["dag_run_id"], RUN_TIMEOUT_S) == "success"
         _open_from_browse_menu(driver, "LAION search")
         _wait(driver, lambda d: "images" in d.find_element(By.ID, "info").text, 120, "search index info")
-        _type(driver.find_element(By.ID, "q"), "a photo of a cat")
+        _type(driver.find_element(By.ID, "q"), SEARCH_QUERY)
         driver.find_element(By.ID, "search").click()
         _wait(driver, lambda d: int(d.find_element(By.ID, "grid").get_attribute("data-count")) > 0, message="search results")
         _wait(driver, lambda d: _images_loaded(d, "#grid img"), message="result images from the fixture crawl")
         driver.switch_to.default_content()
         screenshot(driver, "airflow_search.png")
+        driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe"))
+        shown = [i.get_attribute("src") for i in driver.find_elements(By.CSS_SELECTOR, "#grid img")][:SEARCH_K]
+        assert_pictures_show(env, shown, SEARCH_QUERY)
+
+    assert_monthly_backfill_skips_done_shards(stack, settings, lineage, SNAPSHOT)
 
 
 def params_shown(dialog: Any, params: dict[str, Any]) -> list[str]:
@@ -321,3 +348,13 @@ def params_shown(dialog: Any, params: dict[str, Any]) -> list[str]:
         if name not in text or not description or description not in text:
             missing.append(name)
     return missing
+
+
+def assert_pictures_show(env: demo.DemoEnv, urls: list[str], query: str) -> None:
+    """The search page's first results show what ``query`` asks for, by the truth the crawl planted
+    (the query names a colour and a shape: "a green triangle")."""
+    scenes = {lk.url: lk.scene for lk in Truth.read(env.truth_path).links if lk.scene}
+    shows = [f"{scenes[u]['color']} {scenes[u]['shape']}" if u in scenes else f"unknown {u}" for u in urls]
+    wanted = query.removeprefix("a ").removeprefix("an ")
+    hits = sum(s == wanted for s in shows)
+    assert len(urls) == SEARCH_K and hits >= MIN_SEARCH_PRECISION * SEARCH_K, (query, shows)

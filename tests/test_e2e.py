@@ -1,6 +1,8 @@
 """End to end: ``airflow dags test`` of the snapshot DAG on the fixture crawl, against real
 PostgreSQL (Airflow metadata and lineage) and S3 (moto_server), then the accounting:
-every candidate is accounted for exactly once at every stage and in every subset.
+every candidate is accounted for exactly once at every stage and in every subset; and the
+meaning: scored with the demo's world model, the outputs agree with the truth the fixture
+crawl planted (tests/world_checks.py).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from laion_tasks import demo, storage
 from laion_tasks.config import load_settings
 from laion_tasks.lineage import Lineage
 from tests.accounting import assert_downstream_outputs, assert_snapshot_accounting, done_shard_records
+from tests.world_checks import assert_world_checks
 
 pytestmark = pytest.mark.slow
 
 
-def test_snapshot_dag_on_postgres_and_s3(tmp_path: Path, postgres, moto_server, s3_root: str) -> None:  # type: ignore[no-untyped-def]
+def test_snapshot_dag_on_postgres_and_s3(tmp_path: Path, postgres, moto_server, s3_root: str, world_model) -> None:  # type: ignore[no-untyped-def]
     lineage_url = postgres.create_database("e2e_lineage")
     airflow_url = postgres.create_database("e2e_airflow")
     env = demo.prepare(
@@ -28,6 +31,7 @@ def test_snapshot_dag_on_postgres_and_s3(tmp_path: Path, postgres, moto_server, 
         extra_config={"storage": {"s3_endpoint_url": moto_server.url}},
         n_wat=2,
         pages_per_wat=6,
+        world=world_model,
     )
     try:
         demo.run_snapshot_dag(env)
@@ -45,5 +49,6 @@ def test_snapshot_dag_on_postgres_and_s3(tmp_path: Path, postgres, moto_server, 
         # the Asset-triggered chain, run directly here: kNN index, and train -> eval -> card
         demo.run_downstream_dags(env)
         assert_downstream_outputs(settings, lineage, snap)
+        assert_world_checks(settings, snap, env.truth_path, env.crawl_dir)
     finally:
         env.stop()
