@@ -35,7 +35,7 @@ def _patch(mutation: str) -> None:
     import numpy as np
 
     if mutation == "shuffle":
-        import laion_tasks.stages.clip.encode as encode
+        from laion_tasks.stages.clip import encode
 
         read = encode._read_inputs
 
@@ -46,7 +46,7 @@ def _patch(mutation: str) -> None:
 
         encode._read_inputs = shuffled
     elif mutation == "shift":
-        import laion_tasks.stages.tag as tag
+        from laion_tasks.stages import tag
 
         load = tag._load_embeddings
 
@@ -59,16 +59,22 @@ def _patch(mutation: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        import laion_tasks.stages.index as index
+        from laion_tasks.stages import index
 
         write = index._write_metadata
 
         def off_by_one(con, clip_paths, subset_paths, out_path, row_group_size, stats):  # type: ignore[no-untyped-def]
             n = write(con, clip_paths, subset_paths, out_path, row_group_size, stats)
+            # what a search shows for id i (URL, caption, scores) becomes id i+1's; the columns that say
+            # which embedding id i is (_shard, _row) stay, so the vectors are added as before
             table = pq.read_table(out_path)
             order = pa.array([(i + 1) % table.num_rows for i in range(table.num_rows)])
-            rotated = table.drop(["id"]).take(order).add_column(0, "id", table.column("id"))
-            pq.write_table(rotated, out_path, row_group_size=row_group_size)
+            fixed = {"id", "_shard", "_row"}
+            shown = [c for c in table.column_names if c not in fixed]
+            rotated = table.select(shown).take(order)
+            for name in [c for c in table.column_names if c in fixed]:
+                rotated = rotated.append_column(name, table.column(name))
+            pq.write_table(rotated.select(table.column_names), out_path, row_group_size=row_group_size)
             return n
 
         index._write_metadata = off_by_one
@@ -79,9 +85,11 @@ def _patch(mutation: str) -> None:
 def run_one(mutation: str, work: Path) -> list[str]:
     """One pipeline run with ``mutation`` patched in; the bars it misses."""
     from laion_tasks import demo, runner, storage
+    from laion_tasks.card import write_dataset_card
     from laion_tasks.config import load_settings
     from laion_tasks.fixtures.world import ensure_world_model
     from laion_tasks.fixtures.world_report import measure
+    from laion_tasks.lineage import Lineage
     from tests.world_checks import world_failures
 
     _patch(mutation)
@@ -91,6 +99,9 @@ def run_one(mutation: str, work: Path) -> list[str]:
         storage.configure(settings.storage)
         runner.run_all(settings, demo.DEMO_CRAWL, STAGES,
                        wat_paths_uri=f"{env.base_url}crawl-data/{demo.DEMO_CRAWL}/wat.paths.gz")
+        # the train -> eval DAG's last task: the card (where the safety check reads punsafe's source)
+        write_dataset_card(settings.storage.root, demo.DEMO_CRAWL, Lineage(settings.lineage.url), config=settings.curate,
+                           clip=settings.clip)
         english = settings.clip.english
         report = measure(settings, demo.DEMO_CRAWL, env.truth_path, env.crawl_dir, english.model, english.checkpoint)
         print("\n".join(report.lines()))
@@ -101,9 +112,13 @@ def run_one(mutation: str, work: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mutations", nargs="*", default=list(MUTATIONS), choices=MUTATIONS)
+    parser.add_argument("mutations", nargs="*", help=f"any of {', '.join(MUTATIONS)} (default: all four)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one mutation
     args = parser.parse_args()
+    args.mutations = args.mutations or list(MUTATIONS)
+    unknown = [m for m in args.mutations if m not in MUTATIONS]
+    if unknown:
+        parser.error(f"unknown mutation(s) {', '.join(unknown)}: choose from {', '.join(MUTATIONS)}")
     if args.one:
         with tempfile.TemporaryDirectory(prefix="laion-mutation-") as tmp:
             failures = run_one(args.mutations[0], Path(tmp))
@@ -113,7 +128,8 @@ def main() -> None:
     ok = True
     for mutation in args.mutations:  # one process each: a patch must not leak into the next run
         print(f"== {mutation}", flush=True)
-        code = subprocess.run([sys.executable, __file__, "--one", mutation], cwd=REPO, check=False).returncode
+        code = subprocess.run([sys.executable, __file__, "--one", mutation], cwd=REPO, check=False,
+                              stdin=subprocess.DEVNULL).returncode
         caught = code != 0
         ok &= caught == (mutation != "none")
         print(f"== {mutation}: {'caught' if caught else 'all bars hold'}"
