@@ -4,7 +4,7 @@
    and serves it from a loopback HTTP server: extract reads the WATs over HTTP and
    download fetches the images, as in production.
 2. Trains (or takes from its cache) the world model, a tiny CLIP trained here on a separate
-   training set of the crawl's world (:mod:`laion_tasks.fixtures.world`), and writes a config
+   training set of the crawl's world (:mod:`laion_tasks.fixtures.world_model`), and writes a config
    that scores with it as with real weights (``clip.*.checkpoint``), with the thresholds its
    calibration measured; SQLite lineage, local storage. Starts Airflow's api-server, scheduler,
    dag-processor and triggerer (LocalExecutor, SQLite) with
@@ -41,7 +41,7 @@ import yaml
 from laion_tasks.airflow_local import AirflowStack
 
 if TYPE_CHECKING:
-    from laion_tasks.fixtures.world import WorldModel
+    from laion_tasks.fixtures.world_model import WorldModel
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CRAWL = "CC-MAIN-2000-01"
@@ -137,7 +137,7 @@ def config_header(world: WorldModel | None) -> str:
     if world is None:
         return ("# Random tiny CLIP models (no meaning): CLIP thresholds 0.0 and a near-duplicate threshold of 0.999,\n"
                 "# because random embeddings are near-parallel. The demo and the e2e tests use the world model.\n")
-    lines = [f"# Scores with the demo world model {world.directory} (laion_tasks/fixtures/world.py),",
+    lines = [f"# Scores with the demo world model {world.directory} (laion_tasks/fixtures/world_model.py),",
              "# thresholds from its calibration on held-out world pictures:"]
     for name, what in (("clip_english", "clip.english.threshold"), ("clip_multilingual", "clip.multilingual.threshold")):
         c = world.calibration[name]
@@ -233,7 +233,7 @@ def prepare(
 ) -> DemoEnv:
     """Fixture crawl + loopback server + config + Airflow home; nothing is run yet.
 
-    ``world``: score with the world model (:func:`laion_tasks.fixtures.world.ensure_world_model`);
+    ``world``: score with the world model (:func:`laion_tasks.fixtures.world_model.ensure_world_model`);
     None keeps the seeded random tiny models, for tests that need no meaning."""
     from laion_tasks.fixtures.crawl import build_fixture_crawl
 
@@ -418,7 +418,7 @@ def main() -> None:
             subprocess.run(["sh", str(stop)], check=False)
         shutil.rmtree(work)
     started = time.time()
-    from laion_tasks.fixtures.world import ensure_world_model, world_root
+    from laion_tasks.fixtures.world_model import ensure_world_model, world_root
 
     print(f"World model: the demo's CLIP, trained here once and cached under {world_root()}...", flush=True)
     world = ensure_world_model(echo=lambda line: print(f"  {line}", flush=True))

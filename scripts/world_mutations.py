@@ -87,7 +87,7 @@ def run_one(mutation: str, work: Path) -> list[str]:
     from laion_tasks import demo, runner, storage
     from laion_tasks.card import write_dataset_card
     from laion_tasks.config import load_settings
-    from laion_tasks.fixtures.world import ensure_world_model
+    from laion_tasks.fixtures.world_model import ensure_world_model
     from laion_tasks.fixtures.world_report import measure
     from laion_tasks.lineage import Lineage
     from tests.world_checks import world_failures

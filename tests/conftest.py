@@ -145,11 +145,48 @@ def postgres() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def world_model():  # type: ignore[no-untyped-def]
-    """The demo world's CLIP (laion_tasks/fixtures/world.py): trained once per generator + training digest,
-    cached under $LAION_WORLD_DIR or ~/.cache/laion-tasks/world, so a session (and the demo) reuse it."""
-    from laion_tasks.fixtures.world import ensure_world_model
+    """The demo world's CLIP (laion_tasks/fixtures/world_model.py): trained once per generator + training digest,
+    cached under $LAION_WORLD_DIR or ~/.cache/laion-tasks/world, so a session (and the demo) reuse it. When the
+    session started its training in the background (below), this waits for it on the cache's file lock."""
+    from laion_tasks.fixtures.world_model import ensure_world_model
 
     return ensure_world_model()
+
+
+_world_training: subprocess.Popen[bytes] | None = None
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that score with the world model run last, and a missing model starts training now, in a
+    background process, while the other tests run: training takes about 3 minutes of one core (its
+    DataLoader worker decodes on the other), the costliest step of a clean ``make test`` otherwise. A
+    failed background run costs nothing: the fixture then trains in-process under the same lock."""
+    global _world_training
+    needs = [item for item in items if "world_model" in getattr(item, "fixturenames", ())]
+    if not needs:
+        return
+    others = [item for item in items if "world_model" not in getattr(item, "fixturenames", ())]
+    items[:] = others + needs
+    from laion_tasks.fixtures.world_model import WorldSpec, load_world_model, world_root
+
+    if load_world_model(world_root() / WorldSpec().digest()) is not None or not others:
+        return
+    log = Path(tempfile.gettempdir()) / f"laion-world-training-{os.getpid()}.log"
+    _world_training = subprocess.Popen(
+        [sys.executable, "-m", "laion_tasks.fixtures.world_model"],
+        cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.DEVNULL,
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A background training still running when the session ends early (-x, Ctrl-C) is stopped."""
+    if _world_training is not None and _world_training.poll() is None:
+        _world_training.terminate()
+        try:
+            _world_training.wait(30)
+        except subprocess.TimeoutExpired:
+            _world_training.kill()
 
 
 _db_counter = iter(range(10_000))

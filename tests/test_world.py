@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from laion_tasks.fixtures import world
-from laion_tasks.fixtures.crawl import SEARCH_DESCRIPTION, SEARCH_PICTURES, Truth, build_fixture_crawl
-from laion_tasks.fixtures.world import (
-    LANGUAGES,
-    SHAPES,
+from laion_tasks.fixtures import world, world_model
+from laion_tasks.fixtures.crawl import (
+    SEARCH_DESCRIPTION,
+    SEARCH_PICTURES,
+    Truth,
+    build_fixture_crawl,
+)
+from laion_tasks.fixtures.world import LANGUAGES, SHAPES, crawl_caption, noun_phrase
+from laion_tasks.fixtures.world_model import (
     WorldSpec,
-    crawl_caption,
     ensure_world_model,
-    noun_phrase,
     separating_threshold,
 )
 
@@ -129,17 +131,17 @@ def test_the_model_is_trained_once_per_digest(tmp_path: Path, monkeypatch: pytes
     """A cache hit loads the directory; only a miss trains (here a stand-in that writes what training writes)."""
     calls: list[Path] = []
 
-    def fake_train(spec: WorldSpec, directory: Path, echo) -> world.WorldModel:  # type: ignore[no-untyped-def]
+    def fake_train(spec: WorldSpec, directory: Path, echo) -> world_model.WorldModel:  # type: ignore[no-untyped-def]
         calls.append(directory)
         (directory / "model").mkdir(parents=True)
         (directory / "model" / "epoch_latest.pt").write_bytes(b"weights")
         (directory / "world.json").write_text(json.dumps({"model": spec.model, "checkpoint": "model/epoch_latest.pt",
                                                           "calibration": {"near_dup": {"threshold": 0.99}}}))
-        loaded = world.load_world_model(directory)
+        loaded = world_model.load_world_model(directory)
         assert loaded is not None
         return loaded
 
-    monkeypatch.setattr(world, "_train", fake_train)
+    monkeypatch.setattr(world_model, "_train", fake_train)
     first = ensure_world_model(WorldSpec(), root=tmp_path)
     second = ensure_world_model(WorldSpec(), root=tmp_path)
     assert len(calls) == 1 and first.checkpoint == second.checkpoint and second.threshold("near_dup") == 0.99
