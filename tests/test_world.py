@@ -157,3 +157,15 @@ def test_watermark_is_visible() -> None:
     a = np.asarray(scene.render().convert("L"), dtype=np.int16)
     b = np.asarray(plain.render().convert("L"), dtype=np.int16)
     assert (np.abs(a - b) > 30).mean() > 0.05
+
+
+def test_the_quality_gate_names_each_missed_bar() -> None:
+    """A model under the held-out gate is trained again with the next seed (world_model._train)."""
+    good = {"watermark": {"auc": 0.99},
+            "clip_english": {"positives_kept": 0.97, "negatives_kept": 0.04},
+            "clip_multilingual": {"positives_kept": 0.96, "negatives_kept": 0.06}}
+    assert world_model.gate_misses(good) == []
+    bad = {**good, "watermark": {"auc": 0.918}, "clip_multilingual": {"positives_kept": 0.94, "negatives_kept": 0.07}}
+    misses = world_model.gate_misses(bad)
+    assert len(misses) == 3 and "watermark AUC 0.918" in misses[0], misses
+    assert all("clip_multilingual" in m for m in misses[1:]), misses
