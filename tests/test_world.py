@@ -21,11 +21,8 @@ from laion_tasks.fixtures.crawl import (
     build_fixture_crawl,
 )
 from laion_tasks.fixtures.world import LANGUAGES, SHAPES, crawl_caption, noun_phrase
-from laion_tasks.fixtures.world_model import (
-    WorldSpec,
-    ensure_world_model,
-    separating_threshold,
-)
+from laion_tasks.fixtures.world_calibration import gate_misses, separating_threshold
+from laion_tasks.fixtures.world_model import WorldSpec, ensure_world_model
 
 SHAPE_WORDS = {
     "de": {"circle": "Kreis", "square": "Quadrat", "triangle": "Dreieck", "stripes": "Streifen"},
@@ -164,8 +161,8 @@ def test_the_quality_gate_names_each_missed_bar() -> None:
     good = {"watermark": {"auc": 0.99},
             "clip_english": {"positives_kept": 0.97, "negatives_kept": 0.04},
             "clip_multilingual": {"positives_kept": 0.96, "negatives_kept": 0.06}}
-    assert world_model.gate_misses(good) == []
+    assert gate_misses(good) == []
     bad = {**good, "watermark": {"auc": 0.918}, "clip_multilingual": {"positives_kept": 0.94, "negatives_kept": 0.07}}
-    misses = world_model.gate_misses(bad)
+    misses = gate_misses(bad)
     assert len(misses) == 3 and "watermark AUC 0.918" in misses[0], misses
     assert all("clip_multilingual" in m for m in misses[1:]), misses
