@@ -196,3 +196,22 @@ def test_sample_counts_come_from_the_subset_metadata(tmp_path: Path) -> None:
     (wds / "sizes.json").write_text(_json.dumps({"00000.tar": 7, "00001.tar": 3}))
     shards = [str(wds / "00000.tar"), str(wds / "00001.tar"), str(tmp_path / "other" / "x.tar")]
     assert tr._sizes_from_metadata(shards) == {shards[0]: 7, shards[1]: 3}
+
+
+def test_the_trainer_sample_shuffle_follows_the_seed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """open_clip_train's sample shuffle is seeded from --seed (webdataset seeds it from pid and clock)."""
+    from open_clip_train import data
+
+    from laion_tasks.train_entry import _seeded_sample_shuffle
+
+    monkeypatch.setattr(data.wds, "shuffle", data.wds.shuffle)  # restored after the test
+
+    def order(seed: str) -> list[int]:
+        monkeypatch.setattr(data.wds, "shuffle", unseeded)
+        _seeded_sample_shuffle(["--lr", "1", "--seed", seed])
+        return list(data.wds.shuffle(bufsize=50, initial=10)(iter(range(200))))
+
+    unseeded = data.wds.shuffle
+    assert order("3") == order("3")
+    assert order("3") != order("4")
+    assert sorted(order("3")) == list(range(200))
