@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/clip_bench.py [--pairs 256] [--shards 4] [--batch-size 64] [--workers 2] [--device auto]
 
+On a GPU machine without this repo's venv, ``--ours-python`` and ``--peer-python`` name the interpreters (or
+wrapper scripts) of each side; ``bench/device_clip_gpu.sh`` is the one command used on the lent H200.
+
 * Data: download-style WebDataset shards (256 px border-padded JPEG q95, ``.txt``, ``.json``
   + parquet) built from ``../shared/data/images/imagenet_sample200`` (test-only images, written
   to a temp dir, never into the repo) with "a photo of a <class>" captions; synthetic pictures
@@ -63,13 +66,17 @@ def build_shards(work: Path, pairs: int, shards: int) -> list[tuple[Path, Path]]
     if not sources:
         sources = [(synthetic_image(i, (500, 375)), f"a synthetic picture number {i}") for i in range(64)]
     samples = []
+    encoded: dict[tuple[int, bool], bytes] = {}  # a large run repeats each (picture, mirrored) pair: encode it once
     for i in range(pairs):
         img, caption = sources[i % len(sources)]
-        if (i // len(sources)) % 2:
-            img = ImageOps.mirror(img)
-        # What the downloader stores by default: 256x256, border-padded, JPEG q95.
-        padded = ImageOps.pad(img, (256, 256), method=Image.Resampling.LANCZOS, color=(0, 0, 0))
-        samples.append(FixtureSample(f"{i:09d}", caption, encode_image(padded)))
+        mirrored = bool((i // len(sources)) % 2)
+        variant = (i % len(sources), mirrored)
+        if variant not in encoded:
+            shown = ImageOps.mirror(img) if mirrored else img
+            # What the downloader stores by default: 256x256, border-padded, JPEG q95.
+            padded = ImageOps.pad(shown, (256, 256), method=Image.Resampling.LANCZOS, color=(0, 0, 0))
+            encoded[variant] = encode_image(padded)
+        samples.append(FixtureSample(f"{i:09d}", caption, encoded[variant]))
     per = (pairs + shards - 1) // shards
     out = []
     for s in range(shards):
@@ -216,12 +223,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=1, help="Alternate ours/peer this many times; best round counts.")
     parser.add_argument("--reference-pairs", type=int, default=32)
+    parser.add_argument("--ours-python", type=Path, default=REPO / ".venv" / "bin" / "python",
+                        help="interpreter (or wrapper script) that runs our side")
+    parser.add_argument("--peer-python", type=Path, default=None,
+                        help="interpreter with clip-retrieval 2.45.0; default: the venv of ../shared/PEERS.md")
     parser.add_argument("--keep", action="store_true", help="Keep the temp dir with shards and outputs.")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "clip.json",
                         help="the JSON record (bench/README.md)")
     args = parser.parse_args()
 
-    peer_python = ensure_peer()
+    peer_python = args.peer_python or ensure_peer()
     work = Path(tempfile.mkdtemp(prefix="laion-clip-bench-"))
     shards = build_shards(work, args.pairs, args.shards)
     ckpt = work / "vit_b_32_random_seed0.pt"
@@ -242,7 +253,7 @@ def main() -> None:
                 shutil.rmtree(out)
             out.mkdir()
             if side == "ours":
-                res = run_side(REPO / ".venv" / "bin" / "python", OURS, {**common, "out": str(out)}, {})
+                res = run_side(args.ours_python, OURS, {**common, "out": str(out)}, {})
                 ours_runs.append(res)
             else:
                 res = run_side(peer_python, PEER, {**common, "out": str(out)}, {"NO_ALBUMENTATIONS_UPDATE": "1"})
@@ -281,7 +292,8 @@ def main() -> None:
     run = {
         "date": now(),
         "command": f".venv/bin/python bench/clip_bench.py --pairs {args.pairs} --shards {args.shards} "
-                   f"--batch-size {args.batch_size} --workers {args.workers} --rounds {args.rounds} --device {args.device}",
+                   f"--batch-size {args.batch_size} --workers {args.workers} --rounds {args.rounds} --device {args.device}"
+                   + (" (through bench/device_clip_gpu.sh: each side's interpreter given)" if args.peer_python else ""),
         "machine": machine, "setup": setup,
         "settings": {"model": MODEL, "pairs": args.pairs, "shards": args.shards, "batch_size": args.batch_size,
                      "workers": args.workers, "rounds": args.rounds, "device": "cuda" if on_gpu else "cpu"},

@@ -117,6 +117,20 @@ def test_gpu_decode_path_is_close_to_pil(shared_data: Path, tmp_path: Path) -> N
     assert cosine_rows(a.numpy(), b.numpy()).min() >= 0.995
 
 
+def test_tensor_transform_batches_by_size_in_order() -> None:
+    """Same-size images are resized as one batch; the result equals one image at a time, in input order."""
+    clip = cached_clip("laion-tiny-clip", None, None, "cpu", 0)
+    transform = cs_data.TensorTransform.from_open_clip(clip.preprocess)
+    assert transform is not None
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 256, 256), (3, 300, 200), (3, 256, 256), (3, 120, 400), (3, 300, 200), (3, 256, 256)]
+    images = [torch.randint(0, 256, s, dtype=torch.uint8, generator=gen) for s in shapes]
+    batched = transform(images)
+    one_by_one = torch.cat([transform([img]) for img in images])
+    assert batched.shape == (len(images), 3, *transform.crop)
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+
+
 def test_gpu_decode_path_in_stage_isolates_bad_jpegs(
     skimage_shard, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

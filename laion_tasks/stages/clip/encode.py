@@ -32,6 +32,7 @@ from laion_tasks.stages.clip.data import (
     _workers,
     collate_pairs,
     open_image,
+    split_jpegs,
 )
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,10 @@ def _score_group(
             errors[row] = error
         if batch["pixels"] is not None:
             put(batch["pixel_rows"], *encoder.encode(batch["pixels"], batch["pixel_tokens"]))
-        if batch["jpegs"]:
+        jpegs = split_jpegs(batch)
+        if jpegs:
             assert tensor_transform is not None
-            decoded, decode_errors = decode_jpegs_on_device(batch["jpegs"], device)
+            decoded, decode_errors = decode_jpegs_on_device(jpegs, device)
             good = [i for i, e in enumerate(decode_errors) if e is None]
             if good:
                 pixels = tensor_transform([decoded[i] for i in good])  # type: ignore[misc]
@@ -177,7 +179,7 @@ def _score_group(
                     continue
                 row = batch["jpeg_rows"][i]
                 try:
-                    pixels = clip.preprocess(open_image(bytes(batch["jpegs"][i].numpy()))).unsqueeze(0)
+                    pixels = clip.preprocess(open_image(bytes(jpegs[i].numpy()))).unsqueeze(0)
                 except Exception as exc:  # noqa: BLE001
                     errors[row] = f"GPU decode: {err}; PIL: {type(exc).__name__}: {exc}"
                     continue
