@@ -3,7 +3,14 @@
 Why a launcher: ``open_clip_train.main`` only knows the configs shipped inside open_clip;
 ``laion-tiny-clip`` (and any config in ``laion_tasks/model_configs``) must be added with
 ``open_clip.add_model_config`` in the same process, including every torchrun worker.
-ARGS are open_clip_train's own command-line flags, passed through untouched.
+ARGS are open_clip_train's own command-line flags, passed through untouched, plus two of ours that
+open_clip_train lacks (``train.extra_args`` carries them, so they are in the stage's result key):
+
+* ``--channels-last``: the image tower in channels-last memory format;
+* ``--fused-adamw``: torch's fused AdamW kernel instead of the per-tensor loop.
+
+Both change only float summation order. On the CPU they cut a step of the demo world model's training
+from 185 to 138 ms (measured, one thread, batch 128 at 64 px).
 """
 
 from __future__ import annotations
@@ -49,6 +56,43 @@ def _seeded_sample_shuffle(argv: list[str]) -> None:
     data.wds.shuffle = seeded
 
 
+def _pop_flag(args: list[str], flag: str) -> bool:
+    if flag not in args:
+        return False
+    args.remove(flag)
+    return True
+
+
+def _channels_last_image_tower() -> None:
+    """Convert the image tower of the model open_clip_train creates to channels-last (oneDNN and cuDNN
+    convolutions run faster on it; the saved state dict loads into an ordinary model)."""
+    import functools
+
+    import torch
+    from open_clip_train import main as train_main
+
+    create = train_main.create_model_and_transforms
+
+    @functools.wraps(create)
+    def create_channels_last(*args, **kwargs):  # type: ignore[no-untyped-def]
+        model, *rest = create(*args, **kwargs)
+        model.visual.to(memory_format=torch.channels_last)
+        return (model, *rest)
+
+    train_main.create_model_and_transforms = create_channels_last
+
+
+def _fused_adamw() -> None:
+    """Make open_clip_train's ``optim.AdamW`` the fused kernel (its only optimizer)."""
+    import functools
+    import types
+
+    import torch
+    from open_clip_train import main as train_main
+
+    train_main.optim = types.SimpleNamespace(AdamW=functools.partial(torch.optim.AdamW, fused=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     from laion_tasks.models.clip import register_local_configs
 
@@ -56,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     register_local_configs()
     _webdataset_compat()
     _seeded_sample_shuffle(args)
+    if _pop_flag(args, "--channels-last"):
+        _channels_last_image_tower()
+    if _pop_flag(args, "--fused-adamw"):
+        _fused_adamw()
     from open_clip_train.main import main as open_clip_train_main
 
     result = open_clip_train_main(args)

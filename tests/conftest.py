@@ -158,7 +158,7 @@ _world_training: subprocess.Popen[bytes] | None = None
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that score with the world model run last, and a missing model starts training now, in a
-    background process, while the other tests run: training takes about 3 minutes of one core (its
+    background process, while the other tests run: training takes about 2.5 minutes of one core (its
     DataLoader worker decodes on the other), the costliest step of a clean ``make test`` otherwise. A
     failed background run costs nothing: the fixture then trains in-process under the same lock."""
     global _world_training

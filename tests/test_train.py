@@ -215,3 +215,35 @@ def test_the_trainer_sample_shuffle_follows_the_seed(monkeypatch) -> None:  # ty
     assert order("3") == order("3")
     assert order("3") != order("4")
     assert sorted(order("3")) == list(range(200))
+
+
+def test_our_trainer_flags_reach_open_clip_train(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """--channels-last and --fused-adamw are taken out of the argv and change the model and optimizer
+    open_clip_train builds; without them nothing is patched."""
+    import torch
+    from open_clip_train import main as train_main
+
+    from laion_tasks import train_entry
+    from laion_tasks.models.clip import register_local_configs
+
+    register_local_configs()
+    monkeypatch.setattr(train_main, "create_model_and_transforms", train_main.create_model_and_transforms)
+    monkeypatch.setattr(train_main, "optim", train_main.optim)
+    args = ["--lr", "1", "--channels-last", "--fused-adamw", "--seed", "0"]
+    assert train_entry._pop_flag(args, "--channels-last") and train_entry._pop_flag(args, "--fused-adamw")
+    assert args == ["--lr", "1", "--seed", "0"] and not train_entry._pop_flag(args, "--fused-adamw")
+
+    plain, *_ = train_main.create_model_and_transforms("laion-world-clip", None)
+    conv = next(m for m in plain.visual.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert train_main.optim.AdamW is torch.optim.AdamW
+
+    train_entry._channels_last_image_tower()
+    train_entry._fused_adamw()
+    model, *_ = train_main.create_model_and_transforms("laion-world-clip", None)
+    conv = next(m for m in model.visual.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    optimizer = train_main.optim.AdamW(model.parameters(), lr=1e-3)
+    assert optimizer.defaults["fused"] is True
+    # What it saves loads into an ordinary model.
+    plain.load_state_dict(model.state_dict())

@@ -394,7 +394,8 @@ class TrainConfig(Section):
     shard_access: Literal["stage", "pipe"] = "stage"
     """s3:// shards: stage = copy to local disk first; pipe = stream via 'pipe:aws s3 cp URI -' (needs awscli)."""
     extra_args: list[str] = []
-    """Passed verbatim to open_clip_train.main (e.g. ["--grad-checkpointing"])."""
+    """Passed verbatim to open_clip_train.main (e.g. ["--grad-checkpointing"]), plus ``--channels-last`` and
+    ``--fused-adamw``, which laion_tasks.train_entry handles (faster conv towers and optimizer steps)."""
     compare_subsets: list[str] = []
     """More subsets trained and evaluated beside ``subset`` with the same settings; the card gets one zero-shot table."""
     samples_seen: int | None = Field(None, ge=1)
