@@ -49,7 +49,7 @@ def verdict_cell(row: str) -> str:
 # ---------------------------------------------------------------- the committed files
 
 
-@pytest.mark.parametrize("name", ["RESULTS.md", "SCALE.md"])
+@pytest.mark.parametrize("name", ["RESULTS.md", "SCALE.md", "README.md"])
 def test_generated_file_matches_recorded_runs(name: str) -> None:
     expected = {path.name: (path, text) for path, text in cr.outputs().items()}
     path, text = expected[name]
@@ -57,6 +57,21 @@ def test_generated_file_matches_recorded_runs(name: str) -> None:
         f"{path.relative_to(REPO)} differs from what bench/collect_results.py makes of bench/results/*.json: "
         "run `.venv/bin/python bench/collect_results.py` (and never edit the file by hand)"
     )
+
+
+def test_readme_headlines_name_every_missed_target(tmp_path: Path) -> None:
+    """The README's generated block counts the targets per stage and names each one not met, with its figure."""
+    write(tmp_path, "clip", [{
+        "label": "latest GPU", "date": "2026-12-04", "machine": {**MACHINE, "gpu": "1 x H200"},
+        "settings": {"model": "ViT-B-32"},
+        "ours": {"pairs_per_s": 2000.0, "seconds": 10, "load_s": 1, "rounds_pairs_per_s": [2000.0]},
+        "peer": {"name": "clip-retrieval", "pairs_per_s": 900.0, "seconds": 22, "load_s": 1, "rounds_pairs_per_s": [900.0]},
+    }])
+    block = cr.render_readme_headlines(cr.load_records(tmp_path))
+    assert block.startswith(cr.README_BEGIN) and block.endswith(cr.README_END)
+    assert "- **clip**: 1 of 2 targets met; not met: pairs/s on 1 x H200: 2,000 (target >= 5,000 pairs/s)." in block
+    with pytest.raises(ValueError, match="missing"):
+        cr.readme_with_headlines("# no block here\n", cr.load_records(tmp_path))
 
 
 def test_every_recorded_run_states_date_and_machine() -> None:
