@@ -11,9 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	# --no-compile: Python compiles the modules it imports on first use; byte-compiling every installed file
-	# up front (Airflow's, torch's) cost 30 s of the install (85 -> 55 s, measured).
-	$(PY) -m pip install -q --no-compile -e '.[airflow,test]'
+	$(PY) -m pip install -q -e '.[airflow,test]'
 	touch $(STAMP)
 
 system-deps:
