@@ -44,12 +44,7 @@ from laion_tasks.demo_config import (
     comparison_config,
     config_header,
     demo_config,
-    demo_subsets,
-    world_config,
 )
-
-__all__ = ["DEMO_CRAWL", "DemoEnv", "comparison_config", "config_header", "demo_config", "demo_subsets", "prepare",
-           "world_config"]
 
 if TYPE_CHECKING:
     from laion_tasks.fixtures.world_model import WorldModel

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 import pytest
 
-from laion_tasks import demo, layout, runner, storage
+from laion_tasks import demo, demo_config, layout, runner, storage
 from laion_tasks.config import Section, Settings
 from laion_tasks.fixtures.crawl import build_fixture_crawl
 from laion_tasks.fixtures.server import _QuietHandler
@@ -293,7 +293,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     lists["url"].write_text(f"# fixture list\n{_md5(server.base_url + 'img/00003.jpg')}\n")
     lists["image"].write_text(f"sha256:{hashlib.sha256(b'not in the crawl').hexdigest()}\n")
     lists["pdq"].write_text("0" * 64 + "\n")
-    config = demo.demo_config(
+    config = demo_config.demo_config(
         work, server.base_url, str(work / "data"), f"sqlite:///{work / 'lineage.db'}",
         extra={
             "extract": {"max_wat_files": 2},
